@@ -1,0 +1,244 @@
+//! UNETR: the encoder's hidden states decoded to per-voxel class logits.
+//!
+//! The decoder runs coarse to fine and computes each skip connection just before it is needed,
+//! so only one full-resolution skip is alive at a time. Every buffer comes from caller scratch.
+
+use super::arena::{Arena, ForwardError, sat_sum};
+use super::vit::{VitDims, encode};
+use super::weights::{PrUpWeights, ResBlockWeights, UnetrWeights, UpWeights};
+use crate::config::UnetrConfig;
+use crate::format::{FormatError, ModelFile};
+use crate::kernels::{ConvGeometry, Dims3, INSTANCE_NORM_EPS, argmax_channels, conv_transpose3d, conv3d, instance_norm_in_place, leaky_relu_in_place, voxels};
+
+/// A UNETR ready to run, borrowing its weights from a parsed file.
+#[derive(Clone, Debug)]
+pub struct Unetr<'a> {
+    config: UnetrConfig,
+    weights: UnetrWeights<'a>,
+}
+
+fn double(d: Dims3) -> Dims3 {
+    d.map(|v| v * 2)
+}
+
+fn vox(d: Dims3) -> usize {
+    d.iter().fold(1usize, |a, &b| a.saturating_mul(b))
+}
+
+/// Scratch for [`res_block`] producing `out_ch` channels over `v` voxels.
+fn res_block_scratch(w: &ResBlockWeights<'_>, v: usize) -> usize {
+    w.shape.out_ch.saturating_mul(v)
+}
+
+/// MONAI's `UnetResBlock`: conv-norm-lrelu, conv-norm, plus the (projected) input, lrelu.
+fn res_block(w: &ResBlockWeights<'_>, x: &[f32], dims: Dims3, out: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+    let (o, v) = (w.shape.out_ch, voxels(dims));
+    let a = Arena::new(scratch).take(o * v)?;
+    conv3d(x, dims, &w.conv1, None, ConvGeometry::K3, a);
+    instance_norm_in_place(a, o, INSTANCE_NORM_EPS);
+    leaky_relu_in_place(a);
+    conv3d(a, dims, &w.conv2, None, ConvGeometry::K3, out);
+    instance_norm_in_place(out, o, INSTANCE_NORM_EPS);
+    let residual: &[f32] = match &w.conv3 {
+        Some(proj) => {
+            conv3d(x, dims, proj, None, ConvGeometry::K1, a);
+            instance_norm_in_place(a, o, INSTANCE_NORM_EPS);
+            a
+        }
+        None => &x[..o * v],
+    };
+    for (y, r) in out.iter_mut().zip(residual) {
+        *y += r;
+    }
+    leaky_relu_in_place(out);
+    Ok(())
+}
+
+/// Scratch for [`skip_path`] from the token grid `grid`.
+fn skip_path_scratch(w: &PrUpWeights<'_>, grid: Dims3) -> usize {
+    let o = w.shape.out_ch;
+    let mut dims = double(grid);
+    if w.stages.is_empty() {
+        return 0;
+    }
+    let mut total = o.saturating_mul(vox(dims));
+    let last = w.stages.len() - 1;
+    for (j, s) in w.stages.iter().enumerate() {
+        dims = double(dims);
+        let v = vox(dims);
+        let res_out = if j == last { 0 } else { o.saturating_mul(v) };
+        total = sat_sum(&[total, o.saturating_mul(v), res_out, res_block_scratch(&s.res, v)]);
+    }
+    total
+}
+
+/// MONAI's `UnetrPrUpBlock` from a hidden-state volume `z` on `grid` into `out`.
+fn skip_path(w: &PrUpWeights<'_>, z: &[f32], grid: Dims3, out: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+    let o = w.shape.out_ch;
+    let mut dims = double(grid);
+    if w.stages.is_empty() {
+        conv_transpose3d(z, grid, &w.init, ConvGeometry::UP2, out);
+        return Ok(());
+    }
+    let mut arena = Arena::new(scratch);
+    let mut cur: &mut [f32] = arena.take(o * voxels(dims))?;
+    conv_transpose3d(z, grid, &w.init, ConvGeometry::UP2, cur);
+    let mut out = Some(out);
+    let last = w.stages.len() - 1;
+    for (j, s) in w.stages.iter().enumerate() {
+        let up = arena.take(o * voxels(double(dims)))?;
+        conv_transpose3d(cur, dims, &s.transp, ConvGeometry::UP2, up);
+        dims = double(dims);
+        let res_out = if j == last { out.take().unwrap_or_default() } else { arena.take(o * voxels(dims))? };
+        res_block(&s.res, up, dims, res_out, arena.rest())?;
+        cur = res_out;
+    }
+    Ok(())
+}
+
+/// Scratch for [`up_block`] at output resolution `v` voxels, given its skip's own scratch.
+fn up_block_scratch(w: &UpWeights<'_>, v: usize, skip_scratch: usize) -> usize {
+    let o = w.shape.out_ch;
+    sat_sum(&[o.saturating_mul(2).saturating_mul(v), skip_scratch.max(res_block_scratch(&w.res, v))])
+}
+
+/// MONAI's `UnetrUpBlock`: upsample `x` (on `coarse`), concatenate the skip that `skip` writes,
+/// residual block into `out`.
+fn up_block(
+    w: &UpWeights<'_>,
+    x: &[f32],
+    coarse: Dims3,
+    skip: impl FnOnce(&mut [f32], &mut [f32]) -> Result<(), ForwardError>,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<(), ForwardError> {
+    let dims = double(coarse);
+    let ov = w.shape.out_ch * voxels(dims);
+    let mut arena = Arena::new(scratch);
+    let cat = arena.take(2 * ov)?;
+    let (upsampled, skipped) = cat.split_at_mut(ov);
+    skip(skipped, arena.rest())?;
+    conv_transpose3d(x, coarse, &w.transp, ConvGeometry::UP2, upsampled);
+    res_block(&w.res, cat, dims, out, arena.rest())
+}
+
+impl<'a> Unetr<'a> {
+    /// Binds a parsed file's weights.
+    pub fn new(file: &ModelFile<'a>) -> Result<Self, FormatError> {
+        Ok(Self { config: file.config, weights: UnetrWeights::bind(file)? })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &UnetrConfig {
+        &self.config
+    }
+
+    /// The bound weights.
+    pub fn weights(&self) -> &UnetrWeights<'a> {
+        &self.weights
+    }
+
+    /// Input values for `window`: `in_channels x voxels`, channel-first.
+    pub fn input_len(&self, window: Dims3) -> usize {
+        (self.config.vit.in_channels as usize).saturating_mul(vox(window))
+    }
+
+    /// Logit values for `window`: `out_channels x voxels`, channel-first.
+    pub fn logits_len(&self, window: Dims3) -> usize {
+        (self.config.out_channels as usize).saturating_mul(vox(window))
+    }
+
+    /// How many f32 values of scratch [`Self::forward`] needs for `window`.
+    pub fn scratch_len(&self, window: Dims3) -> Result<usize, ForwardError> {
+        self.config.check_window(window).map_err(ForwardError::Window)?;
+        let vd = VitDims::new(&self.config.vit, window);
+        let taps = vd.tokens.saturating_mul(vd.hidden).saturating_mul(4);
+        let w = &self.weights;
+        let g = vd.grid;
+        let levels = [double(g), double(double(g)), double(double(double(g))), window];
+        // Each decoder output stays alive while the finer stages run (a bump allocator).
+        let mut held = 0usize;
+        let mut peak = vd.scratch_len();
+        for (k, up) in w.ups.iter().enumerate() {
+            let v = vox(levels[k]);
+            let skip = match k {
+                3 => res_block_scratch(&w.encoder1, v),
+                _ => skip_path_scratch(&w.skips[2 - k], g),
+            };
+            let out = up.shape.out_ch.saturating_mul(v);
+            peak = peak.max(sat_sum(&[held, out, up_block_scratch(up, v, skip)]));
+            held = held.saturating_add(out);
+        }
+        Ok(taps.saturating_add(peak))
+    }
+
+    /// Logits for one window: `input` is `(in_channels, window)` and `logits` receives
+    /// `(out_channels, window)`, both channel-first and row-major. Allocates nothing.
+    pub fn forward(&self, input: &[f32], window: Dims3, logits: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+        let needed = self.scratch_len(window)?;
+        if scratch.len() < needed {
+            return Err(ForwardError::ScratchTooSmall { needed, provided: scratch.len() });
+        }
+        let expected = self.input_len(window);
+        if input.len() != expected {
+            return Err(ForwardError::InputLength { expected, found: input.len() });
+        }
+        let expected = self.logits_len(window);
+        if logits.len() != expected {
+            return Err(ForwardError::OutputLength { expected, found: logits.len() });
+        }
+        if let Some(index) = input.iter().position(|v| !v.is_finite()) {
+            return Err(ForwardError::NonFiniteInput { index });
+        }
+        self.forward_unchecked(input, window, logits, scratch)
+    }
+
+    pub(crate) fn forward_unchecked(&self, input: &[f32], window: Dims3, logits: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+        let w = &self.weights;
+        let vd = VitDims::new(&self.config.vit, window);
+        let g = vd.grid;
+        let ne = vd.tokens * vd.hidden;
+        let mut arena = Arena::new(scratch);
+        let taps = arena.take(4 * ne)?;
+        encode(&w.vit, &self.config.vit, input, window, taps, arena.rest())?;
+        let (z3, rest) = taps.split_at(ne);
+        let (z6, rest) = rest.split_at(ne);
+        let (z9, z12) = rest.split_at(ne);
+
+        let d3_dims = double(g);
+        let d3 = arena.take(w.ups[0].shape.out_ch * voxels(d3_dims))?;
+        up_block(&w.ups[0], z12, g, |o, s| skip_path(&w.skips[2], z9, g, o, s), d3, arena.rest())?;
+        let d2_dims = double(d3_dims);
+        let d2 = arena.take(w.ups[1].shape.out_ch * voxels(d2_dims))?;
+        up_block(&w.ups[1], d3, d3_dims, |o, s| skip_path(&w.skips[1], z6, g, o, s), d2, arena.rest())?;
+        let d1_dims = double(d2_dims);
+        let d1 = arena.take(w.ups[2].shape.out_ch * voxels(d1_dims))?;
+        up_block(&w.ups[2], d2, d2_dims, |o, s| skip_path(&w.skips[0], z3, g, o, s), d1, arena.rest())?;
+        let d0 = arena.take(w.ups[3].shape.out_ch * voxels(window))?;
+        up_block(&w.ups[3], d1, d1_dims, |o, s| res_block(&w.encoder1, input, window, o, s), d0, arena.rest())?;
+
+        conv3d(d0, window, &w.out_weight, Some(&w.out_bias), ConvGeometry::K1, logits);
+        Ok(())
+    }
+
+    /// Scratch for [`Self::segment`]: the forward pass's plus room for the logits.
+    pub fn segment_scratch_len(&self, window: Dims3) -> Result<usize, ForwardError> {
+        Ok(self.scratch_len(window)?.saturating_add(self.logits_len(window)))
+    }
+
+    /// Labels (argmax over classes) for one window into `labels` (`voxels` bytes).
+    pub fn segment(&self, input: &[f32], window: Dims3, labels: &mut [u8], scratch: &mut [f32]) -> Result<(), ForwardError> {
+        let needed = self.segment_scratch_len(window)?;
+        if scratch.len() < needed {
+            return Err(ForwardError::ScratchTooSmall { needed, provided: scratch.len() });
+        }
+        let v = vox(window);
+        if labels.len() != v {
+            return Err(ForwardError::OutputLength { expected: v, found: labels.len() });
+        }
+        let (logits, rest) = scratch.split_at_mut(self.logits_len(window));
+        self.forward(input, window, logits, rest)?;
+        argmax_channels(logits, self.config.out_channels as usize, labels);
+        Ok(())
+    }
+}
