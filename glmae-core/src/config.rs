@@ -112,17 +112,17 @@ impl VitConfig {
         if self.depth as usize > MAX_DEPTH {
             return Err(ConfigError::TooDeep(self.depth));
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(ConfigError::HeadsDoNotDivide {
                 hidden_size: self.hidden_size,
                 num_heads: self.num_heads,
             });
         }
-        if self.pos_embed == PosEmbed::SinCos && self.hidden_size % 6 != 0 {
+        if self.pos_embed == PosEmbed::SinCos && !self.hidden_size.is_multiple_of(6) {
             return Err(ConfigError::SinCosWidth(self.hidden_size));
         }
         for s in self.img_size {
-            if s == 0 || s % self.patch_size != 0 {
+            if s == 0 || !s.is_multiple_of(self.patch_size) {
                 return Err(ConfigError::ImgNotMultipleOfPatch {
                     img_size: self.img_size,
                     patch_size: self.patch_size,
@@ -152,20 +152,12 @@ pub struct UnetrConfig {
 impl UnetrConfig {
     /// A UNETR whose decoder matches the paper's ViT-T experiments (feature size 16).
     pub const fn vit_t(img_size: [u32; 3], out_channels: u32) -> Self {
-        Self {
-            vit: VitConfig::vit_t(img_size),
-            feature_size: 16,
-            out_channels,
-        }
+        Self { vit: VitConfig::vit_t(img_size), feature_size: 16, out_channels }
     }
 
     /// A UNETR on ViT-B with feature size 16.
     pub const fn vit_b(img_size: [u32; 3], out_channels: u32) -> Self {
-        Self {
-            vit: VitConfig::vit_b(img_size),
-            feature_size: 16,
-            out_channels,
-        }
+        Self { vit: VitConfig::vit_b(img_size), feature_size: 16, out_channels }
     }
 
     /// Checks that the encoder and decoder fit together.
@@ -193,7 +185,7 @@ impl UnetrConfig {
         let configured = self.vit.img_size.map(|s| s as usize);
         let ok = match self.vit.pos_embed {
             PosEmbed::Learned => window == configured,
-            PosEmbed::SinCos => window.iter().all(|&w| w > 0 && w % p == 0),
+            PosEmbed::SinCos => window.iter().all(|&w| w > 0 && w.is_multiple_of(p)),
         };
         if ok {
             Ok(())
@@ -254,7 +246,10 @@ impl fmt::Display for ConfigError {
             Self::OutChannels(c) => write!(f, "out_channels must be between 1 and 256, got {c}"),
             Self::Window { window, img_size, learned } => {
                 if learned {
-                    write!(f, "window {window:?} differs from img_size {img_size:?}, which a learned position embedding requires")
+                    write!(
+                        f,
+                        "window {window:?} differs from img_size {img_size:?}, which a learned position embedding requires"
+                    )
                 } else {
                     write!(f, "window {window:?} is not a positive multiple of the patch size {UNETR_PATCH}")
                 }
@@ -262,6 +257,8 @@ impl fmt::Display for ConfigError {
         }
     }
 }
+
+impl core::error::Error for ConfigError {}
 
 #[cfg(test)]
 mod tests {

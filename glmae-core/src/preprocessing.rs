@@ -88,7 +88,9 @@ pub enum PreprocessingError {
 impl fmt::Display for PreprocessingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::Orientation => write!(f, "orientation must be three distinct axis codes from R/L, A/P, S/I"),
+            Self::Orientation => {
+                write!(f, "orientation must be three distinct axis codes from R/L, A/P, S/I")
+            }
             Self::Spacing => write!(f, "target spacing must be finite and positive"),
             Self::Intensity => write!(f, "intensity window must be finite with a_min < a_max"),
             Self::ClassCount { names, out_channels } => {
@@ -98,6 +100,8 @@ impl fmt::Display for PreprocessingError {
         }
     }
 }
+
+impl core::error::Error for PreprocessingError {}
 
 /// Checks an orientation string such as `"RAS"` or `"LPI"`.
 pub fn valid_orientation(code: &str) -> bool {

@@ -57,6 +57,7 @@ pub fn random_params(cfg: &UnetrConfig, seed: u64) -> Vec<(ParamSpec, Vec<f32>)>
 pub fn random_model(cfg: &UnetrConfig, seed: u64, precision: Precision) -> Result<Vec<u8>, FormatError> {
     let params = random_params(cfg, seed);
     let prep = OwnedPreprocessing::for_classes(cfg.out_channels as usize);
-    let lookup = |spec: &ParamSpec| params.iter().find(|(p, _)| p.name == spec.name).map(|(_, v)| v.as_slice());
+    let lookup =
+        |spec: &ParamSpec| params.iter().find(|(p, _)| p.name == spec.name).map(|(_, v)| v.as_slice());
     ModelBuilder::from_params(*cfg, prep, precision, lookup)?.to_bytes()
 }

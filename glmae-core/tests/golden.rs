@@ -19,7 +19,8 @@ fn load(name: &str) -> Golden {
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let c: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["config"]).unwrap();
     let u = |k: &str| c[k].as_u64().unwrap() as u32;
-    let img: Vec<u32> = c["img_size"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let img: Vec<u32> =
+        c["img_size"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let config = UnetrConfig {
         vit: VitConfig {
             in_channels: u("in_channels"),
@@ -40,7 +41,9 @@ fn load(name: &str) -> Golden {
     let tensors = st
         .tensors()
         .into_iter()
-        .map(|(n, v)| (n, v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .map(|(n, v)| {
+            (n, v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        })
         .collect();
     Golden { config, tensors }
 }
@@ -48,10 +51,12 @@ fn load(name: &str) -> Golden {
 /// Builds our weight file from the golden parameters and runs the forward pass.
 fn run(g: &Golden, precision: Precision) -> Vec<f32> {
     let prep = OwnedPreprocessing::for_classes(g.config.out_channels as usize);
-    let bytes = ModelBuilder::from_params(g.config, prep, precision, |p| g.tensors.get(p.name.as_str()).map(|v| v.as_slice()))
-        .unwrap()
-        .to_bytes()
-        .unwrap();
+    let bytes = ModelBuilder::from_params(g.config, prep, precision, |p| {
+        g.tensors.get(p.name.as_str()).map(|v| v.as_slice())
+    })
+    .unwrap()
+    .to_bytes()
+    .unwrap();
     let file = ModelFile::parse(&bytes).unwrap();
     let model = Unetr::new(&file).unwrap();
     let window = g.config.vit.img_size.map(|s| s as usize);
@@ -90,7 +95,10 @@ fn check_case(name: &str) {
     let classes = g.config.out_channels as usize;
     let (lf, lq) = (labels(expected, classes), labels(&q, classes));
     let agree = lf.iter().zip(&lq).filter(|(a, b)| a == b).count() as f64 / lf.len() as f64;
-    eprintln!("{name}: f32 max error {err:.2e}; int8 max error {qerr:.3e} of range {range:.3}, label agreement {:.4}", agree);
+    eprintln!(
+        "{name}: f32 max error {err:.2e}; int8 max error {qerr:.3e} of range {range:.3}, label agreement {:.4}",
+        agree
+    );
     assert!(qerr < 0.05 * range, "{name}: int8 error {qerr} exceeds 5% of {range}");
     assert!(agree >= 0.97, "{name}: int8 labels agree on only {agree}");
 }

@@ -22,9 +22,9 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use crc32::crc32;
-pub use seq::{Seq, SeqIter};
 #[cfg(feature = "alloc")]
 pub use seq::encode as encode_seq;
+pub use seq::{Seq, SeqIter};
 #[cfg(feature = "alloc")]
 pub use writer::{ModelBuilder, OwnedPreprocessing, Precision, quantize_per_channel};
 
@@ -244,9 +244,7 @@ impl<'a> ModelFile<'a> {
             return Err(FormatError::Malformed { section: "payload end" });
         }
         meta.config.validate().map_err(FormatError::Config)?;
-        meta.preprocessing
-            .validate(meta.config.out_channels)
-            .map_err(FormatError::Preprocessing)?;
+        meta.preprocessing.validate(meta.config.out_channels).map_err(FormatError::Preprocessing)?;
 
         let file = Self { config: meta.config, preprocessing: meta.preprocessing, tensors, len: bytes.len() };
         for record in file.tensors.iter() {

@@ -4,7 +4,10 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::{FORMAT_VERSION, FormatError, MAGIC, Metadata, ModelFile, RecordData, Seq, TensorProblem, TensorRecord, crc32, seq, tensor_error};
+use super::{
+    FORMAT_VERSION, FormatError, MAGIC, Metadata, ModelFile, RecordData, Seq, TensorProblem, TensorRecord,
+    crc32, seq, tensor_error,
+};
 use crate::config::UnetrConfig;
 use crate::params::{ParamSpec, for_each_param};
 use crate::preprocessing::{BTCV_CLASSES, IntensityScaling, Preprocessing};
@@ -45,7 +48,9 @@ impl OwnedPreprocessing {
         if n == BTCV_CLASSES.len() {
             return Self::btcv();
         }
-        let names = (0..n).map(|i| if i == 0 { "background".to_string() } else { alloc::format!("class {i}") }).collect();
+        let names = (0..n)
+            .map(|i| if i == 0 { "background".to_string() } else { alloc::format!("class {i}") })
+            .collect();
         Self::with_classes(names)
     }
 
@@ -144,7 +149,11 @@ impl ModelBuilder {
         let data = match int8_axis {
             Some(axis) if axis < shape.len() => {
                 let (q, scales) = quantize_per_channel(values, shape, axis);
-                OwnedData::Int8 { axis: axis as u8, scales: le_bytes(&scales), values: q.iter().map(|&v| v as u8).collect() }
+                OwnedData::Int8 {
+                    axis: axis as u8,
+                    scales: le_bytes(&scales),
+                    values: q.iter().map(|&v| v as u8).collect(),
+                }
             }
             _ => OwnedData::F32(le_bytes(values)),
         };
@@ -156,7 +165,8 @@ impl ModelBuilder {
         let encode_err = |_| FormatError::Malformed { section: "encoder output" };
         let mut records = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
-            let shape = heapless::Vec::from_slice(&t.shape).map_err(|_| tensor_error(&t.name, TensorProblem::Rank))?;
+            let shape = heapless::Vec::from_slice(&t.shape)
+                .map_err(|_| tensor_error(&t.name, TensorProblem::Rank))?;
             let data = match &t.data {
                 OwnedData::F32(v) => RecordData::F32(v),
                 OwnedData::Int8 { axis, scales, values } => RecordData::Int8 { axis: *axis, scales, values },
@@ -167,7 +177,8 @@ impl ModelBuilder {
         let names: Vec<&str> = self.preprocessing.class_names.iter().map(|s| s.as_str()).collect();
         let name_bytes = seq::encode(&names).map_err(encode_err)?;
         let p = &self.preprocessing;
-        let class_names = Seq::decode(&name_bytes).ok_or(FormatError::Malformed { section: "class names" })?;
+        let class_names =
+            Seq::decode(&name_bytes).ok_or(FormatError::Malformed { section: "class names" })?;
         let meta = Metadata {
             config: self.config,
             preprocessing: Preprocessing {
@@ -179,13 +190,15 @@ impl ModelBuilder {
             },
         };
         let mut payload = postcard::to_allocvec(&meta).map_err(encode_err)?;
-        let tensors = Seq::<TensorRecord<'_>>::decode(&tensor_bytes).ok_or(FormatError::Malformed { section: "tensor table" })?;
+        let tensors = Seq::<TensorRecord<'_>>::decode(&tensor_bytes)
+            .ok_or(FormatError::Malformed { section: "tensor table" })?;
         payload.extend_from_slice(&postcard::to_allocvec(&tensors).map_err(encode_err)?);
 
         let mut out = Vec::with_capacity(super::PREAMBLE_LEN + payload.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        let len = u32::try_from(payload.len()).map_err(|_| FormatError::Malformed { section: "payload over 4 GiB" })?;
+        let len = u32::try_from(payload.len())
+            .map_err(|_| FormatError::Malformed { section: "payload over 4 GiB" })?;
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&crc32(&payload).to_le_bytes());
         out.extend_from_slice(&payload);

@@ -79,7 +79,9 @@ mod tests {
             assert!((gelu(x as f32) as f64 - expected).abs() < 1e-6, "x={x}");
         }
         // The tanh approximation differs by ~1e-4 here; exact GELU must not.
-        let tanh_approx = 0.5 * 1.5 * (1.0 + libm::tanh((2.0 / core::f64::consts::PI).sqrt() * (1.5 + 0.044715 * 1.5f64.powi(3))));
+        let tanh_approx = 0.5
+            * 1.5
+            * (1.0 + libm::tanh((2.0 / core::f64::consts::PI).sqrt() * (1.5 + 0.044715 * 1.5f64.powi(3))));
         assert!((gelu(1.5) as f64 - tanh_approx).abs() > 1e-5);
     }
 

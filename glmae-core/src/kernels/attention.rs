@@ -3,7 +3,14 @@
 /// Scaled dot-product attention for every head. `qkv` is `(tokens, 3 * hidden)` with features
 /// ordered (q|k|v, head, head_dim) as MONAI's `SABlock` lays them out; `out` receives
 /// `(tokens, hidden)` with heads concatenated; `scores` holds `tokens` values of scratch.
-pub fn self_attention(qkv: &[f32], tokens: usize, hidden: usize, heads: usize, out: &mut [f32], scores: &mut [f32]) {
+pub fn self_attention(
+    qkv: &[f32],
+    tokens: usize,
+    hidden: usize,
+    heads: usize,
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
     let dh = hidden / heads;
     let scale = 1.0 / libm::sqrtf(dh as f32);
     let row = 3 * hidden;
@@ -47,7 +54,9 @@ mod tests {
         for h in 0..heads {
             for i in 0..t {
                 let at = |tok: usize, part: usize, d: usize| qkv[tok * 3 * e + part * e + h * dh + d] as f64;
-                let logits: Vec<f64> = (0..t).map(|j| (0..dh).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() / (dh as f64).sqrt()).collect();
+                let logits: Vec<f64> = (0..t)
+                    .map(|j| (0..dh).map(|d| at(i, 0, d) * at(j, 1, d)).sum::<f64>() / (dh as f64).sqrt())
+                    .collect();
                 let m = logits.iter().cloned().fold(f64::MIN, f64::max);
                 let ex: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
                 let z: f64 = ex.iter().sum();

@@ -45,7 +45,14 @@ fn valid_outputs(out_len: usize, in_len: usize, tap: usize, g: ConvGeometry) -> 
 /// Conv3d: `input` is `(in_ch, dims)`, `weight` is `(out_ch, in_ch, k, k, k)`, `out` receives
 /// `(out_ch, conv_output_dims(dims, g))`. Loops are ordered tap-outermost so each weight is
 /// decoded once and the innermost loop runs along a contiguous row.
-pub fn conv3d(input: &[f32], dims: Dims3, weight: &Tensor<'_>, bias: Option<&Tensor<'_>>, g: ConvGeometry, out: &mut [f32]) {
+pub fn conv3d(
+    input: &[f32],
+    dims: Dims3,
+    weight: &Tensor<'_>,
+    bias: Option<&Tensor<'_>>,
+    g: ConvGeometry,
+    out: &mut [f32],
+) {
     let w = weight.shape();
     let (out_ch, in_ch, k) = (w.dims()[0] as usize, w.dims()[1] as usize, g.kernel);
     let od = conv_output_dims(dims, g);
@@ -96,13 +103,22 @@ pub fn conv_transpose3d(input: &[f32], dims: Dims3, weight: &Tensor<'_>, g: Conv
                         let wv = weight.get((((ci * out_ch + co) * k + tz) * k + ty) * k + tx);
                         // Input i reaches output o = i * stride + tap - padding.
                         for iz in 0..dims[0] {
-                            let Some(oz) = (iz * g.stride + tz).checked_sub(g.padding).filter(|&o| o < od[0]) else { continue };
+                            let Some(oz) = (iz * g.stride + tz).checked_sub(g.padding).filter(|&o| o < od[0])
+                            else {
+                                continue;
+                            };
                             for iy in 0..dims[1] {
-                                let Some(oy) = (iy * g.stride + ty).checked_sub(g.padding).filter(|&o| o < od[1]) else { continue };
+                                let Some(oy) =
+                                    (iy * g.stride + ty).checked_sub(g.padding).filter(|&o| o < od[1])
+                                else {
+                                    continue;
+                                };
                                 let orow = &mut oc[(oz * od[1] + oy) * od[2]..][..od[2]];
                                 let irow = &ic[(iz * dims[1] + iy) * dims[2]..][..dims[2]];
                                 for (ix, &v) in irow.iter().enumerate() {
-                                    if let Some(ox) = (ix * g.stride + tx).checked_sub(g.padding).filter(|&o| o < od[2]) {
+                                    if let Some(ox) =
+                                        (ix * g.stride + tx).checked_sub(g.padding).filter(|&o| o < od[2])
+                                    {
                                         orow[ox] += wv * v;
                                     }
                                 }
@@ -130,15 +146,30 @@ mod tests {
         let od = conv_output_dims(d, g);
         let mut out = vec![0.0; co * voxels(od)];
         for o in 0..co {
-            for (z, y, xx) in (0..od[0]).flat_map(|z| (0..od[1]).flat_map(move |y| (0..od[2]).map(move |x| (z, y, x)))) {
+            for (z, y, xx) in
+                (0..od[0]).flat_map(|z| (0..od[1]).flat_map(move |y| (0..od[2]).map(move |x| (z, y, x))))
+            {
                 let mut s = 0.0f64;
                 for c in 0..ci {
-                    for (a, b, e) in (0..k).flat_map(|a| (0..k).flat_map(move |b| (0..k).map(move |e| (a, b, e)))) {
-                        let (iz, iy, ix) = ((z * g.stride + a) as isize - g.padding as isize, (y * g.stride + b) as isize - g.padding as isize, (xx * g.stride + e) as isize - g.padding as isize);
-                        if iz < 0 || iy < 0 || ix < 0 || iz >= d[0] as isize || iy >= d[1] as isize || ix >= d[2] as isize {
+                    for (a, b, e) in
+                        (0..k).flat_map(|a| (0..k).flat_map(move |b| (0..k).map(move |e| (a, b, e))))
+                    {
+                        let (iz, iy, ix) = (
+                            (z * g.stride + a) as isize - g.padding as isize,
+                            (y * g.stride + b) as isize - g.padding as isize,
+                            (xx * g.stride + e) as isize - g.padding as isize,
+                        );
+                        if iz < 0
+                            || iy < 0
+                            || ix < 0
+                            || iz >= d[0] as isize
+                            || iy >= d[1] as isize
+                            || ix >= d[2] as isize
+                        {
                             continue;
                         }
-                        s += w[(((o * ci + c) * k + a) * k + b) * k + e] as f64 * x[idx(d, c, iz as usize, iy as usize, ix as usize)] as f64;
+                        s += w[(((o * ci + c) * k + a) * k + b) * k + e] as f64
+                            * x[idx(d, c, iz as usize, iy as usize, ix as usize)] as f64;
                     }
                 }
                 out[idx(od, o, z, y, xx)] = s;
@@ -150,7 +181,12 @@ mod tests {
     #[test]
     fn conv3d_matches_definition_for_unetr_and_odd_geometries() {
         let d = [5, 4, 6];
-        for g in [ConvGeometry::K3, ConvGeometry::K1, ConvGeometry { kernel: 3, stride: 2, padding: 1 }, ConvGeometry { kernel: 2, stride: 2, padding: 0 }] {
+        for g in [
+            ConvGeometry::K3,
+            ConvGeometry::K1,
+            ConvGeometry { kernel: 3, stride: 2, padding: 1 },
+            ConvGeometry { kernel: 2, stride: 2, padding: 0 },
+        ] {
             let (ci, co) = (3, 2);
             let x = lcg_vec(ci * voxels(d), 1, 1.0);
             let w = lcg_vec(co * ci * g.kernel.pow(3), 2, 0.5);
@@ -183,14 +219,26 @@ mod tests {
             let mut r = vec![0.0f64; out.len()];
             for c in 0..ci {
                 for o in 0..co {
-                    for (z, y, xx) in (0..d[0]).flat_map(|z| (0..d[1]).flat_map(move |y| (0..d[2]).map(move |x| (z, y, x)))) {
-                        for (a, b, e) in (0..k).flat_map(|a| (0..k).flat_map(move |b| (0..k).map(move |e| (a, b, e)))) {
+                    for (z, y, xx) in
+                        (0..d[0]).flat_map(|z| (0..d[1]).flat_map(move |y| (0..d[2]).map(move |x| (z, y, x))))
+                    {
+                        for (a, b, e) in
+                            (0..k).flat_map(|a| (0..k).flat_map(move |b| (0..k).map(move |e| (a, b, e))))
+                        {
                             let p = |i: usize, t: usize| (i * g.stride + t) as isize - g.padding as isize;
                             let (oz, oy, ox) = (p(z, a), p(y, b), p(xx, e));
-                            if oz < 0 || oy < 0 || ox < 0 || oz >= od[0] as isize || oy >= od[1] as isize || ox >= od[2] as isize {
+                            if oz < 0
+                                || oy < 0
+                                || ox < 0
+                                || oz >= od[0] as isize
+                                || oy >= od[1] as isize
+                                || ox >= od[2] as isize
+                            {
                                 continue;
                             }
-                            r[idx(od, o, oz as usize, oy as usize, ox as usize)] += w[(((c * co + o) * k + a) * k + b) * k + e] as f64 * x[idx(d, c, z, y, xx)] as f64;
+                            r[idx(od, o, oz as usize, oy as usize, ox as usize)] +=
+                                w[(((c * co + o) * k + a) * k + b) * k + e] as f64
+                                    * x[idx(d, c, z, y, xx)] as f64;
                         }
                     }
                 }

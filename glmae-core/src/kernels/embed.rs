@@ -16,7 +16,7 @@ pub fn sincos_position_embedding(grid: Dims3, hidden: usize, token: usize, featu
     // Blocks 0-1 use axis 1, blocks 2-3 axis 0, blocks 4-5 axis 2 (MONAI's order).
     let axis = [1, 1, 0, 0, 2, 2][block];
     let angle = coords[axis] as f32 * omega;
-    if block % 2 == 0 { libm::sinf(angle) } else { libm::cosf(angle) }
+    if block.is_multiple_of(2) { libm::sinf(angle) } else { libm::cosf(angle) }
 }
 
 /// Adds the sin-cos embedding for `grid` to `tokens` (`(grid tokens, hidden)`).
@@ -30,7 +30,14 @@ pub fn add_sincos_position_embedding(tokens: &mut [f32], grid: Dims3, hidden: us
 
 /// Conv3d with kernel = stride = `patch` from `(in_ch, dims)` to tokens `(grid, hidden)`, where
 /// `grid = dims / patch`; `patch_buf` holds `in_ch * patch^3` values of scratch.
-pub fn patch_embed(input: &[f32], dims: Dims3, weight: &Tensor<'_>, bias: &Tensor<'_>, tokens: &mut [f32], patch_buf: &mut [f32]) {
+pub fn patch_embed(
+    input: &[f32],
+    dims: Dims3,
+    weight: &Tensor<'_>,
+    bias: &Tensor<'_>,
+    tokens: &mut [f32],
+    patch_buf: &mut [f32],
+) {
     let w = weight.shape();
     let (hidden, in_ch, p) = (w.dims()[0] as usize, w.dims()[1] as usize, w.dims()[2] as usize);
     let grid = dims.map(|d| d / p);
@@ -68,7 +75,8 @@ mod tests {
     fn sincos_matches_monai_layout() {
         // grid (2, 3, 4), hidden 12 -> pos_dim 2, omega = [1, 1/100].
         let grid = [2, 3, 4];
-        let token = (1 * 3 + 2) * 4 + 3; // h = 1, w = 2, d = 3
+        let (h, w, d) = (1, 2, 3);
+        let token = (h * grid[1] + w) * grid[2] + d;
         let omega = [1.0f64, 0.01];
         let mut expected = Vec::new();
         for (coord, _) in [(2.0, "w"), (1.0, "h"), (3.0, "d")] {

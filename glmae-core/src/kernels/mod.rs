@@ -11,12 +11,14 @@ mod embed;
 mod linear;
 mod norm;
 
-pub use activation::{argmax_channels, gelu, gelu_in_place, leaky_relu_in_place, softmax_in_place, LEAKY_RELU_SLOPE};
+pub use activation::{
+    LEAKY_RELU_SLOPE, argmax_channels, gelu, gelu_in_place, leaky_relu_in_place, softmax_in_place,
+};
 pub use attention::self_attention;
-pub use conv::{conv3d, conv_output_dims, conv_transpose3d, conv_transpose_output_dims, ConvGeometry};
+pub use conv::{ConvGeometry, conv_output_dims, conv_transpose_output_dims, conv_transpose3d, conv3d};
 pub use embed::{add_sincos_position_embedding, patch_embed, sincos_position_embedding};
 pub use linear::linear;
-pub use norm::{instance_norm_in_place, layer_norm, INSTANCE_NORM_EPS};
+pub use norm::{INSTANCE_NORM_EPS, instance_norm_in_place, layer_norm};
 
 /// Voxels per axis.
 pub type Dims3 = [usize; 3];

@@ -27,7 +27,14 @@ fn moments(x: &[f32]) -> (f32, f32) {
 }
 
 /// LayerNorm of each of `tokens` rows of width `weight.len()` into `out`.
-pub fn layer_norm(x: &[f32], tokens: usize, weight: &Tensor<'_>, bias: &Tensor<'_>, eps: f32, out: &mut [f32]) {
+pub fn layer_norm(
+    x: &[f32],
+    tokens: usize,
+    weight: &Tensor<'_>,
+    bias: &Tensor<'_>,
+    eps: f32,
+    out: &mut [f32],
+) {
     let dim = weight.len();
     for t in 0..tokens {
         let xt = &x[t * dim..(t + 1) * dim];

@@ -7,4 +7,7 @@ mod weights;
 
 pub use arena::ForwardError;
 pub use unetr::Unetr;
-pub use weights::{BlockWeights, NormWeights, PrUpWeights, ResBlockWeights, UnetrWeights, UpStageWeights, UpWeights, VitWeights};
+pub use weights::{
+    BlockWeights, NormWeights, PrUpWeights, ResBlockWeights, UnetrWeights, UpStageWeights, UpWeights,
+    VitWeights,
+};

@@ -8,7 +8,10 @@ use super::vit::{VitDims, encode};
 use super::weights::{PrUpWeights, ResBlockWeights, UnetrWeights, UpWeights};
 use crate::config::UnetrConfig;
 use crate::format::{FormatError, ModelFile};
-use crate::kernels::{ConvGeometry, Dims3, INSTANCE_NORM_EPS, argmax_channels, conv_transpose3d, conv3d, instance_norm_in_place, leaky_relu_in_place, voxels};
+use crate::kernels::{
+    ConvGeometry, Dims3, INSTANCE_NORM_EPS, argmax_channels, conv_transpose3d, conv3d,
+    instance_norm_in_place, leaky_relu_in_place, voxels,
+};
 
 /// A UNETR ready to run, borrowing its weights from a parsed file.
 #[derive(Clone, Debug)]
@@ -31,7 +34,13 @@ fn res_block_scratch(w: &ResBlockWeights<'_>, v: usize) -> usize {
 }
 
 /// MONAI's `UnetResBlock`: conv-norm-lrelu, conv-norm, plus the (projected) input, lrelu.
-fn res_block(w: &ResBlockWeights<'_>, x: &[f32], dims: Dims3, out: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+fn res_block(
+    w: &ResBlockWeights<'_>,
+    x: &[f32],
+    dims: Dims3,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<(), ForwardError> {
     let (o, v) = (w.shape.out_ch, voxels(dims));
     let a = Arena::new(scratch).take(o * v)?;
     conv3d(x, dims, &w.conv1, None, ConvGeometry::K3, a);
@@ -73,7 +82,13 @@ fn skip_path_scratch(w: &PrUpWeights<'_>, grid: Dims3) -> usize {
 }
 
 /// MONAI's `UnetrPrUpBlock` from a hidden-state volume `z` on `grid` into `out`.
-fn skip_path(w: &PrUpWeights<'_>, z: &[f32], grid: Dims3, out: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+fn skip_path(
+    w: &PrUpWeights<'_>,
+    z: &[f32],
+    grid: Dims3,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<(), ForwardError> {
     let o = w.shape.out_ch;
     let mut dims = double(grid);
     if w.stages.is_empty() {
@@ -89,7 +104,8 @@ fn skip_path(w: &PrUpWeights<'_>, z: &[f32], grid: Dims3, out: &mut [f32], scrat
         let up = arena.take(o * voxels(double(dims)))?;
         conv_transpose3d(cur, dims, &s.transp, ConvGeometry::UP2, up);
         dims = double(dims);
-        let res_out = if j == last { out.take().unwrap_or_default() } else { arena.take(o * voxels(dims))? };
+        let res_out =
+            if j == last { out.take().unwrap_or_default() } else { arena.take(o * voxels(dims))? };
         res_block(&s.res, up, dims, res_out, arena.rest())?;
         cur = res_out;
     }
@@ -174,7 +190,13 @@ impl<'a> Unetr<'a> {
 
     /// Logits for one window: `input` is `(in_channels, window)` and `logits` receives
     /// `(out_channels, window)`, both channel-first and row-major. Allocates nothing.
-    pub fn forward(&self, input: &[f32], window: Dims3, logits: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+    pub fn forward(
+        &self,
+        input: &[f32],
+        window: Dims3,
+        logits: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<(), ForwardError> {
         let needed = self.scratch_len(window)?;
         if scratch.len() < needed {
             return Err(ForwardError::ScratchTooSmall { needed, provided: scratch.len() });
@@ -193,7 +215,13 @@ impl<'a> Unetr<'a> {
         self.forward_unchecked(input, window, logits, scratch)
     }
 
-    pub(crate) fn forward_unchecked(&self, input: &[f32], window: Dims3, logits: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+    pub(crate) fn forward_unchecked(
+        &self,
+        input: &[f32],
+        window: Dims3,
+        logits: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<(), ForwardError> {
         let w = &self.weights;
         let vd = VitDims::new(&self.config.vit, window);
         let g = vd.grid;
@@ -215,7 +243,14 @@ impl<'a> Unetr<'a> {
         let d1 = arena.take(w.ups[2].shape.out_ch * voxels(d1_dims))?;
         up_block(&w.ups[2], d2, d2_dims, |o, s| skip_path(&w.skips[0], z3, g, o, s), d1, arena.rest())?;
         let d0 = arena.take(w.ups[3].shape.out_ch * voxels(window))?;
-        up_block(&w.ups[3], d1, d1_dims, |o, s| res_block(&w.encoder1, input, window, o, s), d0, arena.rest())?;
+        up_block(
+            &w.ups[3],
+            d1,
+            d1_dims,
+            |o, s| res_block(&w.encoder1, input, window, o, s),
+            d0,
+            arena.rest(),
+        )?;
 
         conv3d(d0, window, &w.out_weight, Some(&w.out_bias), ConvGeometry::K1, logits);
         Ok(())
@@ -227,7 +262,13 @@ impl<'a> Unetr<'a> {
     }
 
     /// Labels (argmax over classes) for one window into `labels` (`voxels` bytes).
-    pub fn segment(&self, input: &[f32], window: Dims3, labels: &mut [u8], scratch: &mut [f32]) -> Result<(), ForwardError> {
+    pub fn segment(
+        &self,
+        input: &[f32],
+        window: Dims3,
+        labels: &mut [u8],
+        scratch: &mut [f32],
+    ) -> Result<(), ForwardError> {
         let needed = self.segment_scratch_len(window)?;
         if scratch.len() < needed {
             return Err(ForwardError::ScratchTooSmall { needed, provided: scratch.len() });
@@ -240,5 +281,92 @@ impl<'a> Unetr<'a> {
         self.forward(input, window, logits, rest)?;
         argmax_channels(logits, self.config.out_channels as usize, labels);
         Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests {
+    use super::*;
+    use crate::format::Precision;
+    use crate::synthetic::random_model;
+    use crate::testing_config;
+
+    fn with_model(precision: Precision, f: impl FnOnce(&Unetr<'_>)) {
+        let bytes = random_model(&testing_config(), 5, precision).unwrap();
+        let file = ModelFile::parse(&bytes).unwrap();
+        f(&Unetr::new(&file).unwrap());
+    }
+
+    #[test]
+    fn scratch_len_is_exactly_what_the_forward_pass_uses() {
+        with_model(Precision::F32, |m| {
+            for window in [[32, 32, 32], [48, 16, 32]] {
+                let input: std::vec::Vec<f32> =
+                    (0..m.input_len(window)).map(|i| (i % 7) as f32 / 7.0).collect();
+                let mut logits = std::vec![0.0; m.logits_len(window)];
+                let need = m.scratch_len(window).unwrap();
+                let mut scratch = std::vec![f32::NAN; need];
+                m.forward_unchecked(&input, window, &mut logits, &mut scratch).unwrap();
+                assert!(logits.iter().all(|v| v.is_finite()), "NaN scratch leaked into the output");
+                let short = m.forward_unchecked(&input, window, &mut logits, &mut scratch[..need - 1]);
+                assert!(
+                    matches!(short, Err(ForwardError::ScratchTooSmall { .. })),
+                    "{window:?}: scratch_len overestimates"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn bad_calls_are_errors() {
+        with_model(Precision::Int8, |m| {
+            let w = [32, 32, 32];
+            let n = m.input_len(w);
+            let mut logits = std::vec![0.0; m.logits_len(w)];
+            let mut scratch = std::vec![0.0; m.scratch_len(w).unwrap()];
+            let mut input = std::vec![0.25; n];
+            assert!(matches!(
+                m.forward(&input[1..], w, &mut logits, &mut scratch),
+                Err(ForwardError::InputLength { .. })
+            ));
+            assert!(matches!(
+                m.forward(&input, w, &mut logits[1..], &mut scratch),
+                Err(ForwardError::OutputLength { .. })
+            ));
+            assert!(matches!(
+                m.forward(&input, [40, 32, 32], &mut logits, &mut scratch),
+                Err(ForwardError::Window(_))
+            ));
+            let e = m.forward(&input, w, &mut logits, &mut scratch[..10]).unwrap_err();
+            assert!(std::format!("{e}").contains("scratch holds 10"));
+            input[123] = f32::NAN;
+            assert_eq!(
+                m.forward(&input, w, &mut logits, &mut scratch),
+                Err(ForwardError::NonFiniteInput { index: 123 })
+            );
+        });
+    }
+
+    #[test]
+    fn segment_is_argmax_of_forward() {
+        with_model(Precision::F32, |m| {
+            let w = [32, 32, 32];
+            let input: std::vec::Vec<f32> =
+                (0..m.input_len(w)).map(|i| ((i * 31) % 101) as f32 / 101.0).collect();
+            let mut logits = std::vec![0.0; m.logits_len(w)];
+            let mut scratch = std::vec![0.0; m.segment_scratch_len(w).unwrap()];
+            m.forward(&input, w, &mut logits, &mut scratch).unwrap();
+            let mut labels = std::vec![0u8; 32 * 32 * 32];
+            m.segment(&input, w, &mut labels, &mut scratch).unwrap();
+            let v = labels.len();
+            for (i, &l) in labels.iter().enumerate() {
+                let best = (0..3).max_by(|&a, &b| logits[a * v + i].total_cmp(&logits[b * v + i])).unwrap();
+                assert_eq!(l as usize, best);
+            }
+            assert!(
+                labels.iter().any(|&l| l != labels[0]),
+                "a random model should not predict one class everywhere"
+            );
+        });
     }
 }

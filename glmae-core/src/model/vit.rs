@@ -3,7 +3,9 @@
 use super::arena::{Arena, ForwardError, sat_sum};
 use super::weights::{BlockWeights, VitWeights};
 use crate::config::{PosEmbed, UNETR_TAPS, VitConfig};
-use crate::kernels::{Dims3, add_sincos_position_embedding, gelu_in_place, layer_norm, linear, patch_embed, self_attention};
+use crate::kernels::{
+    Dims3, add_sincos_position_embedding, gelu_in_place, layer_norm, linear, patch_embed, self_attention,
+};
 
 /// Token-grid sizes for a window.
 pub(crate) struct VitDims {
@@ -47,7 +49,15 @@ fn tokens_to_volume(x: &[f32], tokens: usize, hidden: usize, out: &mut [f32]) {
     }
 }
 
-fn block(b: &BlockWeights<'_>, cfg: &VitConfig, d: &VitDims, x: &mut [f32], ln: &mut [f32], qkv: &mut [f32], tmp: &mut Temps<'_>) {
+fn block(
+    b: &BlockWeights<'_>,
+    cfg: &VitConfig,
+    d: &VitDims,
+    x: &mut [f32],
+    ln: &mut [f32],
+    qkv: &mut [f32],
+    tmp: &mut Temps<'_>,
+) {
     let (n, e) = (d.tokens, d.hidden);
     let eps = cfg.layer_norm_eps;
     layer_norm(x, n, &b.norm1.weight, &b.norm1.bias, eps, ln);
@@ -80,14 +90,22 @@ struct Temps<'s> {
 /// Runs the encoder on `input` (`(in_ch, window)`) and writes the four hidden states UNETR uses,
 /// each as a channel-first volume `(hidden, grid)`, into `taps`: after blocks 3, 6 and 9, then the
 /// final LayerNorm of the last block.
-pub(crate) fn encode(w: &VitWeights<'_>, cfg: &VitConfig, input: &[f32], window: Dims3, taps: &mut [f32], scratch: &mut [f32]) -> Result<(), ForwardError> {
+pub(crate) fn encode(
+    w: &VitWeights<'_>,
+    cfg: &VitConfig,
+    input: &[f32],
+    window: Dims3,
+    taps: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<(), ForwardError> {
     let d = VitDims::new(cfg, window);
     let ne = d.ne();
     let mut arena = Arena::new(scratch);
     let x = arena.take(ne)?;
     let ln = arena.take(ne)?;
     let qkv = arena.take(3 * ne)?;
-    let mut tmp = Temps { scores: arena.take(d.tokens)?, hidden: arena.take(d.mlp)?, vec: arena.take(d.hidden)? };
+    let mut tmp =
+        Temps { scores: arena.take(d.tokens)?, hidden: arena.take(d.mlp)?, vec: arena.take(d.hidden)? };
     let patch_buf = arena.take(d.patch_values)?;
 
     patch_embed(input, window, &w.patch_weight, &w.patch_bias, x, patch_buf);

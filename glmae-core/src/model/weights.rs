@@ -136,10 +136,17 @@ impl<'a> Binder<'_, 'a> {
 
     fn norm(&mut self, prefix: fmt::Arguments<'_>, e: usize) -> Result<NormWeights<'a>, FormatError> {
         let p = name(prefix);
-        Ok(NormWeights { weight: self.get(format_args!("{p}.weight"), &[e])?, bias: self.get(format_args!("{p}.bias"), &[e])? })
+        Ok(NormWeights {
+            weight: self.get(format_args!("{p}.weight"), &[e])?,
+            bias: self.get(format_args!("{p}.bias"), &[e])?,
+        })
     }
 
-    fn res(&mut self, prefix: fmt::Arguments<'_>, s: ResBlockShape) -> Result<ResBlockWeights<'a>, FormatError> {
+    fn res(
+        &mut self,
+        prefix: fmt::Arguments<'_>,
+        s: ResBlockShape,
+    ) -> Result<ResBlockWeights<'a>, FormatError> {
         let p = name(prefix);
         let (i, o) = (s.in_ch, s.out_ch);
         Ok(ResBlockWeights {
@@ -161,10 +168,12 @@ impl<'a> UnetrWeights<'a> {
     pub fn bind(file: &ModelFile<'a>) -> Result<Self, FormatError> {
         let cfg = &file.config;
         let v = &cfg.vit;
-        let (e, m, p, c) = (v.hidden_size as usize, v.mlp_dim as usize, v.patch_size as usize, v.in_channels as usize);
+        let (e, m, p, c) =
+            (v.hidden_size as usize, v.mlp_dim as usize, v.patch_size as usize, v.in_channels as usize);
         let mut b = Binder { file, bound: 0 };
 
-        let patch_weight = b.get(format_args!("vit.patch_embedding.patch_embeddings.weight"), &[e, c, p, p, p])?;
+        let patch_weight =
+            b.get(format_args!("vit.patch_embedding.patch_embeddings.weight"), &[e, c, p, p, p])?;
         let patch_bias = b.get(format_args!("vit.patch_embedding.patch_embeddings.bias"), &[e])?;
         let position = match v.pos_embed {
             PosEmbed::Learned => {
@@ -184,13 +193,23 @@ impl<'a> UnetrWeights<'a> {
                 out_weight: b.get(format_args!("{pre}.{i}.attn.out_proj.weight"), &[e, e])?,
                 out_bias: b.get(format_args!("{pre}.{i}.attn.out_proj.bias"), &[e])?,
                 qkv_weight: b.get(format_args!("{pre}.{i}.attn.qkv.weight"), &[3 * e, e])?,
-                qkv_bias: if v.qkv_bias { Some(b.get(format_args!("{pre}.{i}.attn.qkv.bias"), &[3 * e])?) } else { None },
+                qkv_bias: if v.qkv_bias {
+                    Some(b.get(format_args!("{pre}.{i}.attn.qkv.bias"), &[3 * e])?)
+                } else {
+                    None
+                },
                 norm2: b.norm(format_args!("{pre}.{i}.norm2"), e)?,
             };
             // Cannot overflow: validate() caps depth at MAX_DEPTH.
             let _ = blocks.push(block);
         }
-        let vit = VitWeights { patch_weight, patch_bias, position, blocks, norm: b.norm(format_args!("vit.norm"), e)? };
+        let vit = VitWeights {
+            patch_weight,
+            patch_bias,
+            position,
+            blocks,
+            norm: b.norm(format_args!("vit.norm"), e)?,
+        };
 
         let layout = DecoderLayout::new(cfg);
         let encoder1 = b.res(format_args!("encoder1.layer"), layout.encoder1)?;
@@ -215,7 +234,8 @@ impl<'a> UnetrWeights<'a> {
             })
         };
         let ups = [up(layout.ups[0])?, up(layout.ups[1])?, up(layout.ups[2])?, up(layout.ups[3])?];
-        let out_weight = b.get(format_args!("out.conv.conv.weight"), &[layout.classes, layout.out_in_ch, 1, 1, 1])?;
+        let out_weight =
+            b.get(format_args!("out.conv.conv.weight"), &[layout.classes, layout.out_in_ch, 1, 1, 1])?;
         let out_bias = b.get(format_args!("out.conv.conv.bias"), &[layout.classes])?;
 
         check_no_extra(file, b.bound, |n| is_param(cfg, n))?;
