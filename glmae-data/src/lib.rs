@@ -1,0 +1,8 @@
+//! # glmae-data
+//!
+//! Everything between files on disk and tensors: NIfTI reading and writing that matches nibabel,
+//! datasets as users keep them, the preprocessing stored with every model, seeded augmentation,
+//! and a synthetic abdominal CT phantom. Training and inference both use this crate, so
+//! preprocessing is written once.
+
+pub mod phantom;

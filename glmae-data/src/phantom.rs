@@ -1,0 +1,1 @@
+//! Synthetic abdominal CT phantom (being written).
