@@ -5,4 +5,10 @@
 //! and a synthetic abdominal CT phantom. Training and inference both use this crate, so
 //! preprocessing is written once.
 
+pub mod io;
+pub mod nifti_io;
 pub mod phantom;
+pub mod volume;
+
+pub use nifti_io::{NiftiImage, NiftiMeta, read_nifti, write_labels, write_nifti};
+pub use volume::{Affine, Volume};

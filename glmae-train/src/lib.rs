@@ -3,5 +3,4 @@
 //! GL-MAE pretraining, UNETR fine-tuning, evaluation and export. Today: model presets and writing
 //! weight files atomically; the burn training code builds on these.
 
-pub mod io;
 pub mod presets;

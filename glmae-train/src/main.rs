@@ -45,7 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = glmae_train::presets::unetr(&model, classes, img)?;
             let precision = if int8 { Precision::Int8 } else { Precision::F32 };
             let bytes = glmae_core::synthetic::random_model(&cfg, seed, precision)?;
-            glmae_train::io::atomic_write(&out, &bytes)?;
+            glmae_data::io::atomic_write(&out, &bytes)?;
             println!(
                 "wrote {} ({} bytes, {model}, {classes} classes, {precision:?})",
                 out.display(),

@@ -14,7 +14,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 fn write_model(path: &std::path::Path, precision: Precision) -> Vec<u8> {
     let cfg = glmae_train::presets::unetr("tiny", 3, 32).unwrap();
     let bytes = glmae_core::synthetic::random_model(&cfg, 11, precision).unwrap();
-    glmae_train::io::atomic_write(path, &bytes).unwrap();
+    glmae_data::io::atomic_write(path, &bytes).unwrap();
     bytes
 }
 

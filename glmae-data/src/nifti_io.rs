@@ -1,0 +1,573 @@
+//! NIfTI-1 and NIfTI-2 reading and NIfTI-1 writing that agree with nibabel.
+//!
+//! The `nifti` crate parses NIfTI-1 headers (either byte order, `.nii`, `.nii.gz`, `.hdr/.img`).
+//! Around it, this module fixes the crate's measured defects (see `../shared/docs/data.md`):
+//! voxel data is read from `vox_offset` (the crate reads from byte 352 when padding follows the
+//! header), a NaN or zero `scl_slope` means no scaling (as nibabel), the affine is computed here
+//! with nibabel's rules (the crate panics on `pixdim[0] = 0`), NIfTI-2 is read by our own header
+//! parser, and writing is ours (the crate's writer drops slope/intercept and mangles names).
+//!
+//! Arrays are `[channel][i][j][k]` with `k` fastest: `nib.load(f).get_fdata()` indexed `[i, j, k, t]`
+//! and moved to channel-first, so models trained with MONAI see the same axes.
+
+use std::io::{Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use nifti::{Endianness, NiftiHeader};
+
+use crate::io::atomic_write;
+use crate::volume::{Affine, Volume};
+
+/// What a NIfTI file's voxels were stored as, for writing results back faithfully.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredType {
+    /// `uint8`.
+    U8,
+    /// `int8`.
+    I8,
+    /// `int16`.
+    I16,
+    /// `uint16`.
+    U16,
+    /// `int32`.
+    I32,
+    /// `uint32`.
+    U32,
+    /// `int64`.
+    I64,
+    /// `uint64`.
+    U64,
+    /// `float32`.
+    F32,
+    /// `float64`.
+    F64,
+}
+
+impl StoredType {
+    fn from_code(code: i16) -> Option<Self> {
+        Some(match code {
+            2 => Self::U8,
+            256 => Self::I8,
+            4 => Self::I16,
+            512 => Self::U16,
+            8 => Self::I32,
+            768 => Self::U32,
+            1024 => Self::I64,
+            1280 => Self::U64,
+            16 => Self::F32,
+            64 => Self::F64,
+            _ => return None,
+        })
+    }
+
+    /// NIfTI `datatype` code.
+    pub fn code(self) -> i16 {
+        match self {
+            Self::U8 => 2,
+            Self::I8 => 256,
+            Self::I16 => 4,
+            Self::U16 => 512,
+            Self::I32 => 8,
+            Self::U32 => 768,
+            Self::I64 => 1024,
+            Self::U64 => 1280,
+            Self::F32 => 16,
+            Self::F64 => 64,
+        }
+    }
+
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::U8 | Self::I8 => 1,
+            Self::I16 | Self::U16 => 2,
+            Self::I32 | Self::U32 | Self::F32 => 4,
+            Self::I64 | Self::U64 | Self::F64 => 8,
+        }
+    }
+
+    /// Whether values are integers (labels are stored as integers).
+    pub fn is_integer(self) -> bool {
+        !matches!(self, Self::F32 | Self::F64)
+    }
+}
+
+fn type_name(code: i16) -> &'static str {
+    match code {
+        1 => "binary (1 bit)",
+        32 => "complex64",
+        128 => "RGB24",
+        1536 => "float128",
+        1792 => "complex128",
+        2048 => "complex256",
+        2304 => "RGBA32",
+        _ => "unknown",
+    }
+}
+
+/// Header facts kept with a volume, enough to write a result on the same grid with the same codes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NiftiMeta {
+    /// `qform_code` and the quaternion parameters (b, c, d, x, y, z) and `pixdim[0..4]`.
+    pub qform_code: i16,
+    /// `quatern_b/c/d` and `qoffset_x/y/z`.
+    pub quatern: [f32; 6],
+    /// `pixdim[0..8]` (pixdim[0] is qfac).
+    pub pixdim: [f32; 8],
+    /// `sform_code`.
+    pub sform_code: i16,
+    /// `srow_x`, `srow_y`, `srow_z`.
+    pub srow: [[f32; 4]; 3],
+    /// `xyzt_units`.
+    pub xyzt_units: u8,
+    /// How the voxels were stored.
+    pub stored: StoredType,
+    /// Whether the source was NIfTI-2.
+    pub nifti2: bool,
+}
+
+/// A volume read from a NIfTI file, with what is needed to write results back onto its grid.
+#[derive(Clone, Debug)]
+pub struct NiftiImage {
+    /// Voxels (scaled by slope/intercept) and the affine nibabel reports.
+    pub volume: Volume,
+    /// Header facts for writing on the same grid.
+    pub meta: NiftiMeta,
+}
+
+/// The parts of a NIfTI-1 or NIfTI-2 header this module uses, widened to 64 bits.
+struct Header {
+    dim: [i64; 8],
+    datatype: i16,
+    pixdim: [f64; 8],
+    vox_offset: f64,
+    scl_slope: f64,
+    scl_inter: f64,
+    qform_code: i16,
+    sform_code: i16,
+    quatern: [f64; 6],
+    srow: [[f64; 4]; 3],
+    xyzt_units: u8,
+    big_endian: bool,
+    single_file: bool,
+    nifti2: bool,
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::with_capacity(raw.len() * 3);
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: gzip stream is corrupt or truncated", path.display()))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+fn header_from_nifti1(h: &NiftiHeader) -> Header {
+    let f = |v: f32| v as f64;
+    Header {
+        dim: h.dim.map(|d| d as i16 as i64),
+        datatype: h.datatype,
+        pixdim: h.pixdim.map(f),
+        vox_offset: f(h.vox_offset),
+        scl_slope: f(h.scl_slope),
+        scl_inter: f(h.scl_inter),
+        qform_code: h.qform_code,
+        sform_code: h.sform_code,
+        quatern: [h.quatern_b, h.quatern_c, h.quatern_d, h.quatern_x, h.quatern_y, h.quatern_z].map(f),
+        srow: [h.srow_x.map(f), h.srow_y.map(f), h.srow_z.map(f)],
+        xyzt_units: h.xyzt_units,
+        big_endian: h.endianness == Endianness::Big,
+        single_file: &h.magic == b"n+1\0",
+        nifti2: false,
+    }
+}
+
+/// NIfTI-2: a 540-byte header with 64-bit dims and doubles (the `nifti` crate rejects it).
+fn parse_nifti2(b: &[u8]) -> Result<Header> {
+    ensure!(b.len() >= 540, "NIfTI-2 header is truncated ({} of 540 bytes)", b.len());
+    let big_endian = i32::from_le_bytes(b[0..4].try_into()?) != 540;
+    let u16_at = |o: usize| {
+        let a = [b[o], b[o + 1]];
+        if big_endian { i16::from_be_bytes(a) } else { i16::from_le_bytes(a) }
+    };
+    let i64_at = |o: usize| {
+        let a: [u8; 8] = b[o..o + 8].try_into().unwrap_or_default();
+        if big_endian { i64::from_be_bytes(a) } else { i64::from_le_bytes(a) }
+    };
+    let f64_at = |o: usize| {
+        let a: [u8; 8] = b[o..o + 8].try_into().unwrap_or_default();
+        if big_endian { f64::from_be_bytes(a) } else { f64::from_le_bytes(a) }
+    };
+    let magic = &b[4..12];
+    ensure!(magic == b"n+2\0\r\n\x1a\n" || magic == b"ni2\0\r\n\x1a\n", "bad NIfTI-2 magic");
+    let dim: [i64; 8] = std::array::from_fn(|i| i64_at(16 + 8 * i));
+    let pixdim: [f64; 8] = std::array::from_fn(|i| f64_at(104 + 8 * i));
+    let srow: [[f64; 4]; 3] = std::array::from_fn(|r| std::array::from_fn(|c| f64_at(400 + 32 * r + 8 * c)));
+    let quatern: [f64; 6] = std::array::from_fn(|i| f64_at(352 + 8 * i));
+    let i32_at = |o: usize| {
+        let a: [u8; 4] = b[o..o + 4].try_into().unwrap_or_default();
+        if big_endian { i32::from_be_bytes(a) } else { i32::from_le_bytes(a) }
+    };
+    Ok(Header {
+        dim,
+        datatype: u16_at(12),
+        pixdim,
+        vox_offset: i64_at(168) as f64,
+        scl_slope: f64_at(176),
+        scl_inter: f64_at(184),
+        qform_code: i32_at(344) as i16,
+        sform_code: i32_at(348) as i16,
+        quatern,
+        srow,
+        xyzt_units: i32_at(500) as u8,
+        big_endian,
+        single_file: &magic[..4] == b"n+2\0",
+        nifti2: true,
+    })
+}
+
+fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
+    ensure!(bytes.len() >= 4, "{}: file is empty or truncated", path.display());
+    let le = i32::from_le_bytes(bytes[0..4].try_into()?);
+    let be = i32::from_be_bytes(bytes[0..4].try_into()?);
+    if le == 540 || be == 540 {
+        return parse_nifti2(bytes).with_context(|| format!("{}: invalid NIfTI-2 header", path.display()));
+    }
+    ensure!(
+        le == 348 || be == 348,
+        "{}: not a NIfTI file (header size field is {le}, expected 348 or 540)",
+        path.display()
+    );
+    ensure!(bytes.len() >= 348, "{}: header is truncated ({} of 348 bytes)", path.display(), bytes.len());
+    let h = NiftiHeader::from_reader(Cursor::new(&bytes[..348]))
+        .map_err(|e| anyhow!("{}: unreadable NIfTI-1 header: {e}", path.display()))?;
+    Ok(header_from_nifti1(&h))
+}
+
+/// nibabel's `get_best_affine`: sform if its code is set, else qform, else the Analyze-style
+/// base affine (x flipped, origin at the centre).
+fn best_affine(h: &Header, shape: [usize; 3]) -> Affine {
+    if h.sform_code > 0 {
+        let s = &h.srow;
+        return Affine([s[0], s[1], s[2], [0.0, 0.0, 0.0, 1.0]]);
+    }
+    if h.qform_code > 0 {
+        return qform_affine(h);
+    }
+    let z = zooms(h);
+    let zooms = [-z[0], z[1], z[2]];
+    let mut m = [[0.0; 4]; 4];
+    for a in 0..3 {
+        m[a][a] = zooms[a];
+        m[a][3] = -((shape[a] as f64 - 1.0) / 2.0) * zooms[a];
+    }
+    m[3][3] = 1.0;
+    Affine(m)
+}
+
+/// nibabel's header fix-ups on load: pixdims 1-3 made positive, zeros replaced by 1.
+fn zooms(h: &Header) -> [f64; 3] {
+    [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(|v| if v == 0.0 { 1.0 } else { v.abs() })
+}
+
+/// The qform affine as nibabel computes it: w = sqrt(1 - b^2 - c^2 - d^2) (0 when rounding makes
+/// that negative), the rotation from the normalised quaternion, and qfac = pixdim[0] read as 1
+/// unless it is -1 (nibabel's load-time fix).
+fn qform_affine(h: &Header) -> Affine {
+    let [x, y, z, qx, qy, qz] = h.quatern;
+    let w2 = 1.0 - (x * x + y * y + z * z);
+    let w = if w2 < 0.0 { 0.0 } else { w2.sqrt() };
+    let nq = w * w + x * x + y * y + z * z;
+    let r = if nq < f64::EPSILON {
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    } else {
+        let s = 2.0 / nq;
+        let (xs, ys, zs) = (x * s, y * s, z * s);
+        let (wx, wy, wz) = (w * xs, w * ys, w * zs);
+        let (xx, xy, xz) = (x * xs, x * ys, x * zs);
+        let (yy, yz, zz) = (y * ys, y * zs, z * zs);
+        [
+            [1.0 - (yy + zz), xy - wz, xz + wy],
+            [xy + wz, 1.0 - (xx + zz), yz - wx],
+            [xz - wy, yz + wx, 1.0 - (xx + yy)],
+        ]
+    };
+    let qfac = if h.pixdim[0] == -1.0 { -1.0 } else { 1.0 };
+    let mut v = zooms(h);
+    v[2] *= qfac;
+    let mut m = [[0.0; 4]; 4];
+    for i in 0..3 {
+        for j in 0..3 {
+            m[i][j] = r[i][j] * v[j];
+        }
+    }
+    m[0][3] = qx;
+    m[1][3] = qy;
+    m[2][3] = qz;
+    m[3][3] = 1.0;
+    Affine(m)
+}
+
+fn image_file_for(path: &Path) -> PathBuf {
+    let s = path.to_string_lossy();
+    if let Some(stem) = s.strip_suffix(".hdr.gz") {
+        PathBuf::from(format!("{stem}.img.gz"))
+    } else if let Some(stem) = s.strip_suffix(".hdr") {
+        PathBuf::from(format!("{stem}.img"))
+    } else {
+        path.to_path_buf()
+    }
+}
+
+fn decode(raw: &[u8], stored: StoredType, big_endian: bool, slope: f64, inter: f64, out: &mut [f32]) {
+    macro_rules! conv {
+        ($t:ty, $n:expr) => {
+            for (o, c) in out.iter_mut().zip(raw.chunks_exact($n)) {
+                let a: [u8; $n] = c.try_into().unwrap_or([0; $n]);
+                let v = if big_endian { <$t>::from_be_bytes(a) } else { <$t>::from_le_bytes(a) };
+                *o = (v as f64 * slope + inter) as f32;
+            }
+        };
+    }
+    match stored {
+        StoredType::U8 => conv!(u8, 1),
+        StoredType::I8 => conv!(i8, 1),
+        StoredType::I16 => conv!(i16, 2),
+        StoredType::U16 => conv!(u16, 2),
+        StoredType::I32 => conv!(i32, 4),
+        StoredType::U32 => conv!(u32, 4),
+        StoredType::I64 => conv!(i64, 8),
+        StoredType::U64 => conv!(u64, 8),
+        StoredType::F32 => conv!(f32, 4),
+        StoredType::F64 => conv!(f64, 8),
+    }
+}
+
+/// Reads a `.nii`, `.nii.gz` or `.hdr`/`.img` pair (NIfTI-1 or NIfTI-2). 3-D images give one
+/// channel; a fourth dimension becomes channels; 1-D and 2-D images gain unit axes. Errors name
+/// the file and say what is wrong.
+pub fn read_nifti(path: &Path) -> Result<NiftiImage> {
+    let bytes = read_file(path)?;
+    let h = parse_header(&bytes, path)?;
+    let name = path.display();
+    let ndim = h.dim[0];
+    ensure!((1..=7).contains(&ndim), "{name}: invalid number of dimensions {ndim}");
+    let dims: Vec<i64> = h.dim[1..=ndim as usize].to_vec();
+    ensure!(dims.iter().all(|&d| d > 0), "{name}: dimensions {dims:?} must be positive");
+    ensure!(dims.iter().skip(4).all(|&d| d == 1), "{name}: {ndim}-D images are not supported beyond 4-D");
+    let get = |i: usize| dims.get(i).copied().unwrap_or(1) as usize;
+    let shape = [get(0), get(1), get(2)];
+    let channels = get(3);
+    let stored = StoredType::from_code(h.datatype).ok_or_else(|| {
+        anyhow!("{name}: datatype {} ({}) is not supported", h.datatype, type_name(h.datatype))
+    })?;
+    let count = shape.iter().product::<usize>().checked_mul(channels).context("image too large")?;
+    let nbytes = count.checked_mul(stored.size()).context("image too large")?;
+
+    let (data_bytes, offset) = if h.single_file {
+        ensure!(
+            h.vox_offset >= if h.nifti2 { 544.0 } else { 352.0 } || h.vox_offset == 0.0,
+            "{name}: vox_offset {} points inside the header",
+            h.vox_offset
+        );
+        let off = if h.vox_offset == 0.0 { if h.nifti2 { 544 } else { 352 } } else { h.vox_offset as usize };
+        (bytes, off)
+    } else {
+        let img = image_file_for(path);
+        ensure!(
+            img != path,
+            "{name}: header-only file (magic ni1/ni2) but no .hdr extension to find its .img"
+        );
+        (read_file(&img)?, h.vox_offset.max(0.0) as usize)
+    };
+    ensure!(
+        data_bytes.len() >= offset + nbytes,
+        "{name}: voxel data is truncated ({} bytes after offset {offset}, shape {:?} x {channels} of {:?} needs {nbytes})",
+        data_bytes.len().saturating_sub(offset),
+        shape,
+        stored
+    );
+
+    // nibabel: a zero or non-finite slope means "no scaling"; then the intercept is ignored too.
+    let (slope, inter) = if h.scl_slope == 0.0 || !h.scl_slope.is_finite() {
+        (1.0, 0.0)
+    } else {
+        ensure!(h.scl_inter.is_finite(), "{name}: valid scl_slope but non-finite scl_inter {}", h.scl_inter);
+        (h.scl_slope, h.scl_inter)
+    };
+    let mut disk = vec![0.0f32; count];
+    decode(&data_bytes[offset..offset + nbytes], stored, h.big_endian, slope, inter, &mut disk);
+
+    // Disk order is i fastest; ours is k fastest, channel slowest.
+    let [ni, nj, nk] = shape;
+    let mut data = vec![0.0f32; count];
+    for c in 0..channels {
+        for k in 0..nk {
+            for j in 0..nj {
+                let src = ((c * nk + k) * nj + j) * ni;
+                for i in 0..ni {
+                    data[((c * ni + i) * nj + j) * nk + k] = disk[src + i];
+                }
+            }
+        }
+    }
+    let affine = best_affine(&h, shape);
+    let f = |v: f64| v as f32;
+    let meta = NiftiMeta {
+        qform_code: h.qform_code,
+        quatern: h.quatern.map(f),
+        pixdim: h.pixdim.map(f),
+        sform_code: h.sform_code,
+        srow: h.srow.map(|r| r.map(f)),
+        xyzt_units: h.xyzt_units,
+        stored,
+        nifti2: h.nifti2,
+    };
+    Ok(NiftiImage { volume: Volume { data, shape, channels, affine }, meta })
+}
+
+/// Integer types a label map can be written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabelType {
+    /// Up to 255 classes.
+    U8,
+    /// Up to 32767 classes.
+    I16,
+}
+
+/// Metadata for writing a volume that has no source file: an affine of `spacing` along the axes.
+pub fn meta_for_spacing(spacing: [f32; 3], stored: StoredType) -> NiftiMeta {
+    NiftiMeta {
+        qform_code: 1,
+        quatern: [0.0; 6],
+        pixdim: [1.0, spacing[0], spacing[1], spacing[2], 1.0, 1.0, 1.0, 1.0],
+        sform_code: 1,
+        srow: [[spacing[0], 0.0, 0.0, 0.0], [0.0, spacing[1], 0.0, 0.0], [0.0, 0.0, spacing[2], 0.0]],
+        xyzt_units: 2 | 8, // mm, s
+        stored,
+        nifti2: false,
+    }
+}
+
+/// A NIfTI-1 header (348 bytes, little-endian) for `shape` x `channels` values of `stored`,
+/// with the grid and codes of `meta`.
+fn nifti1_header(
+    shape: [usize; 3],
+    channels: usize,
+    stored: StoredType,
+    meta: &NiftiMeta,
+) -> Result<Vec<u8>> {
+    let mut h = vec![0u8; 352];
+    let put_i16 = |h: &mut Vec<u8>, o: usize, v: i16| h[o..o + 2].copy_from_slice(&v.to_le_bytes());
+    let put_i32 = |h: &mut Vec<u8>, o: usize, v: i32| h[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    let put_f32 = |h: &mut Vec<u8>, o: usize, v: f32| h[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    put_i32(&mut h, 0, 348);
+    let ndim = if channels > 1 { 4 } else { 3 };
+    let dims = [ndim, shape[0], shape[1], shape[2], channels, 1, 1, 1];
+    for (i, &d) in dims.iter().enumerate() {
+        let d = i16::try_from(d).map_err(|_| anyhow!("dimension {d} is too large for NIfTI-1"))?;
+        put_i16(&mut h, 40 + 2 * i, d);
+    }
+    put_i16(&mut h, 70, stored.code());
+    put_i16(&mut h, 72, (stored.size() * 8) as i16);
+    for (i, &p) in meta.pixdim.iter().enumerate() {
+        put_f32(&mut h, 76 + 4 * i, p);
+    }
+    put_f32(&mut h, 108, 352.0); // vox_offset
+    put_f32(&mut h, 112, 1.0); // scl_slope
+    put_f32(&mut h, 116, 0.0); // scl_inter
+    h[123] = meta.xyzt_units;
+    let descrip = b"glmae";
+    h[148..148 + descrip.len()].copy_from_slice(descrip);
+    put_i16(&mut h, 252, meta.qform_code);
+    put_i16(&mut h, 254, meta.sform_code);
+    for (i, &q) in meta.quatern.iter().enumerate() {
+        put_f32(&mut h, 256 + 4 * i, q);
+    }
+    for (r, row) in meta.srow.iter().enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            put_f32(&mut h, 280 + 16 * r + 4 * c, v);
+        }
+    }
+    h[344..348].copy_from_slice(b"n+1\0");
+    Ok(h)
+}
+
+/// Writes `data` (`[channel][i][j][k]`, `k` fastest) as NIfTI-1, gzip-compressed when the path
+/// ends in `.gz`, atomically: a temporary file in the same folder is renamed into place, so a
+/// failure never leaves a partial file. Values are converted to `stored` (rounded for integers).
+pub fn write_nifti(
+    path: &Path,
+    data: &[f32],
+    shape: [usize; 3],
+    channels: usize,
+    meta: &NiftiMeta,
+    stored: StoredType,
+) -> Result<()> {
+    ensure!(
+        data.len() == shape.iter().product::<usize>() * channels,
+        "{}: {} values do not fill shape {shape:?} x {channels}",
+        path.display(),
+        data.len()
+    );
+    let mut bytes = nifti1_header(shape, channels, stored, meta)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    bytes.reserve(data.len() * stored.size());
+    let [ni, nj, nk] = shape;
+    for c in 0..channels {
+        for k in 0..nk {
+            for j in 0..nj {
+                for i in 0..ni {
+                    let v = data[((c * ni + i) * nj + j) * nk + k];
+                    encode_value(&mut bytes, v, stored);
+                }
+            }
+        }
+    }
+    let gz = path.to_string_lossy().ends_with(".gz");
+    let payload = if gz {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(&bytes)?;
+        e.finish()?
+    } else {
+        bytes
+    };
+    atomic_write(path, &payload)
+}
+
+fn encode_value(out: &mut Vec<u8>, v: f32, stored: StoredType) {
+    let r = v.round() as f64;
+    match stored {
+        StoredType::U8 => out.push(r.clamp(0.0, 255.0) as u8),
+        StoredType::I8 => out.push(r.clamp(-128.0, 127.0) as i8 as u8),
+        StoredType::I16 => out.extend_from_slice(&(r.clamp(-32768.0, 32767.0) as i16).to_le_bytes()),
+        StoredType::U16 => out.extend_from_slice(&(r.clamp(0.0, 65535.0) as u16).to_le_bytes()),
+        StoredType::I32 => out.extend_from_slice(&(r as i32).to_le_bytes()),
+        StoredType::U32 => out.extend_from_slice(&(r.max(0.0) as u32).to_le_bytes()),
+        StoredType::I64 => out.extend_from_slice(&(r as i64).to_le_bytes()),
+        StoredType::U64 => out.extend_from_slice(&(r.max(0.0) as u64).to_le_bytes()),
+        StoredType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+        StoredType::F64 => out.extend_from_slice(&(v as f64).to_le_bytes()),
+    }
+}
+
+/// Writes a label map on a source image's grid, with its affine and codes, as uint8 or int16.
+pub fn write_labels(
+    path: &Path,
+    labels: &[u8],
+    shape: [usize; 3],
+    source: &NiftiMeta,
+    ty: LabelType,
+) -> Result<()> {
+    let data: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+    let stored = match ty {
+        LabelType::U8 => StoredType::U8,
+        LabelType::I16 => StoredType::I16,
+    };
+    write_nifti(path, &data, shape, 1, source, stored)
+}
