@@ -5,10 +5,17 @@
 //! and a synthetic abdominal CT phantom. Training and inference both use this crate, so
 //! preprocessing is written once.
 
+pub mod dataset;
 pub mod io;
+pub mod loader;
 pub mod nifti_io;
 pub mod phantom;
+pub mod preprocess;
+pub mod resample;
+pub mod transforms;
 pub mod volume;
 
+pub use dataset::{Case, Dataset};
+pub use loader::{Prefetcher, Prepared, VolumeCache};
 pub use nifti_io::{NiftiImage, NiftiMeta, read_nifti, write_labels, write_nifti};
-pub use volume::{Affine, Volume};
+pub use volume::{Affine, Labels, Volume};

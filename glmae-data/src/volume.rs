@@ -79,10 +79,11 @@ impl Affine {
 }
 
 /// Channels of a 3-D image: `data[((c * shape[0] + i) * shape[1] + j) * shape[2] + k]`.
+/// Images hold `f32`; label maps hold `u8`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Volume {
+pub struct Volume<T = f32> {
     /// Values, channel-first, last axis fastest.
-    pub data: Vec<f32>,
+    pub data: Vec<T>,
     /// Voxels along each array axis.
     pub shape: [usize; 3],
     /// Number of channels (a 4-D NIfTI's fourth dimension).
@@ -91,14 +92,29 @@ pub struct Volume {
     pub affine: Affine,
 }
 
-impl Volume {
+/// A label map: one `u8` class index per voxel.
+pub type Labels = Volume<u8>;
+
+impl<T> Volume<T> {
+    /// A single-channel volume; `data` must hold `shape` voxels.
+    pub fn new(data: Vec<T>, shape: [usize; 3], affine: Affine) -> Self {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Self { data, shape, channels: 1, affine }
+    }
+
+    /// Flat index of voxel `(i, j, k)` in channel 0.
+    #[inline]
+    pub fn index(&self, i: usize, j: usize, k: usize) -> usize {
+        (i * self.shape[1] + j) * self.shape[2] + k
+    }
+
     /// Voxels per channel.
     pub fn voxels(&self) -> usize {
         self.shape.iter().product()
     }
 
     /// One channel's values.
-    pub fn channel(&self, c: usize) -> &[f32] {
+    pub fn channel(&self, c: usize) -> &[T] {
         let n = self.voxels();
         &self.data[c * n..(c + 1) * n]
     }

@@ -1,0 +1,116 @@
+//! Bad NIfTI input is an error that names the file and the problem, never a panic, and writing
+//! never leaves a partial file.
+
+use std::path::PathBuf;
+
+use glmae_data::nifti_io::{StoredType, meta_for_spacing, write_nifti};
+use glmae_data::read_nifti;
+
+fn temp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("glmae-nii-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn good_nii(d: &std::path::Path) -> Vec<u8> {
+    let p = d.join("good.nii");
+    let data: Vec<f32> = (0..60).map(|i| i as f32 - 30.0).collect();
+    write_nifti(
+        &p,
+        &data,
+        [3, 4, 5],
+        1,
+        &meta_for_spacing([1.0, 1.5, 2.0], StoredType::I16),
+        StoredType::I16,
+    )
+    .unwrap();
+    let back = read_nifti(&p).unwrap();
+    assert_eq!(back.volume.data, data);
+    std::fs::read(p).unwrap()
+}
+
+fn err_of(d: &std::path::Path, name: &str, bytes: &[u8]) -> String {
+    let p = d.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    format!("{:#}", read_nifti(&p).unwrap_err())
+}
+
+#[test]
+fn damaged_files_name_the_file_and_the_problem() {
+    let d = temp("bad");
+    let good = good_nii(&d);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty.nii", vec![], "empty or truncated"),
+        ("text.nii", b"hello, this is not an image at all".to_vec(), "not a NIfTI file"),
+        ("short_header.nii", good[..200].to_vec(), "header is truncated"),
+        ("short_data.nii", good[..good.len() - 10].to_vec(), "voxel data is truncated"),
+        (
+            "complex.nii",
+            {
+                let mut b = good.clone();
+                b[70..72].copy_from_slice(&32i16.to_le_bytes());
+                b
+            },
+            "datatype 32 (complex64) is not supported",
+        ),
+        (
+            "zero_dim.nii",
+            {
+                let mut b = good.clone();
+                b[44..46].copy_from_slice(&0i16.to_le_bytes());
+                b
+            },
+            "must be positive",
+        ),
+        (
+            "offset.nii",
+            {
+                let mut b = good.clone();
+                b[108..112].copy_from_slice(&100f32.to_le_bytes());
+                b
+            },
+            "vox_offset 100 points inside the header",
+        ),
+        (
+            "nan_inter.nii",
+            {
+                let mut b = good.clone();
+                b[112..116].copy_from_slice(&2f32.to_le_bytes());
+                b[116..120].copy_from_slice(&f32::NAN.to_le_bytes());
+                b
+            },
+            "non-finite scl_inter",
+        ),
+    ];
+    for (name, bytes, problem) in cases {
+        let e = err_of(&d, name, &bytes);
+        assert!(e.contains(name) && e.contains(problem), "{name}: {e}");
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &good).unwrap();
+    let gz = gz.finish().unwrap();
+    let e = err_of(&d, "cut.nii.gz", &gz[..gz.len() / 2]);
+    assert!(e.contains("cut.nii.gz") && e.contains("gzip stream is corrupt or truncated"), "{e}");
+    let e = format!("{:#}", read_nifti(&d.join("absent.nii.gz")).unwrap_err());
+    assert!(e.contains("absent.nii.gz"), "{e}");
+    // A header-only pair whose .img is missing.
+    let mut hdr = good[..348].to_vec();
+    hdr[344..348].copy_from_slice(b"ni1\0");
+    let e = err_of(&d, "lonely.hdr", &hdr);
+    assert!(e.contains("lonely.img"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn unwritable_output_is_an_error_and_leaves_nothing_behind() {
+    let d = temp("write");
+    let meta = meta_for_spacing([1.0; 3], StoredType::U8);
+    let e = write_nifti(&d.join("no/such/dir/out.nii.gz"), &[0.0; 8], [2, 2, 2], 1, &meta, StoredType::U8)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("no/such/dir/out.nii.gz"), "{e:#}");
+    let e = write_nifti(&d.join("short.nii"), &[0.0; 7], [2, 2, 2], 1, &meta, StoredType::U8).unwrap_err();
+    assert!(format!("{e:#}").contains("do not fill shape"), "{e:#}");
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "a failed write left a file");
+    std::fs::remove_dir_all(&d).unwrap();
+}
