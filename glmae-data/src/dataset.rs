@@ -235,13 +235,13 @@ impl Dataset {
         }
         if let Some(v) = lv.data.iter().find(|&&v| v < 0.0 || v.fract() != 0.0 || v > 255.0) {
             out.push(format!("{}: label value {v} is not a class index 0-255", label_path.display()));
-        } else if let Some(&max_class) = self.labels.keys().last() {
-            if let Some(v) = lv.data.iter().find(|&&v| v as u32 > max_class) {
-                out.push(format!(
-                    "{}: label {v} is not among the dataset's classes 0-{max_class}",
-                    label_path.display()
-                ));
-            }
+        } else if let Some(&max_class) = self.labels.keys().last()
+            && let Some(v) = lv.data.iter().find(|&&v| v as u32 > max_class)
+        {
+            out.push(format!(
+                "{}: label {v} is not among the dataset's classes 0-{max_class}",
+                label_path.display()
+            ));
         }
         out
     }

@@ -10,6 +10,7 @@ pub mod io;
 pub mod loader;
 pub mod nifti_io;
 pub mod phantom;
+pub mod phantom_dataset;
 pub mod preprocess;
 pub mod resample;
 pub mod transforms;

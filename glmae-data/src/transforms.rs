@@ -131,8 +131,8 @@ pub fn pos_neg_crop(
         }
     }
     let mut shift = crate::volume::Affine::from_spacing([1.0; 3]);
-    for a in 0..3 {
-        shift.0[a][3] = start[a] as f64;
+    for (row, &s) in shift.0.iter_mut().zip(&start) {
+        row[3] = s as f64;
     }
     let affine = image.affine.compose(&shift);
     (
