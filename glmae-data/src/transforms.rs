@@ -50,7 +50,7 @@ impl Rng {
 }
 
 /// A random-scale crop resized to a cube: GL-MAE's view (method.md).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ViewSpec {
     /// Output edge in voxels (160 global, 96 local).
     pub size: usize,

@@ -1,6 +1,12 @@
 //! # glmae-train
 //!
-//! GL-MAE pretraining, UNETR fine-tuning, evaluation and export. Today: model presets and writing
-//! weight files atomically; the burn training code builds on these.
+//! GL-MAE pretraining, UNETR fine-tuning, evaluation and export. GL-MAE pretraining runs on burn (CPU `flex` by default).
 
+pub mod device;
+pub mod loss;
+pub mod model;
+pub mod plot;
 pub mod presets;
+pub mod pretrain;
+pub mod run;
+pub mod views;

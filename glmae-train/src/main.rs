@@ -59,6 +59,148 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// GL-MAE pretraining of a ViT encoder on unlabelled volumes.
+    Pretrain(Box<PretrainArgs>),
+}
+
+#[derive(clap::Args)]
+struct PretrainArgs {
+    /// A dataset.json, or folders of .nii/.nii.gz images separated by commas.
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<String>,
+    /// Encoder preset: vit-t, vit-b or tiny (a seconds-long smoke test).
+    #[arg(long, default_value = "vit-t")]
+    model: String,
+    /// Run folder: config.json, metrics.csv, checkpoint.bin.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder exactly where its last checkpoint left off.
+    #[arg(long, conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// cpu (burn flex), ndarray, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Optimisation steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Volumes per step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Base learning rate (scaled by batch/256).
+    #[arg(long)]
+    base_lr: Option<f64>,
+    /// Loss terms: full (GL-MAE), global-local (no consistency), local-only (MAE3D).
+    #[arg(long, value_enum)]
+    ablation: Option<glmae_train::pretrain::Ablation>,
+    /// Weight of the consistency loss.
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// Global and local views per volume.
+    #[arg(long)]
+    n_global: Option<usize>,
+    /// Local views per volume.
+    #[arg(long)]
+    n_local: Option<usize>,
+    /// Fraction of tokens masked.
+    #[arg(long)]
+    mask_ratio: Option<f64>,
+    /// Normalise target patches.
+    #[arg(long)]
+    norm_pix_loss: bool,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Threads preparing samples.
+    #[arg(long, default_value_t = 1)]
+    loader_threads: usize,
+    /// Preprocessed-volume cache folder (default: RUN_DIR/cache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
+    use glmae_train::pretrain::{PretrainConfig, Pretrainer};
+    use glmae_train::run::{LoopOptions, RunDir, train_loop};
+    let device = glmae_train::device::training_device(&a.device)?;
+    let (dir, mut run, data) = match (&a.resume, &a.out) {
+        (Some(root), _) => {
+            let dir = RunDir::open(root)?;
+            let run = dir.resume(device)?;
+            let data = std::fs::read_to_string(root.join("data.txt"))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", root.join("data.txt").display()))?;
+            println!("resuming {} at step {}/{}", root.display(), run.step, run.cfg.steps);
+            (dir, run, data.trim().to_string())
+        }
+        (None, Some(out)) => {
+            let mut cfg = match a.model.as_str() {
+                "vit-t" => PretrainConfig::vit_t(),
+                "vit-b" => PretrainConfig::vit_b(),
+                "tiny" => PretrainConfig::tiny(),
+                other => anyhow::bail!("unknown model {other:?}; expected vit-t, vit-b or tiny"),
+            };
+            macro_rules! set {
+                ($($field:ident).+ = $arg:expr) => {
+                    if let Some(v) = $arg {
+                        cfg.$($field).+ = v;
+                    }
+                };
+            }
+            set!(steps = a.steps);
+            set!(batch_size = a.batch_size);
+            set!(warmup_steps = a.warmup_steps);
+            set!(base_lr = a.base_lr);
+            set!(ablation = a.ablation);
+            set!(lambda = a.lambda);
+            set!(views.n_global = a.n_global);
+            set!(views.n_local = a.n_local);
+            set!(views.mask_ratio = a.mask_ratio);
+            set!(seed = a.seed);
+            cfg.norm_pix_loss |= a.norm_pix_loss;
+            let dir = RunDir::create(out)?;
+            dir.save_config(&cfg)?;
+            let data = a.data.clone().unwrap_or_default();
+            glmae_data::io::atomic_write(&out.join("data.txt"), data.as_bytes())?;
+            (dir, Pretrainer::new(cfg, device), data)
+        }
+        (None, None) => anyhow::bail!("give --out RUN_DIR for a new run or --resume RUN_DIR"),
+    };
+    let ds = glmae_data::Dataset::open(&data)?;
+    let cases: Vec<glmae_data::Case> = ds
+        .training
+        .iter()
+        .chain(&ds.validation)
+        .chain(&ds.test)
+        .map(|c| glmae_data::Case { image: c.image.clone(), label: None })
+        .collect();
+    let cache_dir = a.cache.clone().unwrap_or_else(|| dir.root().join("cache"));
+    let cache = std::sync::Arc::new(glmae_data::VolumeCache::new(
+        glmae_data::preprocess::Preprocessor::pretraining(),
+        Some(cache_dir),
+    ));
+    println!("preparing {} volumes", cases.len());
+    cache.warm(&cases, a.loader_threads.max(2))?;
+    let opts = LoopOptions {
+        checkpoint_every: a.checkpoint_every,
+        loader_threads: a.loader_threads,
+        progress: true,
+    };
+    let metrics = train_loop(&mut run, &dir, &cases, cache, &opts)?;
+    if let Some(last) = metrics.last() {
+        println!(
+            "step {}: loss {:.4}; metrics in {}, checkpoint in {}",
+            last.step + 1,
+            last.loss,
+            dir.metrics_path().display(),
+            dir.checkpoint_path().display()
+        );
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -89,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
+        Command::Pretrain(args) => pretrain(*args)?,
     }
     Ok(())
 }

@@ -1,0 +1,290 @@
+//! The GL-MAE networks in burn: the ViT encoder (MONAI's block structure, so its weights export by
+//! name to glmae-core), the shared MAE decoder with a learned mask token, and the projection head.
+//!
+//! Inputs are patch tokens, `(batch, tokens, in_channels * patch^3)` in Conv3d kernel order, made
+//! on the CPU by `crate::views`: patchifying there keeps the model free of 8-D reshapes (which
+//! the ndarray backend cannot do) and equals MONAI's Conv3d(kernel = stride = patch) embedding.
+
+use burn::module::{Module, Param};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use glmae_core::VitConfig;
+use serde::{Deserialize, Serialize};
+
+/// Two-layer MLP with exact GELU (MONAI's `MLPBlock`).
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Hidden layer.
+    pub linear1: Linear,
+    /// Output layer.
+    pub linear2: Linear,
+}
+
+/// Multi-head self-attention with a fused qkv projection laid out (q|k|v, head, dim), as
+/// MONAI's `SABlock`.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Fused q, k, v projection.
+    pub qkv: Linear,
+    /// Output projection.
+    pub out_proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, e] = x.dims();
+        let dh = e / self.heads;
+        let split = |t: Tensor<3>| t.reshape([b, n, self.heads, dh]).swap_dims(1, 2);
+        let qkv = self.qkv.forward(x);
+        let q = split(qkv.clone().narrow(2, 0, e));
+        let k = split(qkv.clone().narrow(2, e, e));
+        let v = split(qkv.narrow(2, 2 * e, e));
+        let att = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (dh as f64).sqrt()), 3);
+        let out = att.matmul(v).swap_dims(1, 2).reshape([b, n, e]);
+        self.out_proj.forward(out)
+    }
+}
+
+/// Pre-norm transformer block (MONAI's `TransformerBlock`).
+#[derive(Module, Debug)]
+pub struct Block {
+    /// Norm before attention.
+    pub norm1: LayerNorm,
+    /// Self-attention.
+    pub attn: Attention,
+    /// Norm before the MLP.
+    pub norm2: LayerNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+impl Block {
+    /// A block of width `dim`.
+    pub fn new(dim: usize, heads: usize, mlp: usize, qkv_bias: bool, eps: f64, device: &Device) -> Self {
+        Self {
+            norm1: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
+            attn: Attention {
+                qkv: LinearConfig::new(dim, 3 * dim).with_bias(qkv_bias).init(device),
+                out_proj: LinearConfig::new(dim, dim).init(device),
+                heads,
+            },
+            norm2: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
+            mlp: Mlp {
+                linear1: LinearConfig::new(dim, mlp).init(device),
+                linear2: LinearConfig::new(mlp, dim).init(device),
+            },
+        }
+    }
+
+    /// `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
+        let h = self.mlp.linear2.forward(gelu(self.mlp.linear1.forward(self.norm2.forward(x.clone()))));
+        x + h
+    }
+}
+
+/// The patch embedding: a Linear on flattened patches, equal to MONAI's Conv3d with
+/// kernel = stride = patch (exported as `vit.patch_embedding.patch_embeddings.weight`).
+#[derive(Module, Debug)]
+pub struct PatchEmbedding {
+    /// `(in_channels * patch^3) -> hidden`.
+    pub patch_embeddings: Linear,
+}
+
+/// The ViT encoder.
+#[derive(Module, Debug)]
+pub struct Vit {
+    /// Patch embedding.
+    pub patch_embedding: PatchEmbedding,
+    /// Transformer blocks.
+    pub blocks: Vec<Block>,
+    /// Final LayerNorm.
+    pub norm: LayerNorm,
+}
+
+impl Vit {
+    /// An encoder for `cfg` (patch size, width, depth, heads, MLP, qkv bias, epsilon).
+    pub fn new(cfg: &VitConfig, device: &Device) -> Self {
+        let (e, p) = (cfg.hidden_size as usize, cfg.patch_size as usize);
+        let k = cfg.in_channels as usize * p * p * p;
+        let eps = cfg.layer_norm_eps as f64;
+        Self {
+            patch_embedding: PatchEmbedding { patch_embeddings: LinearConfig::new(k, e).init(device) },
+            blocks: (0..cfg.depth)
+                .map(|_| {
+                    Block::new(e, cfg.num_heads as usize, cfg.mlp_dim as usize, cfg.qkv_bias, eps, device)
+                })
+                .collect(),
+            norm: LayerNormConfig::new(e).with_epsilon(eps).init(device),
+        }
+    }
+
+    /// Encodes the tokens at `keep` (`(batch, kept)` indices; all tokens when `None`), each with
+    /// its position embedding `pos` (`(tokens, hidden)`). Returns `(batch, kept, hidden)` after
+    /// the final norm.
+    pub fn forward(&self, tokens: Tensor<3>, pos: Tensor<2>, keep: Option<Tensor<2, Int>>) -> Tensor<3> {
+        let [b, _, _] = tokens.dims();
+        let x = self.patch_embedding.patch_embeddings.forward(tokens)
+            + pos.unsqueeze_dim::<3>(0).repeat_dim(0, b);
+        let mut x = match keep {
+            Some(keep) => gather_tokens(x, keep),
+            None => x,
+        };
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        self.norm.forward(x)
+    }
+}
+
+/// Selects tokens: `x` is `(batch, tokens, dim)`, `idx` is `(batch, kept)`.
+pub fn gather_tokens(x: Tensor<3>, idx: Tensor<2, Int>) -> Tensor<3> {
+    let [_, _, d] = x.dims();
+    x.gather(1, idx.unsqueeze_dim::<3>(2).repeat_dim(2, d))
+}
+
+/// MAE decoder widths (method.md: ViT-T 128 x 4 with 4 heads, ViT-B 512 x 8 with 16 heads).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    /// Width.
+    pub width: usize,
+    /// Blocks.
+    pub depth: usize,
+    /// Heads.
+    pub heads: usize,
+}
+
+/// The MAE decoder shared by global and local views.
+#[derive(Module, Debug)]
+pub struct MaeDecoder {
+    /// Encoder width to decoder width.
+    pub embed: Linear,
+    /// The learned token standing in for masked patches, `(1, 1, width)`.
+    pub mask_token: Param<Tensor<3>>,
+    /// Transformer blocks.
+    pub blocks: Vec<Block>,
+    /// Final norm.
+    pub norm: LayerNorm,
+    /// Width to voxels per patch.
+    pub pred: Linear,
+}
+
+impl MaeDecoder {
+    /// A decoder from encoder width `hidden` to `patch_values` voxels per token.
+    pub fn new(cfg: &DecoderConfig, hidden: usize, patch_values: usize, eps: f64, device: &Device) -> Self {
+        let w = cfg.width;
+        let mask = Tensor::<3>::random([1, 1, w], Distribution::Normal(0.0, 0.02), device);
+        Self {
+            embed: LinearConfig::new(hidden, w).init(device),
+            mask_token: Param::from_tensor(mask),
+            blocks: (0..cfg.depth).map(|_| Block::new(w, cfg.heads, 4 * w, true, eps, device)).collect(),
+            norm: LayerNormConfig::new(w).with_epsilon(eps).init(device),
+            pred: LinearConfig::new(w, patch_values).init(device),
+        }
+    }
+
+    /// Reconstructs every patch: `latent` holds the visible tokens, `restore` (`(batch, tokens)`)
+    /// puts `[visible, mask tokens]` back in grid order, `pos` is the decoder position embedding.
+    pub fn forward(&self, latent: Tensor<3>, restore: Tensor<2, Int>, pos: Tensor<2>) -> Tensor<3> {
+        let x = self.embed.forward(latent);
+        let [b, kept, _] = x.dims();
+        let [_, n] = restore.dims();
+        let masks = self.mask_token.val().repeat_dim(0, b).repeat_dim(1, n - kept);
+        let x = gather_tokens(Tensor::cat(vec![x, masks], 1), restore);
+        let mut x = x + pos.unsqueeze_dim::<3>(0).repeat_dim(0, b);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        self.pred.forward(self.norm.forward(x))
+    }
+}
+
+/// Projection head sizes (method.md: hidden 2048, output 512).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    /// Hidden width.
+    pub hidden: usize,
+    /// Output width (the distributions' size).
+    pub out: usize,
+}
+
+/// Three Linear layers with GELU between them (paper eq. 4), on the mean encoder token.
+#[derive(Module, Debug)]
+pub struct ProjectionHead {
+    /// First layer.
+    pub linear1: Linear,
+    /// Second layer.
+    pub linear2: Linear,
+    /// Output layer.
+    pub linear3: Linear,
+}
+
+impl ProjectionHead {
+    /// A head from encoder width `hidden`.
+    pub fn new(cfg: &HeadConfig, hidden: usize, device: &Device) -> Self {
+        Self {
+            linear1: LinearConfig::new(hidden, cfg.hidden).init(device),
+            linear2: LinearConfig::new(cfg.hidden, cfg.hidden).init(device),
+            linear3: LinearConfig::new(cfg.hidden, cfg.out).init(device),
+        }
+    }
+
+    /// Projects the mean of `tokens` (`(batch, tokens, hidden)`) to `(batch, out)`.
+    pub fn forward(&self, tokens: Tensor<3>) -> Tensor<2> {
+        let pooled: Tensor<2> = tokens.mean_dim(1).squeeze_dim(1);
+        self.linear3.forward(gelu(self.linear2.forward(gelu(self.linear1.forward(pooled)))))
+    }
+}
+
+/// The student: encoder, MAE decoder and projection head, all trained.
+#[derive(Module, Debug)]
+pub struct Student {
+    /// Encoder.
+    pub vit: Vit,
+    /// Decoder.
+    pub decoder: MaeDecoder,
+    /// Projection head.
+    pub head: ProjectionHead,
+}
+
+/// The teacher: an exponential moving average of the student's encoder and head.
+#[derive(Module, Debug)]
+pub struct Teacher {
+    /// Encoder.
+    pub vit: Vit,
+    /// Projection head.
+    pub head: ProjectionHead,
+}
+
+impl Student {
+    /// A freshly initialised student.
+    pub fn new(vit: &VitConfig, decoder: &DecoderConfig, head: &HeadConfig, device: &Device) -> Self {
+        let e = vit.hidden_size as usize;
+        let p = vit.patch_size as usize;
+        let values = vit.in_channels as usize * p * p * p;
+        let eps = vit.layer_norm_eps as f64;
+        Self {
+            vit: Vit::new(vit, device),
+            decoder: MaeDecoder::new(decoder, e, values, eps, device),
+            head: ProjectionHead::new(head, e, device),
+        }
+    }
+
+    /// The teacher's starting point: a copy of the encoder and head that takes no gradients.
+    pub fn teacher(&self) -> Teacher {
+        Teacher { vit: self.vit.clone(), head: self.head.clone() }.no_grad()
+    }
+}
+
+/// A tensor from host values.
+pub fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// An integer tensor from host indices.
+pub fn int_tensor<const D: usize>(values: Vec<i64>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}

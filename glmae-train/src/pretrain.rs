@@ -1,0 +1,417 @@
+//! One GL-MAE optimisation step and the state it updates: student, EMA teacher, AdamW, the
+//! teacher-output centre and the step counter (method.md, "Optimisation").
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor};
+use glmae_core::VitConfig;
+use glmae_data::Volume;
+use glmae_data::transforms::{Rng, ViewSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::{ConsistencyConfig, consistency, masked_mse, update_center};
+use crate::model::{DecoderConfig, HeadConfig, Student, Teacher, int_tensor, tensor};
+use crate::views::{ViewBatch, ViewConfig, concat, make_views, sincos_table};
+
+/// Which terms the loss has (the paper's Table 4 ablation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Ablation {
+    /// Reconstruct masked patches of local views only: the MAE3D baseline.
+    LocalOnly,
+    /// Reconstruct global and local views, no consistency.
+    GlobalLocal,
+    /// Reconstruction plus global-guided consistency: GL-MAE.
+    Full,
+}
+
+/// Everything that defines a pretraining run; saved in the run folder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PretrainConfig {
+    /// Encoder (its `img_size` is the global view size).
+    pub encoder: VitConfig,
+    /// MAE decoder.
+    pub decoder: DecoderConfig,
+    /// Projection head.
+    pub head: HeadConfig,
+    /// Views and masking.
+    pub views: ViewConfig,
+    /// Loss terms.
+    pub ablation: Ablation,
+    /// Weight of the consistency loss.
+    pub lambda: f64,
+    /// Temperatures and centring.
+    pub consistency: ConsistencyConfig,
+    /// Normalise each target patch (MAE's `norm_pix_loss`).
+    pub norm_pix_loss: bool,
+    /// Volumes per step.
+    pub batch_size: usize,
+    /// Optimisation steps.
+    pub steps: usize,
+    /// Linear warm-up steps.
+    pub warmup_steps: usize,
+    /// Base learning rate; the rate used is `base_lr * batch_size / 256` (MAE convention).
+    pub base_lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// AdamW betas.
+    pub betas: (f64, f64),
+    /// Clip the global gradient norm to this value (0 disables).
+    pub grad_clip: f64,
+    /// Teacher momentum at step 0; it rises to 1 on a cosine.
+    pub teacher_momentum: f64,
+    /// Seed for initialisation, views and masks.
+    pub seed: u64,
+}
+
+impl PretrainConfig {
+    /// The paper's ViT-T setting (160^3 global views, 96^3 local views, decoder 128 x 4).
+    pub fn vit_t() -> Self {
+        Self::with_encoder(VitConfig::vit_t([160; 3]), DecoderConfig { width: 128, depth: 4, heads: 4 })
+    }
+
+    /// ViT-B with the MAE decoder 512 x 8.
+    pub fn vit_b() -> Self {
+        Self::with_encoder(VitConfig::vit_b([160; 3]), DecoderConfig { width: 512, depth: 8, heads: 16 })
+    }
+
+    fn with_encoder(encoder: VitConfig, decoder: DecoderConfig) -> Self {
+        Self {
+            encoder,
+            decoder,
+            head: HeadConfig { hidden: 2048, out: 512 },
+            views: ViewConfig::default(),
+            ablation: Ablation::Full,
+            lambda: 1.0,
+            consistency: ConsistencyConfig::default(),
+            norm_pix_loss: false,
+            batch_size: 2,
+            steps: 1000,
+            warmup_steps: 40,
+            base_lr: 1.5e-4,
+            min_lr: 0.0,
+            weight_decay: 0.05,
+            betas: (0.9, 0.95),
+            grad_clip: 3.0,
+            teacher_momentum: 0.996,
+            seed: 0,
+        }
+    }
+
+    /// A tiny configuration for tests: patch 4, width 12, 16^3 global and 8^3 local views.
+    pub fn tiny() -> Self {
+        let mut encoder = glmae_core::testing_config().vit;
+        encoder.patch_size = 4;
+        encoder.hidden_size = 12;
+        encoder.num_heads = 2;
+        encoder.mlp_dim = 24;
+        encoder.depth = 2;
+        encoder.img_size = [16; 3];
+        let mut c = Self::with_encoder(encoder, DecoderConfig { width: 12, depth: 1, heads: 2 });
+        c.head = HeadConfig { hidden: 32, out: 16 };
+        c.views.global = ViewSpec { size: 16, ..ViewSpec::GLOBAL };
+        c.views.local = ViewSpec { size: 8, ..ViewSpec::LOCAL };
+        c.steps = 40;
+        c.warmup_steps = 4;
+        c.base_lr = 0.5;
+        c
+    }
+
+    /// Learning rate at `step`: linear warm-up to `base_lr * batch / 256`, then cosine to `min_lr`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let peak = self.base_lr * self.batch_size as f64 / 256.0;
+        if step < self.warmup_steps {
+            return peak * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        self.min_lr + (peak - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+
+    /// Teacher momentum at `step`: `1 - (1 - m0) * (cos(pi * step / steps) + 1) / 2` (eq. 3).
+    pub fn momentum_at(&self, step: usize) -> f64 {
+        let t = (step as f64 / self.steps.max(1) as f64).min(1.0);
+        1.0 - (1.0 - self.teacher_momentum) * ((std::f64::consts::PI * t).cos() + 1.0) / 2.0
+    }
+}
+
+/// The views of one volume for one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// Global views.
+    pub global: ViewBatch,
+    /// Local views.
+    pub local: ViewBatch,
+}
+
+/// Draws a sample's views and masks from a preprocessed volume.
+pub fn make_sample(cfg: &PretrainConfig, v: &Volume, rng: &mut Rng) -> Sample {
+    let p = cfg.encoder.patch_size as usize;
+    let r = cfg.views.mask_ratio;
+    Sample {
+        global: make_views(v, &cfg.views.global, cfg.views.n_global, p, r, rng),
+        local: make_views(v, &cfg.views.local, cfg.views.n_local, p, r, rng),
+    }
+}
+
+/// Loss terms and schedule values of one step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Step index (0-based).
+    pub step: usize,
+    /// Total loss.
+    pub loss: f64,
+    /// Reconstruction loss on global views (0 when not used).
+    pub rec_global: f64,
+    /// Reconstruction loss on local views.
+    pub rec_local: f64,
+    /// Consistency loss (0 when not used).
+    pub consistency: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Teacher momentum used.
+    pub momentum: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// Tensors of one view size on the device.
+struct ViewTensors {
+    tokens: Tensor<3>,
+    keep: Tensor<2, burn::tensor::Int>,
+    restore: Tensor<2, burn::tensor::Int>,
+    mask: Tensor<2>,
+    enc_pos: Tensor<2>,
+    dec_pos: Tensor<2>,
+}
+
+/// The model, its optimiser and everything else a step changes.
+pub struct Pretrainer {
+    /// The run's configuration.
+    pub cfg: PretrainConfig,
+    /// Trained network.
+    pub student: Student,
+    /// EMA network.
+    pub teacher: Teacher,
+    /// AdamW state.
+    pub optimizer: ModuleOptimizer,
+    /// Running centre of teacher outputs.
+    pub center: Tensor<1>,
+    /// Steps taken.
+    pub step: usize,
+    device: Device,
+}
+
+impl Pretrainer {
+    /// A fresh run on `device` (an autodiff device), initialised from `cfg.seed`.
+    pub fn new(cfg: PretrainConfig, device: Device) -> Self {
+        device.seed(cfg.seed);
+        let student = Student::new(&cfg.encoder, &cfg.decoder, &cfg.head, &device);
+        let teacher = student.teacher();
+        let optimizer = AdamWConfig::new()
+            .with_beta_1(cfg.betas.0 as f32)
+            .with_beta_2(cfg.betas.1 as f32)
+            .with_epsilon(1e-8)
+            .with_weight_decay(cfg.weight_decay as f32)
+            .init();
+        let center = Tensor::<1>::zeros([cfg.head.out], &device);
+        Self { cfg, student, teacher, optimizer, center, step: 0, device }
+    }
+
+    /// The device the run lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn upload(&self, b: &ViewBatch) -> ViewTensors {
+        let (v, n, k, kept) = (b.views, b.tokens_per_view(), b.patch_values, b.kept());
+        let d = &self.device;
+        ViewTensors {
+            tokens: tensor(b.tokens.clone(), [v, n, k], d),
+            keep: int_tensor(b.keep.clone(), [v, kept], d),
+            restore: int_tensor(b.restore.clone(), [v, n], d),
+            mask: tensor(b.mask.clone(), [v, n], d),
+            enc_pos: tensor(
+                sincos_table(b.grid, self.cfg.encoder.hidden_size as usize),
+                [n, self.cfg.encoder.hidden_size as usize],
+                d,
+            ),
+            dec_pos: tensor(sincos_table(b.grid, self.cfg.decoder.width), [n, self.cfg.decoder.width], d),
+        }
+    }
+
+    /// The loss terms for `samples` without changing any state: (total, rec global, rec local,
+    /// consistency, teacher outputs).
+    pub fn losses(&self, samples: &[Sample]) -> (Tensor<1>, [Option<Tensor<1>>; 3], Option<Tensor<2>>) {
+        let volumes = samples.len();
+        let g = concat(samples.iter().map(|s| s.global.clone()).collect()).map(|b| self.upload(&b));
+        let l = concat(samples.iter().map(|s| s.local.clone()).collect()).map(|b| self.upload(&b));
+        let s = &self.student;
+        let reconstruct = |t: &ViewTensors| -> (Tensor<3>, Tensor<1>) {
+            let latent = s.vit.forward(t.tokens.clone(), t.enc_pos.clone(), Some(t.keep.clone()));
+            let pred = s.decoder.forward(latent.clone(), t.restore.clone(), t.dec_pos.clone());
+            (latent, masked_mse(pred, t.tokens.clone(), t.mask.clone(), self.cfg.norm_pix_loss))
+        };
+        let ablation = self.cfg.ablation;
+        let local = l.as_ref().map(reconstruct);
+        let global = match ablation {
+            Ablation::LocalOnly => None,
+            _ => g.as_ref().map(reconstruct),
+        };
+        let mut total: Option<Tensor<1>> = None;
+        let mut add = |t: &Tensor<1>, w: f64| {
+            let t = t.clone().mul_scalar(w);
+            total = Some(match total.take() {
+                Some(x) => x + t,
+                None => t,
+            });
+        };
+        if let Some((_, r)) = &global {
+            add(r, 1.0);
+        }
+        if let Some((_, r)) = &local {
+            add(r, 1.0);
+        }
+        let mut cons = None;
+        let mut teacher_out = None;
+        if let (Ablation::Full, Some(gt), Some((g_latent, _))) = (ablation, g.as_ref(), global.as_ref()) {
+            let t = self
+                .teacher
+                .head
+                .forward(self.teacher.vit.forward(gt.tokens.clone(), gt.enc_pos.clone(), None))
+                .detach();
+            let out = self.cfg.head.out;
+            let sg = s.head.forward(g_latent.clone()).reshape([volumes, self.cfg.views.n_global, out]);
+            let student = match &local {
+                Some((l_latent, _)) => {
+                    let sl = s.head.forward(l_latent.clone()).reshape([volumes, self.cfg.views.n_local, out]);
+                    Tensor::cat(vec![sg, sl], 1)
+                }
+                None => sg,
+            };
+            let [_, per, _] = student.dims();
+            let c = consistency(
+                t.clone(),
+                self.center.clone(),
+                student.reshape([volumes * per, out]),
+                volumes,
+                &self.cfg.consistency,
+            );
+            add(&c, self.cfg.lambda);
+            cons = Some(c);
+            teacher_out = Some(t);
+        }
+        let total = total.unwrap_or_else(|| Tensor::zeros([1], &self.device));
+        (total, [global.map(|x| x.1), local.map(|x| x.1), cons], teacher_out)
+    }
+
+    /// One optimisation step on `samples` (one per volume of the batch).
+    pub fn step(&mut self, samples: &[Sample]) -> StepMetrics {
+        let lr = self.cfg.lr_at(self.step);
+        let momentum = self.cfg.momentum_at(self.step);
+        let (total, terms, teacher_out) = self.losses(samples);
+        let scalar =
+            |t: &Option<Tensor<1>>| t.as_ref().map_or(0.0, |t| t.clone().into_scalar::<f32>() as f64);
+        let metrics_terms = [scalar(&terms[0]), scalar(&terms[1]), scalar(&terms[2])];
+        let loss = total.clone().into_scalar::<f32>() as f64;
+        let mut grads = GradientsParams::from_grads(total.backward(), &self.student);
+        let grad_norm = clip_global_norm(&self.student, &mut grads, self.cfg.grad_clip);
+        self.student = self.optimizer.step(lr, self.student.clone(), grads);
+        self.update_teacher(momentum);
+        if let Some(t) = teacher_out {
+            self.center =
+                update_center(self.center.clone(), t, self.cfg.consistency.center_momentum).detach();
+        }
+        let m = StepMetrics {
+            step: self.step,
+            loss,
+            rec_global: metrics_terms[0],
+            rec_local: metrics_terms[1],
+            consistency: metrics_terms[2],
+            lr,
+            momentum,
+            grad_norm,
+        };
+        self.step += 1;
+        m
+    }
+
+    /// `teacher = m * teacher + (1 - m) * student` for the encoder and head.
+    pub fn update_teacher(&mut self, momentum: f64) {
+        let mut vit = Collect::default();
+        self.student.vit.visit(&mut vit);
+        let mut head = Collect::default();
+        self.student.head.visit(&mut head);
+        let teacher = self.teacher.clone();
+        let mut ema = Ema { source: vit.values.into_iter().chain(head.values).collect(), next: 0, momentum };
+        self.teacher = Teacher { vit: teacher.vit.map(&mut ema), head: teacher.head.map(&mut ema) };
+    }
+}
+
+/// Flattened copies of every float parameter, in visiting order.
+#[derive(Default)]
+struct Collect {
+    values: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val().detach();
+        let n = t.shape().num_elements();
+        self.values.push(t.reshape([n]));
+    }
+}
+
+/// Moves each parameter toward the matching source tensor (same visiting order).
+struct Ema {
+    source: Vec<Tensor<1>>,
+    next: usize,
+    momentum: f64,
+}
+
+impl ModuleMapper for Ema {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(src) = self.source.get(self.next) else { return param };
+        self.next += 1;
+        let m = self.momentum;
+        param.map(|t| {
+            let shape = t.shape();
+            (t.mul_scalar(m) + src.clone().reshape(shape).mul_scalar(1.0 - m)).detach()
+        })
+    }
+}
+
+/// Scales all gradients so that their joint L2 norm is at most `max` (PyTorch's
+/// `clip_grad_norm_`; burn's own clipping works per tensor). Returns the norm before clipping.
+fn clip_global_norm(module: &Student, grads: &mut GradientsParams, max: f64) -> f64 {
+    struct Norm<'a> {
+        grads: &'a GradientsParams,
+        total: f64,
+    }
+    impl ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.total += g.powi_scalar(2).sum().into_scalar::<f32>() as f64;
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    let mut n = Norm { grads, total: 0.0 };
+    module.visit(&mut n);
+    let norm = n.total.sqrt();
+    if max > 0.0 && norm > max {
+        module.visit(&mut Scale { grads, factor: max / (norm + 1e-6) });
+    }
+    norm
+}

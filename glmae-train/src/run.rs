@@ -1,0 +1,284 @@
+//! A pretraining run on disk: the saved configuration, per-step metrics, and checkpoints that are
+//! written atomically and resume exactly.
+//!
+//! `RUN_DIR/config.json` holds the full configuration; `RUN_DIR/metrics.csv` one row per step;
+//! `RUN_DIR/checkpoint.bin` the student, teacher, optimizer state, teacher centre and step.
+//! Samples for step `s` are drawn with `Rng::for_item(seed, s)`, so a resumed run sees the same
+//! views and masks it would have seen without stopping.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::module::Module;
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device, Tensor, TensorData};
+use glmae_data::io::atomic_write;
+
+use crate::pretrain::{PretrainConfig, Pretrainer, StepMetrics};
+
+const CHECKPOINT_MAGIC: &[u8; 8] = b"GLMAECK1";
+/// Columns of `metrics.csv`.
+pub const METRICS_HEADER: &str =
+    "step,loss,rec_global,rec_local,consistency,lr,momentum,grad_norm,views_per_s";
+
+/// Paths inside a run folder.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// A run folder (created when missing).
+    pub fn create(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("cannot create run folder {}", root.display()))?;
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// An existing run folder.
+    pub fn open(root: &Path) -> Result<Self> {
+        ensure!(
+            root.join("config.json").is_file(),
+            "{} is not a run folder (no config.json)",
+            root.display()
+        );
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `config.json`.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+
+    /// `checkpoint.bin`.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.root.join("checkpoint.bin")
+    }
+
+    /// `metrics.csv`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join("metrics.csv")
+    }
+
+    /// Saves the configuration.
+    pub fn save_config(&self, cfg: &PretrainConfig) -> Result<()> {
+        atomic_write(&self.config_path(), serde_json::to_string_pretty(cfg)?.as_bytes())
+    }
+
+    /// Reads the configuration.
+    pub fn load_config(&self) -> Result<PretrainConfig> {
+        let p = self.config_path();
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a pretraining configuration", p.display()))
+    }
+
+    /// Appends one metrics row (writing the header first for a new file).
+    pub fn append_metrics(&self, m: &StepMetrics, views_per_s: f64) -> Result<()> {
+        let p = self.metrics_path();
+        let new = !p.exists();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        if new {
+            writeln!(f, "{METRICS_HEADER}")?;
+        }
+        writeln!(
+            f,
+            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{:.6},{:.4},{:.3}",
+            m.step,
+            m.loss,
+            m.rec_global,
+            m.rec_local,
+            m.consistency,
+            m.lr,
+            m.momentum,
+            m.grad_norm,
+            views_per_s
+        )
+        .with_context(|| format!("cannot write {}", p.display()))
+    }
+
+    /// `loss.png`.
+    pub fn plot_path(&self) -> PathBuf {
+        self.root.join("loss.png")
+    }
+
+    /// Draws every loss column of `metrics.csv` into `loss.png`.
+    pub fn plot_losses(&self) -> Result<()> {
+        let p = self.metrics_path();
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let names = ["loss", "rec_global", "rec_local", "consistency"];
+        let mut series: Vec<(&str, Vec<f64>)> = names.iter().map(|n| (*n, Vec::new())).collect();
+        for line in text.lines().skip(1) {
+            let cols: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+            for (k, s) in series.iter_mut().enumerate() {
+                s.1.push(cols.get(k + 1).copied().unwrap_or(f64::NAN));
+            }
+        }
+        series.retain(|(_, v)| v.iter().any(|x| *x != 0.0));
+        crate::plot::line_chart(&self.plot_path(), "GL-MAE PRETRAINING LOSS", &series)
+    }
+
+    /// Keeps only the metrics rows of steps before `step` (after resuming from a checkpoint
+    /// older than the last logged step).
+    pub fn truncate_metrics(&self, step: usize) -> Result<()> {
+        let p = self.metrics_path();
+        let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_none_or(|s| s < step))
+            .collect();
+        atomic_write(&p, (kept.join("\n") + "\n").as_bytes())
+    }
+
+    /// Writes a checkpoint atomically.
+    pub fn save_checkpoint(&self, run: &Pretrainer) -> Result<()> {
+        let mut out = Vec::new();
+        out.extend_from_slice(CHECKPOINT_MAGIC);
+        let center: Vec<f32> =
+            run.center.to_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let header = serde_json::to_vec(&serde_json::json!({ "step": run.step, "center": center }))?;
+        let student = run.student.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let teacher = run.teacher.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let optimizer = run.optimizer.into_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
+        for blob in [&header[..], &student[..], &teacher[..], &optimizer[..]] {
+            out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+            out.extend_from_slice(blob);
+        }
+        atomic_write(&self.checkpoint_path(), &out)
+    }
+
+    /// Restores a run from its configuration and checkpoint onto `device`.
+    pub fn resume(&self, device: Device) -> Result<Pretrainer> {
+        let cfg = self.load_config()?;
+        let p = self.checkpoint_path();
+        let bytes = std::fs::read(&p).with_context(|| format!("cannot read checkpoint {}", p.display()))?;
+        let name = p.display();
+        ensure!(bytes.starts_with(CHECKPOINT_MAGIC), "{name}: not a glmae checkpoint");
+        let mut blobs = Vec::new();
+        let mut at = 8;
+        for _ in 0..4 {
+            ensure!(bytes.len() >= at + 8, "{name}: checkpoint is truncated");
+            let len = u64::from_le_bytes(bytes[at..at + 8].try_into()?) as usize;
+            at += 8;
+            ensure!(bytes.len() >= at + len, "{name}: checkpoint is truncated");
+            blobs.push(&bytes[at..at + len]);
+            at += len;
+        }
+        if at != bytes.len() {
+            bail!("{name}: unexpected bytes after the checkpoint");
+        }
+        let header: serde_json::Value =
+            serde_json::from_slice(blobs[0]).with_context(|| format!("{name}: bad header"))?;
+        let step = header["step"].as_u64().with_context(|| format!("{name}: no step"))? as usize;
+        let center: Vec<f32> = serde_json::from_value(header["center"].clone())?;
+        let mut run = Pretrainer::new(cfg.clone(), device.clone());
+        ensure!(
+            center.len() == cfg.head.out,
+            "{name}: centre has {} values, the head {}",
+            center.len(),
+            cfg.head.out
+        );
+        let record = |b: &[u8]| {
+            ModuleRecord::from_bytes(Bytes::from_bytes_vec(b.to_vec()))
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))
+        };
+        run.student = run.student.load_record(record(blobs[1])?);
+        run.teacher = run.teacher.load_record(record(blobs[2])?).no_grad();
+        run.optimizer = run
+            .optimizer
+            .from_bytes(Bytes::from_bytes_vec(blobs[3].to_vec()))
+            .map_err(|e| anyhow::anyhow!("{name}: optimizer state: {e}"))?;
+        run.center = Tensor::from_data(TensorData::new(center, [cfg.head.out]), &device);
+        run.step = step;
+        Ok(run)
+    }
+}
+
+/// Where pretraining data comes from and how the loop runs.
+#[derive(Clone, Debug)]
+pub struct LoopOptions {
+    /// Steps between checkpoints (a checkpoint is also written at the end).
+    pub checkpoint_every: usize,
+    /// Threads preparing samples.
+    pub loader_threads: usize,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Runs `run` until `run.cfg.steps`, drawing volumes from `cache`/`cases`, logging every step to
+/// `dir` and checkpointing. Returns the metrics of the steps it ran.
+pub fn train_loop(
+    run: &mut Pretrainer,
+    dir: &RunDir,
+    cases: &[glmae_data::Case],
+    cache: std::sync::Arc<glmae_data::VolumeCache>,
+    opts: &LoopOptions,
+) -> Result<Vec<StepMetrics>> {
+    ensure!(!cases.is_empty(), "no images to pretrain on");
+    let cfg = run.cfg.clone();
+    let start = run.step;
+    let remaining = cfg.steps.saturating_sub(start);
+    let cases = std::sync::Arc::new(cases.to_vec());
+    let sample_cfg = cfg.clone();
+    let samples = glmae_data::Prefetcher::new(remaining, opts.loader_threads, 2, cfg.seed, move |i, _| {
+        let step = start + i;
+        let mut rng = glmae_data::transforms::Rng::for_item(sample_cfg.seed, step as u64);
+        (0..sample_cfg.batch_size)
+            .map(|_| {
+                let case = &cases[rng.below(cases.len())];
+                let v = cache.get(case)?;
+                Ok(crate::pretrain::make_sample(&sample_cfg, &v.image, &mut rng))
+            })
+            .collect::<Result<Vec<_>>>()
+    });
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(cfg.steps as u64).with_position(start as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "pretrain {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    dir.truncate_metrics(start)?;
+    let views_per_step = cfg.batch_size * (cfg.views.n_global + cfg.views.n_local);
+    let mut out = Vec::with_capacity(remaining);
+    for batch in samples {
+        let batch = batch?;
+        let t = std::time::Instant::now();
+        let m = run.step(&batch);
+        let vps = views_per_step as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        ensure!(
+            m.loss.is_finite(),
+            "loss became {} at step {}; stopping (the last checkpoint is intact)",
+            m.loss,
+            m.step
+        );
+        dir.append_metrics(&m, vps)?;
+        bar.set_message(format!(
+            "loss {:.4} (rec g {:.4} l {:.4} cons {:.4}) lr {:.2e} {:.1} views/s",
+            m.loss, m.rec_global, m.rec_local, m.consistency, m.lr, vps
+        ));
+        bar.inc(1);
+        if run.step.is_multiple_of(opts.checkpoint_every.max(1)) || run.step == cfg.steps {
+            dir.save_checkpoint(run)?;
+            dir.plot_losses()?;
+        }
+        out.push(m);
+    }
+    bar.finish();
+    Ok(out)
+}
