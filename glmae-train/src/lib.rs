@@ -3,6 +3,7 @@
 //! GL-MAE pretraining, UNETR fine-tuning, evaluation and export. GL-MAE pretraining runs on burn (CPU `flex` by default).
 
 pub mod device;
+pub mod export;
 pub mod loss;
 pub mod model;
 pub mod plot;
