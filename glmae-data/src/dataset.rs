@@ -164,26 +164,16 @@ impl Dataset {
     /// grids that differ from their image, empty label maps, labels outside the class list.
     pub fn scan(&self) -> Result<()> {
         let cases: Vec<&Case> = self.training.iter().chain(&self.validation).chain(&self.test).collect();
-        let problems: Vec<String> = std::thread::scope(|s| {
-            let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(cases.len().max(1));
-            let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let cases = &cases;
-                    s.spawn(move || {
-                        cases
-                            .iter()
-                            .skip(w)
-                            .step_by(workers)
-                            .flat_map(|c| self.check_case(c))
-                            .collect::<Vec<String>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|_| vec!["a scan worker crashed".into()]))
-                .collect()
-        });
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let problems: Vec<String> = crate::parallel::map_indexed(
+            cases.len(),
+            workers,
+            || vec!["a scan worker crashed".to_string()],
+            |i| self.check_case(cases[i]),
+        )
+        .into_iter()
+        .flatten()
+        .collect();
         if problems.is_empty() {
             Ok(())
         } else {

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod io;
 pub mod loader;
 pub mod nifti_io;
+pub mod parallel;
 pub mod phantom;
 pub mod phantom_dataset;
 pub mod preprocess;

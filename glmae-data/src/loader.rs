@@ -58,28 +58,15 @@ impl VolumeCache {
 
     /// Prepares `cases` on `threads` threads; errors name every failing file.
     pub fn warm(&self, cases: &[Case], threads: usize) -> Result<()> {
-        let next = AtomicUsize::new(0);
-        let errors: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads.max(1))
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut errs = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(c) = cases.get(i) else { break };
-                            if let Err(e) = self.get(c) {
-                                errs.push(format!("{e:#}"));
-                            }
-                        }
-                        errs
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|_| vec!["a loader thread crashed".into()]))
-                .collect()
-        });
+        let errors: Vec<String> = crate::parallel::map_indexed(
+            cases.len(),
+            threads,
+            || Some("a loader thread crashed".to_string()),
+            |i| self.get(&cases[i]).err().map(|e| format!("{e:#}")),
+        )
+        .into_iter()
+        .flatten()
+        .collect();
         ensure!(errors.is_empty(), "{} case(s) failed to load:\n  {}", errors.len(), errors.join("\n  "));
         Ok(())
     }

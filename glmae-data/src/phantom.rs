@@ -44,23 +44,8 @@ pub struct Phantom {
     pub spacing: [f32; 3],
 }
 
-/// BTCV label names, index = label value (0 background .. 13).
-pub const LABELS: [&str; 14] = [
-    "background",
-    "spleen",
-    "right kidney",
-    "left kidney",
-    "gallbladder",
-    "esophagus",
-    "liver",
-    "stomach",
-    "aorta",
-    "inferior vena cava",
-    "portal and splenic veins",
-    "pancreas",
-    "right adrenal gland",
-    "left adrenal gland",
-];
+/// BTCV label names, index = label value (0 background .. 13): glmae-core's list.
+pub const LABELS: [&str; 14] = glmae_core::preprocessing::BTCV_CLASSES;
 
 /// Generates the phantom for `seed` sampled on `cfg`'s grid.
 ///

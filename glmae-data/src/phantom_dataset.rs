@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, ensure};
 
@@ -26,30 +25,15 @@ pub fn write_phantom_dataset(
         let d = out.join(sub);
         std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let next = AtomicUsize::new(0);
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut errs = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= count {
-                            break;
-                        }
-                        if let Err(e) = write_one(out, i, seed + i as u64, cfg) {
-                            errs.push(format!("{e:#}"));
-                        }
-                    }
-                    errs
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|_| vec!["a writer thread crashed".into()]))
-            .collect()
-    });
+    let errors: Vec<String> = crate::parallel::map_indexed(
+        count,
+        threads,
+        || Some("a writer thread crashed".to_string()),
+        |i| write_one(out, i, seed + i as u64, cfg).err().map(|e| format!("{e:#}")),
+    )
+    .into_iter()
+    .flatten()
+    .collect();
     ensure!(errors.is_empty(), "{}", errors.join("\n"));
 
     let cases: Vec<Case> = (0..count)
