@@ -19,27 +19,44 @@ pub struct NamedTensor {
     pub values: Vec<f32>,
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+/// A tensor's values as f32, row-major.
+pub fn tensor_values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("reading a parameter: {e:?}"))
 }
 
 fn linear(out: &mut Vec<NamedTensor>, name: &str, l: &Linear) -> Result<()> {
     // burn stores Linear weights (in, out); PyTorch (out, in).
     let w = l.weight.val().transpose();
-    out.push(NamedTensor { name: format!("{name}.weight"), shape: w.dims().to_vec(), values: values(w)? });
+    out.push(NamedTensor {
+        name: format!("{name}.weight"),
+        shape: w.dims().to_vec(),
+        values: tensor_values(w)?,
+    });
     if let Some(b) = &l.bias {
         let b = b.val();
-        out.push(NamedTensor { name: format!("{name}.bias"), shape: b.dims().to_vec(), values: values(b)? });
+        out.push(NamedTensor {
+            name: format!("{name}.bias"),
+            shape: b.dims().to_vec(),
+            values: tensor_values(b)?,
+        });
     }
     Ok(())
 }
 
 fn norm(out: &mut Vec<NamedTensor>, name: &str, n: &LayerNorm) -> Result<()> {
     let g = n.gamma.val();
-    out.push(NamedTensor { name: format!("{name}.weight"), shape: g.dims().to_vec(), values: values(g)? });
+    out.push(NamedTensor {
+        name: format!("{name}.weight"),
+        shape: g.dims().to_vec(),
+        values: tensor_values(g)?,
+    });
     if let Some(b) = &n.beta {
         let b = b.val();
-        out.push(NamedTensor { name: format!("{name}.bias"), shape: b.dims().to_vec(), values: values(b)? });
+        out.push(NamedTensor {
+            name: format!("{name}.bias"),
+            shape: b.dims().to_vec(),
+            values: tensor_values(b)?,
+        });
     }
     Ok(())
 }
@@ -54,13 +71,13 @@ pub fn encoder_tensors(vit: &Vit, cfg: &VitConfig) -> Result<Vec<NamedTensor>> {
     out.push(NamedTensor {
         name: "vit.patch_embedding.patch_embeddings.weight".into(),
         shape: vec![e, c, p, p, p],
-        values: values(w)?,
+        values: tensor_values(w)?,
     });
     if let Some(b) = &pe.bias {
         out.push(NamedTensor {
             name: "vit.patch_embedding.patch_embeddings.bias".into(),
             shape: vec![e],
-            values: values(b.val())?,
+            values: tensor_values(b.val())?,
         });
     }
     for (i, b) in vit.blocks.iter().enumerate() {
@@ -108,7 +125,7 @@ mod tests {
         let cfg = glmae_core::testing_config().vit;
         let vit = Vit::new(&cfg, &Device::flex());
         let t = &encoder_tensors(&vit, &cfg).unwrap()[0];
-        let w = values(vit.patch_embedding.patch_embeddings.weight.val()).unwrap(); // (in, out)
+        let w = tensor_values(vit.patch_embedding.patch_embeddings.weight.val()).unwrap(); // (in, out)
         let (e, p) = (cfg.hidden_size as usize, cfg.patch_size as usize);
         let (oe, z, y, x) = (5, 3, 7, 11);
         let input = (z * p + y) * p + x;

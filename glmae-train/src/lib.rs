@@ -10,4 +10,5 @@ pub mod plot;
 pub mod presets;
 pub mod pretrain;
 pub mod run;
+pub mod unetr;
 pub mod views;

@@ -140,6 +140,27 @@ impl Vit {
     }
 }
 
+impl Vit {
+    /// Encodes every token and also returns the hidden states UNETR taps: after blocks 3, 6
+    /// and 9 (before the final norm), then the final normed output.
+    pub fn forward_with_taps(&self, tokens: Tensor<3>, pos: Tensor<2>) -> ([Tensor<3>; 3], Tensor<3>) {
+        let [b, _, _] = tokens.dims();
+        let mut x = self.patch_embedding.patch_embeddings.forward(tokens)
+            + pos.unsqueeze_dim::<3>(0).repeat_dim(0, b);
+        let mut taps = Vec::with_capacity(3);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x);
+            if glmae_core::config::UNETR_TAPS.contains(&i) {
+                taps.push(x.clone());
+            }
+        }
+        let last = self.norm.forward(x.clone());
+        let mut taps = taps.into_iter();
+        let mut next = || taps.next().unwrap_or_else(|| x.clone());
+        ([next(), next(), next()], last)
+    }
+}
+
 /// Selects tokens: `x` is `(batch, tokens, dim)`, `idx` is `(batch, kept)`.
 pub fn gather_tokens(x: Tensor<3>, idx: Tensor<2, Int>) -> Tensor<3> {
     let [_, _, d] = x.dims();
