@@ -14,6 +14,7 @@ pub mod phantom;
 pub mod phantom_dataset;
 pub mod preprocess;
 pub mod resample;
+pub mod sliding_window;
 pub mod transforms;
 pub mod volume;
 

@@ -12,7 +12,7 @@ use crate::resample::{Sampling, resample_labels, resample_linear};
 use crate::volume::{Affine, Labels, Volume};
 
 /// Preprocessing parameters (a model file's [`Preprocessing`], owned).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Preprocessor {
     /// Target axis codes, e.g. `"RAS"`.
     pub orientation: String,

@@ -194,7 +194,7 @@ pub fn rot90<T: Copy + Default>(v: &mut Volume<T>, k: usize) {
 /// Fine-tuning augmentation (method.md): flips with probability `flip_p` per axis, rot90 with
 /// probability `rot_p`, intensity scale `x * (1 + U(-s, s))` and shift `x + U(-o, o)` each with
 /// probability `intensity_p`. The same spatial transform is applied to image and labels.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Augment {
     /// Per-axis flip probability.
     pub flip_p: f64,

@@ -3,7 +3,9 @@
 //! GL-MAE pretraining, UNETR fine-tuning, evaluation and export. GL-MAE pretraining runs on burn (CPU `flex` by default).
 
 pub mod device;
+pub mod evaluate;
 pub mod export;
+pub mod finetune;
 pub mod loss;
 pub mod model;
 pub mod plot;

@@ -50,10 +50,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Voxels per axis.
-        #[arg(long, num_args = 3, value_delimiter = ',', default_values_t = [160, 128, 96])]
+        #[arg(long, value_delimiter = ',', default_values_t = [160, 128, 96])]
         shape: Vec<usize>,
         /// Voxel spacing in mm per axis.
-        #[arg(long, num_args = 3, value_delimiter = ',', default_values_t = [2.0, 2.0, 2.5])]
+        #[arg(long, value_delimiter = ',', default_values_t = [2.0, 2.0, 2.5])]
         spacing: Vec<f32>,
         /// Worker threads.
         #[arg(long, default_value_t = 2)]
@@ -61,6 +61,131 @@ enum Command {
     },
     /// GL-MAE pretraining of a ViT encoder on unlabelled volumes.
     Pretrain(Box<PretrainArgs>),
+    /// Fine-tune UNETR on labelled volumes, from scratch or from a pretraining run's encoder.
+    Finetune(Box<FinetuneArgs>),
+    /// Sliding-window evaluation of a fine-tuned run: Dice CSV, markdown table, PNG overlays.
+    Evaluate {
+        /// The fine-tuning run folder.
+        run: PathBuf,
+        /// dataset.json with labels.
+        #[arg(long)]
+        data: PathBuf,
+        /// Which list to evaluate: validation, training or test.
+        #[arg(long, default_value = "validation")]
+        split: String,
+        /// Output folder (default RUN/eval).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Model to evaluate: best or last.
+        #[arg(long, default_value = "best")]
+        which: String,
+        /// Sliding-window overlap.
+        #[arg(long)]
+        overlap: Option<f64>,
+        /// constant or gaussian.
+        #[arg(long)]
+        blend: Option<glmae_data::sliding_window::Blend>,
+        /// cpu or ndarray (cuda with the feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Write a fine-tuned run as a `.glmae` model with its preprocessing and class names.
+    Export {
+        /// The fine-tuning run folder.
+        run: PathBuf,
+        /// Output `.glmae` file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Store weight matrices as int8 with per-channel scales.
+        #[arg(long)]
+        int8: bool,
+        /// Model to export: best or last.
+        #[arg(long, default_value = "best")]
+        which: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct FinetuneArgs {
+    /// dataset.json with training and validation lists (labels required).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Encoder preset: vit-t, vit-b or tiny.
+    #[arg(long, default_value = "vit-t")]
+    model: String,
+    /// Start from this pretraining run's encoder (default: from scratch).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Keep the encoder fixed (linear evaluation).
+    #[arg(long)]
+    freeze_encoder: bool,
+    /// Fraction of training cases with labels used (seeded subset).
+    #[arg(long, default_value_t = 1.0)]
+    label_fraction: f64,
+    /// ROI edge in voxels (96 in the paper; `tiny` uses 32).
+    #[arg(long)]
+    roi: Option<u32>,
+    /// Decoder feature size (16 MAE3D, 48 the authors' later code).
+    #[arg(long, default_value_t = 16)]
+    feature_size: u32,
+    /// Steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Steps between validations.
+    #[arg(long, default_value_t = 100)]
+    val_every: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Crops per step.
+    #[arg(long, default_value_t = 4)]
+    crops: usize,
+    /// Use BTCV's split (img0035-0040 validate) instead of the json's lists.
+    #[arg(long)]
+    btcv_split: bool,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, ndarray, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Threads preparing crops.
+    #[arg(long, default_value_t = 1)]
+    loader_threads: usize,
+}
+
+fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
+    use glmae_train::finetune::{FinetuneConfig, Finetuner, train};
+    let ds = glmae_data::Dataset::from_json(&a.data)?;
+    let ds = if a.btcv_split { ds.btcv_split() } else { ds };
+    let classes = ds.labels.keys().last().map_or(0, |&k| k + 1);
+    anyhow::ensure!(
+        classes >= 2,
+        "{}: the \"labels\" map needs background and at least one class",
+        a.data.display()
+    );
+    let roi = a.roi.unwrap_or(if a.model == "tiny" { 32 } else { 96 });
+    let mut unetr = glmae_train::presets::unetr(&a.model, classes, roi)?;
+    unetr.feature_size = if a.model == "tiny" { unetr.feature_size } else { a.feature_size };
+    let names =
+        (0..classes).map(|c| ds.labels.get(&c).cloned().unwrap_or_else(|| format!("class {c}"))).collect();
+    let mut cfg = FinetuneConfig::new(unetr, names);
+    cfg.init_from = a.init.clone();
+    cfg.freeze_encoder = a.freeze_encoder;
+    cfg.label_fraction = a.label_fraction;
+    cfg.steps = a.steps;
+    cfg.val_every = a.val_every;
+    cfg.lr = a.lr;
+    cfg.crops_per_step = a.crops;
+    cfg.seed = a.seed;
+    cfg.warmup_steps = cfg.warmup_steps.min(a.steps / 10);
+    let ft = Finetuner::new(cfg, glmae_train::device::training_device(&a.device)?)?;
+    let best = train(ft, &ds, &a.out, a.loader_threads)?;
+    println!("best validation mean Dice {:.4}; models in {}", best, a.out.display());
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -217,6 +342,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::MakePhantoms { out, count, seed, shape, spacing, threads } => {
+            anyhow::ensure!(
+                shape.len() == 3 && spacing.len() == 3,
+                "--shape and --spacing take three values, e.g. 160,128,96"
+            );
             let cfg = glmae_data::phantom::PhantomConfig {
                 shape: [shape[0], shape[1], shape[2]],
                 spacing: [spacing[0], spacing[1], spacing[2]],
@@ -232,6 +361,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Pretrain(args) => pretrain(*args)?,
+        Command::Finetune(args) => finetune(*args)?,
+        Command::Evaluate { run, data, split, out, which, overlap, blend, device } => {
+            let mut ft = glmae_train::finetune::Finetuner::load(
+                &run,
+                &which,
+                glmae_train::device::base_device(&device)?,
+            )?;
+            if let Some(o) = overlap {
+                ft.cfg.overlap = o;
+            }
+            if let Some(b) = blend {
+                ft.cfg.blend = b;
+            }
+            let ds = glmae_data::Dataset::from_json(&data)?;
+            let cases = match split.as_str() {
+                "validation" => ds.validation,
+                "training" => ds.training,
+                "test" => ds.test,
+                other => anyhow::bail!("unknown split {other:?}; expected validation, training or test"),
+            };
+            let out = out.unwrap_or_else(|| run.join("eval"));
+            let report = glmae_train::evaluate::evaluate(&ft, &cases, &out)?;
+            print!("{}", report.markdown());
+            println!("Dice per case in {}, overlays in {}", out.join("dice.csv").display(), out.display());
+        }
+        Command::Export { run, out, int8, which } => {
+            let ft = glmae_train::finetune::Finetuner::load(
+                &run,
+                &which,
+                glmae_train::device::base_device("cpu")?,
+            )?;
+            let precision = if int8 { Precision::Int8 } else { Precision::F32 };
+            let bytes = ft.export(precision)?;
+            glmae_data::io::atomic_write(&out, &bytes)?;
+            println!("wrote {} ({} bytes, {precision:?})", out.display(), bytes.len());
+        }
     }
     Ok(())
 }

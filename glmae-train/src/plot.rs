@@ -66,6 +66,11 @@ impl Canvas {
         Self { width, height, pixels: vec![background; width * height] }
     }
 
+    /// Sets one pixel (ignored outside the canvas).
+    pub fn set_pixel(&mut self, x: i64, y: i64, c: [u8; 3]) {
+        self.set(x, y, c);
+    }
+
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
         if x >= 0 && y >= 0 && (x as usize) < self.width && (y as usize) < self.height {
             self.pixels[y as usize * self.width + x as usize] = c;
