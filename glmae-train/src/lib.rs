@@ -6,6 +6,7 @@ pub mod device;
 pub mod evaluate;
 pub mod export;
 pub mod finetune;
+pub mod import;
 pub mod loss;
 pub mod model;
 pub mod plot;

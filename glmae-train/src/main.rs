@@ -89,6 +89,23 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Convert a MONAI UNETR state dict or a GL-MAE authors' checkpoint (safetensors) to `.glmae`.
+    Import {
+        /// The state dict (`.safetensors`).
+        input: PathBuf,
+        /// Output `.glmae` file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Attention heads (not recorded in a state dict; MONAI's default is 12).
+        #[arg(long, default_value_t = 12)]
+        heads: u32,
+        /// LayerNorm epsilon (MONAI uses PyTorch's 1e-5).
+        #[arg(long, default_value_t = 1e-5)]
+        eps: f32,
+        /// Store weight matrices as int8.
+        #[arg(long)]
+        int8: bool,
+    },
     /// Write a fine-tuned run as a `.glmae` model with its preprocessing and class names.
     Export {
         /// The fine-tuning run folder.
@@ -385,6 +402,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = glmae_train::evaluate::evaluate(&ft, &cases, &out)?;
             print!("{}", report.markdown());
             println!("Dice per case in {}, overlays in {}", out.join("dice.csv").display(), out.display());
+        }
+        Command::Import { input, out, heads, eps, int8 } => {
+            let opts = glmae_train::import::ImportOptions { num_heads: heads, layer_norm_eps: eps };
+            let (cfg, tensors) = glmae_train::import::import_unetr(&input, &opts)?;
+            let precision = if int8 { Precision::Int8 } else { Precision::F32 };
+            let prep = glmae_core::format::OwnedPreprocessing::for_classes(cfg.out_channels as usize);
+            let bytes = glmae_core::format::ModelBuilder::from_params(cfg, prep, precision, |p| {
+                tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
+            })?
+            .to_bytes()?;
+            glmae_data::io::atomic_write(&out, &bytes)?;
+            println!(
+                "wrote {} ({} bytes); preprocessing and class names are BTCV defaults",
+                out.display(),
+                bytes.len()
+            );
         }
         Command::Export { run, out, int8, which } => {
             let ft = glmae_train::finetune::Finetuner::load(

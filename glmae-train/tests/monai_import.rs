@@ -1,0 +1,79 @@
+//! A MONAI UNETR exported by `scripts/monai_reference.py` and imported by us gives MONAI's output
+//! on the same input. Needs python3 with torch, monai, einops and safetensors; without them the
+//! test says so and passes, unless `GLMAE_REQUIRE_MONAI=1`.
+
+use std::process::Command;
+
+use glmae_core::format::{ModelBuilder, OwnedPreprocessing, Precision};
+use glmae_train::import::{ImportOptions, import_unetr, read_tensors};
+
+#[test]
+fn imported_monai_unetr_reproduces_monai_output() {
+    let dir = std::env::temp_dir().join(format!("glmae-monai-{}", std::process::id()));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/monai_reference.py");
+    let out = Command::new("python3").arg(script).arg(&dir).output();
+    let required = std::env::var_os("GLMAE_REQUIRE_MONAI").is_some();
+    match out {
+        Ok(o) if o.status.success() => {}
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default().to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(!required, "MONAI reference failed: {why}");
+            eprintln!("SKIPPED: python3 with torch + monai is not available ({why})");
+            return;
+        }
+    }
+    let opts = ImportOptions { num_heads: 2, layer_norm_eps: 1e-5 };
+    let (cfg, tensors) = import_unetr(&dir.join("unetr.safetensors"), &opts).unwrap();
+    assert_eq!((cfg.vit.hidden_size, cfg.feature_size, cfg.out_channels), (24, 4, 3));
+    let bytes = ModelBuilder::from_params(cfg, OwnedPreprocessing::for_classes(3), Precision::F32, |p| {
+        tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
+    })
+    .unwrap()
+    .to_bytes()
+    .unwrap();
+    let file = glmae_core::ModelFile::parse(&bytes).unwrap();
+    let model = glmae_core::Unetr::new(&file).unwrap();
+    let io = read_tensors(&dir.join("io.safetensors")).unwrap();
+    let window = [32, 32, 32];
+    let mut logits = vec![0.0; model.logits_len(window)];
+    let mut scratch = vec![0.0; model.scratch_len(window).unwrap()];
+    model.forward(&io["input"].values, window, &mut logits, &mut scratch).unwrap();
+    let expected = &io["logits"].values;
+    let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = logits.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / scale;
+    eprintln!("MONAI vs glmae-core: max relative error {err:.2e}");
+    assert!(err < 1e-4, "imported model differs from MONAI by {err}");
+
+    // A PyTorch pickle is refused with the conversion to run.
+    let e = format!("{:#}", import_unetr(&dir.join("unetr.pt"), &opts).unwrap_err());
+    assert!(e.contains("save_file"), "{e}");
+
+    // A state dict with a tensor removed and one renamed is refused with both named.
+    let mut all = read_tensors(&dir.join("unetr.safetensors")).unwrap();
+    all.remove("decoder3.conv_block.conv2.conv.weight");
+    let mut moved = all.remove("encoder2.blocks.1.1.conv1.conv.weight").unwrap();
+    moved.name = "encoder2.blocks.1.1.conv9.conv.weight".into();
+    all.insert(moved.name.clone(), moved);
+    let bytes: Vec<Vec<u8>> =
+        all.values().map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = all
+        .values()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            (
+                t.name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let broken = dir.join("broken.safetensors");
+    std::fs::write(&broken, safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = format!("{:#}", import_unetr(&broken, &opts).unwrap_err());
+    assert!(e.contains("missing `decoder3.conv_block.conv2.conv.weight`"), "{e}");
+    assert!(e.contains("missing `encoder2.blocks.1.1.conv1.conv.weight`"), "{e}");
+    assert!(e.contains("unexpected `encoder2.blocks.1.1.conv9.conv.weight`"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
