@@ -264,27 +264,52 @@ impl Inverse {
     /// Labels on the model grid to the source grid: un-crop (background outside), nearest
     /// resampling to the reoriented source shape, then the inverse axis map.
     pub fn labels_to_source(&self, labels: &[u8]) -> Result<Vec<u8>> {
+        let grid = self.uncrop(labels, 1, |_| 0)?;
+        let oriented = resample_labels(&grid, &self.back_sampling());
+        Ok(self.map.inverse().apply(&oriented).data)
+    }
+
+    /// Per-class probabilities on the model grid (`classes` channels) to the source grid:
+    /// background 1 outside the crop, trilinear resampling back, the inverse axis map.
+    pub fn probabilities_to_source(&self, probs: &[f32], classes: usize) -> Result<Vec<f32>> {
+        let grid = self.uncrop(probs, classes, |c| if c == 0 { 1.0 } else { 0.0 })?;
+        let oriented = resample_linear(&grid, &self.back_sampling());
+        Ok(self.map.inverse().apply(&oriented).data)
+    }
+
+    fn back_sampling(&self) -> Sampling {
+        Sampling::respace(self.oriented_shape, self.step.map(|x| 1.0 / x))
+    }
+
+    /// Places model-grid values (`channels` blocks) into the resampled grid, `fill(channel)`
+    /// outside the crop.
+    fn uncrop<T: Copy>(&self, values: &[T], channels: usize, fill: impl Fn(usize) -> T) -> Result<Volume<T>> {
+        let n = self.crop.size.iter().product::<usize>();
         ensure!(
-            labels.len() == self.crop.size.iter().product::<usize>(),
-            "prediction has {} voxels, the model grid {:?} needs {}",
-            labels.len(),
+            values.len() == n * channels,
+            "prediction has {} values, the model grid {:?} x {channels} needs {}",
+            values.len(),
             self.crop.size,
-            self.crop.size.iter().product::<usize>()
+            n * channels
         );
         let s = self.resampled_shape;
-        let mut full = vec![0u8; s.iter().product()];
+        let full_n: usize = s.iter().product();
+        let mut full = Vec::with_capacity(full_n * channels);
+        for c in 0..channels {
+            full.extend(std::iter::repeat_n(fill(c), full_n));
+        }
         let [ci, cj, ck] = self.crop.start;
         let [si, sj, sk] = self.crop.size;
-        for i in 0..si {
-            for j in 0..sj {
-                let dst = ((ci + i) * s[1] + cj + j) * s[2] + ck;
-                full[dst..dst + sk].copy_from_slice(&labels[(i * sj + j) * sk..(i * sj + j + 1) * sk]);
+        for c in 0..channels {
+            for i in 0..si {
+                for j in 0..sj {
+                    let dst = c * full_n + ((ci + i) * s[1] + cj + j) * s[2] + ck;
+                    let src = c * n + (i * sj + j) * sk;
+                    full[dst..dst + sk].copy_from_slice(&values[src..src + sk]);
+                }
             }
         }
-        let grid = Volume::new(full, s, Affine::from_spacing([1.0; 3]));
-        let back = Sampling::respace(self.oriented_shape, self.step.map(|x| 1.0 / x));
-        let oriented = resample_labels(&grid, &back);
-        Ok(self.map.inverse().apply(&oriented).data)
+        Ok(Volume { data: full, shape: s, channels, affine: Affine::from_spacing([1.0; 3]) })
     }
 }
 

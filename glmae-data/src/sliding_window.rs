@@ -75,6 +75,121 @@ pub struct WindowSpec {
     pub blend: Blend,
 }
 
+/// The windows of a pass and the running blend of their predictions.
+struct Pass<'a> {
+    image: &'a [f32],
+    channels: usize,
+    shape: [usize; 3],
+    roi: [usize; 3],
+    classes: usize,
+    weights: Vec<f32>,
+    acc: Vec<f32>,
+    norm: Vec<f32>,
+    starts: Vec<[usize; 3]>,
+}
+
+impl<'a> Pass<'a> {
+    fn new(
+        image: &'a [f32],
+        channels: usize,
+        shape: [usize; 3],
+        spec: &WindowSpec,
+        classes: usize,
+    ) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        ensure!(
+            image.len() == channels * n,
+            "image has {} values, shape {shape:?} x {channels} needs {}",
+            image.len(),
+            channels * n
+        );
+        ensure!((0.0..1.0).contains(&spec.overlap), "overlap must be in [0, 1), got {}", spec.overlap);
+        let roi = spec.roi;
+        let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(roi[a]));
+        let (s0, s1, s2) = (
+            starts(padded[0], roi[0], spec.overlap),
+            starts(padded[1], roi[1], spec.overlap),
+            starts(padded[2], roi[2], spec.overlap),
+        );
+        let mut starts = Vec::with_capacity(s0.len() * s1.len() * s2.len());
+        for &a in &s0 {
+            for &b in &s1 {
+                for &c in &s2 {
+                    starts.push([a, b, c]);
+                }
+            }
+        }
+        Ok(Self {
+            image,
+            channels,
+            shape,
+            roi,
+            classes,
+            weights: importance(roi, spec.blend),
+            acc: vec![0.0; classes * n],
+            norm: vec![0.0; n],
+            starts,
+        })
+    }
+
+    /// The window at `start`, edge-replicated where the volume is smaller than the ROI.
+    fn gather(&self, [a, b, c]: [usize; 3]) -> Vec<f32> {
+        let (roi, shape, n) = (self.roi, self.shape, self.shape.iter().product::<usize>());
+        let mut window = vec![0.0f32; self.channels * roi.iter().product::<usize>()];
+        for ch in 0..self.channels {
+            for i in 0..roi[0] {
+                let si = (a + i).min(shape[0] - 1);
+                for j in 0..roi[1] {
+                    let sj = (b + j).min(shape[1] - 1);
+                    let dst = ((ch * roi[0] + i) * roi[1] + j) * roi[2];
+                    for k in 0..roi[2] {
+                        let sk = (c + k).min(shape[2] - 1);
+                        window[dst + k] = self.image[ch * n + (si * shape[1] + sj) * shape[2] + sk];
+                    }
+                }
+            }
+        }
+        window
+    }
+
+    /// Adds one window's prediction, weighted, to the voxels inside the real volume.
+    fn scatter(&mut self, [a, b, c]: [usize; 3], out: &[f32]) -> Result<()> {
+        let (roi, shape) = (self.roi, self.shape);
+        let rn: usize = roi.iter().product();
+        let n: usize = shape.iter().product();
+        ensure!(
+            out.len() == self.classes * rn,
+            "model returned {} values for a window, expected {}",
+            out.len(),
+            self.classes * rn
+        );
+        for i in 0..roi[0].min(shape[0].saturating_sub(a)) {
+            for j in 0..roi[1].min(shape[1].saturating_sub(b)) {
+                for k in 0..roi[2].min(shape[2].saturating_sub(c)) {
+                    let w_idx = (i * roi[1] + j) * roi[2] + k;
+                    let v_idx = ((a + i) * shape[1] + b + j) * shape[2] + c + k;
+                    let w = self.weights[w_idx];
+                    self.norm[v_idx] += w;
+                    for cl in 0..self.classes {
+                        self.acc[cl * n + v_idx] += w * out[cl * rn + w_idx];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Vec<f32> {
+        let n = self.norm.len();
+        for cl in 0..self.classes {
+            for (v, nv) in self.acc[cl * n..(cl + 1) * n].iter_mut().zip(&self.norm) {
+                *v /= nv.max(f32::MIN_POSITIVE);
+            }
+        }
+        self.acc
+    }
+}
+
 /// Runs `predict` on every window of `image` (`channels x shape`, channel-first) and blends the
 /// `classes`-channel outputs into `(classes, shape)`. The volume is padded (edge-replicated) up to
 /// the ROI where it is smaller. `predict` gets the window's values and returns its logits.
@@ -86,73 +201,44 @@ pub fn sliding_window(
     classes: usize,
     mut predict: impl FnMut(&[f32]) -> Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
-    let WindowSpec { roi, overlap, blend } = *spec;
-    let n: usize = shape.iter().product();
-    ensure!(
-        image.len() == channels * n,
-        "image has {} values, shape {shape:?} x {channels} needs {}",
-        image.len(),
-        channels * n
-    );
-    ensure!((0.0..1.0).contains(&overlap), "overlap must be in [0, 1), got {overlap}");
-    let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(roi[a]));
-    let weights = importance(roi, blend);
-    let rn: usize = roi.iter().product();
-    let mut acc = vec![0.0f32; classes * n];
-    let mut norm = vec![0.0f32; n];
-    let mut window = vec![0.0f32; channels * rn];
-    let (s0, s1, s2) = (
-        starts(padded[0], roi[0], overlap),
-        starts(padded[1], roi[1], overlap),
-        starts(padded[2], roi[2], overlap),
-    );
-    for &a in &s0 {
-        for &b in &s1 {
-            for &c in &s2 {
-                // Gather (edge-replicated where the volume is smaller than the ROI).
-                for ch in 0..channels {
-                    for i in 0..roi[0] {
-                        let si = (a + i).min(shape[0] - 1);
-                        for j in 0..roi[1] {
-                            let sj = (b + j).min(shape[1] - 1);
-                            let dst = ((ch * roi[0] + i) * roi[1] + j) * roi[2];
-                            for k in 0..roi[2] {
-                                let sk = (c + k).min(shape[2] - 1);
-                                window[dst + k] = image[ch * n + (si * shape[1] + sj) * shape[2] + sk];
-                            }
-                        }
-                    }
-                }
-                let out = predict(&window)?;
-                ensure!(
-                    out.len() == classes * rn,
-                    "model returned {} values for a window, expected {}",
-                    out.len(),
-                    classes * rn
-                );
-                // Scatter only voxels inside the real volume.
-                for i in 0..roi[0].min(shape[0].saturating_sub(a)) {
-                    for j in 0..roi[1].min(shape[1].saturating_sub(b)) {
-                        for k in 0..roi[2].min(shape[2].saturating_sub(c)) {
-                            let w_idx = (i * roi[1] + j) * roi[2] + k;
-                            let v_idx = ((a + i) * shape[1] + b + j) * shape[2] + c + k;
-                            let w = weights[w_idx];
-                            norm[v_idx] += w;
-                            for cl in 0..classes {
-                                acc[cl * n + v_idx] += w * out[cl * rn + w_idx];
-                            }
-                        }
-                    }
-                }
-            }
-        }
+    let mut pass = Pass::new(image, channels, shape, spec, classes)?;
+    for start in pass.starts.clone() {
+        let out = predict(&pass.gather(start))?;
+        pass.scatter(start, &out)?;
     }
-    for cl in 0..classes {
-        for (v, nv) in acc[cl * n..(cl + 1) * n].iter_mut().zip(&norm) {
-            *v /= nv.max(f32::MIN_POSITIVE);
+    Ok(pass.finish())
+}
+
+/// [`sliding_window`] with windows predicted on `threads` threads, `threads` at a time (so at most
+/// that many window outputs are held), blended in the same order as the sequential pass.
+/// `on_window` is called after each window (for progress).
+#[allow(clippy::too_many_arguments)]
+pub fn sliding_window_parallel(
+    image: &[f32],
+    channels: usize,
+    shape: [usize; 3],
+    spec: &WindowSpec,
+    classes: usize,
+    threads: usize,
+    predict: impl Fn(&[f32]) -> Result<Vec<f32>> + Sync,
+    mut on_window: impl FnMut(usize, usize),
+) -> Result<Vec<f32>> {
+    let mut pass = Pass::new(image, channels, shape, spec, classes)?;
+    let all = pass.starts.clone();
+    let total = all.len();
+    for (chunk_index, chunk) in all.chunks(threads.max(1)).enumerate() {
+        let outs = crate::parallel::map_indexed(
+            chunk.len(),
+            threads,
+            || Err(anyhow::anyhow!("a window worker crashed")),
+            |i| predict(&pass.gather(chunk[i])),
+        );
+        for (start, out) in chunk.iter().zip(outs) {
+            pass.scatter(*start, &out?)?;
         }
+        on_window((chunk_index * threads.max(1) + chunk.len()).min(total), total);
     }
-    Ok(acc)
+    Ok(pass.finish())
 }
 
 /// Dice per class (1..classes, background excluded) between two label maps; `None` for a class
@@ -213,6 +299,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("expected 1024"), "{e}");
+    }
+
+    #[test]
+    fn parallel_pass_equals_the_sequential_one() {
+        let shape = [30, 20, 17];
+        let n: usize = shape.iter().product();
+        let image: Vec<f32> = (0..n).map(|i| ((i * 31) % 97) as f32).collect();
+        let spec = WindowSpec { roi: [16, 16, 8], overlap: 0.5, blend: Blend::Gaussian };
+        // Two classes, channel-first: the window and its negation.
+        let model =
+            |w: &[f32]| -> Result<Vec<f32>> { Ok(w.iter().copied().chain(w.iter().map(|v| -v)).collect()) };
+        let seq = sliding_window(&image, 1, shape, &spec, 2, model).unwrap();
+        let par = sliding_window_parallel(&image, 1, shape, &spec, 2, 3, model, |_, _| {}).unwrap();
+        assert_eq!(seq, par);
     }
 
     #[test]

@@ -19,6 +19,30 @@ enum Command {
         /// The `.glmae` weight file.
         model: PathBuf,
     },
+    /// Segment a NIfTI volume (or every volume in a folder) with a model.
+    Segment {
+        /// The `.glmae` weight file.
+        #[arg(long)]
+        model: PathBuf,
+        /// A .nii/.nii.gz file, or a folder of them.
+        #[arg(long)]
+        input: PathBuf,
+        /// The label file, or a folder for a folder input.
+        #[arg(long)]
+        output: PathBuf,
+        /// Window overlap.
+        #[arg(long, default_value_t = 0.5)]
+        overlap: f64,
+        /// gaussian or constant.
+        #[arg(long, default_value = "gaussian")]
+        blend: glmae_data::sliding_window::Blend,
+        /// Threads (one window each).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Also write per-class probabilities (single input only).
+        #[arg(long)]
+        probabilities: Option<PathBuf>,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -27,6 +51,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bytes = glmae_infer::read_model_bytes(&model)?;
             let file = glmae_infer::parse_model(&model, &bytes)?;
             print!("{}", glmae_infer::describe(&file)?);
+        }
+        Command::Segment { model, input, output, overlap, blend, threads, probabilities } => {
+            let bytes = glmae_infer::read_model_bytes(&model)?;
+            let file = glmae_infer::parse_model(&model, &bytes)?;
+            let opts = glmae_infer::SegmentOptions { overlap, blend, threads, probabilities, progress: true };
+            let jobs: Vec<(PathBuf, PathBuf)> = if input.is_dir() {
+                anyhow::ensure!(opts.probabilities.is_none(), "--probabilities takes a single input file");
+                std::fs::create_dir_all(&output)
+                    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", output.display()))?;
+                let mut v: Vec<_> = std::fs::read_dir(&input)
+                    .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", input.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.to_string_lossy().ends_with(".nii") || p.to_string_lossy().ends_with(".nii.gz")
+                    })
+                    .map(|p| {
+                        let out = output.join(p.file_name().unwrap_or_default());
+                        (p, out)
+                    })
+                    .collect();
+                v.sort();
+                anyhow::ensure!(!v.is_empty(), "no .nii or .nii.gz files in {}", input.display());
+                v
+            } else {
+                vec![(input, output)]
+            };
+            let mut failed = Vec::new();
+            for (i, o) in &jobs {
+                let start = std::time::Instant::now();
+                match glmae_infer::segment_file(&file, i, o, &opts) {
+                    Ok(s) => println!(
+                        "{} -> {} ({} windows, {:.1} s)",
+                        i.display(),
+                        o.display(),
+                        s.windows,
+                        start.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed.push(i.display().to_string());
+                    }
+                }
+            }
+            anyhow::ensure!(
+                failed.is_empty(),
+                "{} of {} volume(s) failed: {}",
+                failed.len(),
+                jobs.len(),
+                failed.join(", ")
+            );
         }
     }
     Ok(())

@@ -1,0 +1,102 @@
+//! `glmae-infer segment`: labels on the input's own grid, and bad input refused with a non-zero
+//! exit and no output file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use glmae_data::nifti_io::{StoredType, write_nifti};
+use glmae_data::{Affine, read_nifti};
+
+fn infer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_glmae-infer"))
+}
+
+fn setup(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("glmae-seg-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = glmae_core::testing_config();
+    cfg.out_channels = 14;
+    let model = dir.join("model.glmae");
+    let bytes = glmae_core::synthetic::random_model(&cfg, 1, glmae_core::format::Precision::Int8).unwrap();
+    std::fs::write(&model, bytes).unwrap();
+    (dir, model)
+}
+
+/// A small LPS-oriented CT-like volume at 1.5 x 1.5 x 2 mm (so resampling is nearly identity).
+fn write_ct(path: &Path) -> Affine {
+    let shape = [40, 36, 20];
+    let p = glmae_data::phantom::generate(
+        3,
+        &glmae_data::phantom::PhantomConfig { shape, spacing: [1.5 * 4.0, 1.5 * 4.0, 2.0 * 4.0] },
+    );
+    let affine = glmae_data::nifti_io::meta_for_spacing([1.5, 1.5, 2.0], StoredType::I16);
+    let mut meta = affine.clone();
+    meta.srow = [[-1.5, 0.0, 0.0, 30.0], [0.0, -1.5, 0.0, 20.0], [0.0, 0.0, 2.0, -5.0]];
+    write_nifti(path, &p.hu, shape, 1, &meta, StoredType::I16).unwrap();
+    read_nifti(path).unwrap().volume.affine
+}
+
+#[test]
+fn labels_land_on_the_input_grid() {
+    let (dir, model) = setup("ok");
+    let input = dir.join("ct.nii.gz");
+    let affine = write_ct(&input);
+    let output = dir.join("seg.nii.gz");
+    let out = infer()
+        .args(["segment", "--threads", "2", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seg = read_nifti(&output).unwrap();
+    assert_eq!(seg.volume.shape, [40, 36, 20]);
+    assert_eq!(seg.volume.affine, affine, "labels must keep the input's affine");
+    assert_eq!(seg.meta.stored, StoredType::U8);
+    assert!(seg.volume.data.iter().all(|&l| l.fract() == 0.0 && l < 14.0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_fails_cleanly_without_output() {
+    let (dir, model) = setup("bad");
+    let input = dir.join("ct.nii.gz");
+    write_ct(&input);
+    let bytes = std::fs::read(&input).unwrap();
+    let cut = dir.join("cut.nii.gz");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let output = dir.join("seg.nii.gz");
+    let run = |model: &Path, input: &Path, output: &Path| {
+        infer()
+            .args(["segment", "--model"])
+            .arg(model)
+            .arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(output)
+            .output()
+            .unwrap()
+    };
+    let out = run(&model, &cut, &output);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cut.nii.gz") && err.contains("truncated"), "{err}");
+    assert!(!output.exists(), "a failed run left an output file");
+
+    let bad_model = dir.join("bad.glmae");
+    std::fs::write(&bad_model, b"\\x89GLMAE\\r\\n not really").unwrap();
+    let out = run(&bad_model, &input, &output);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.glmae"));
+
+    let unwritable = dir.join("missing-folder").join("seg.nii.gz");
+    let out = run(&model, &input, &unwritable);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing-folder/seg.nii.gz"));
+    assert!(!dir.join("missing-folder").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
