@@ -12,6 +12,7 @@ pub mod model;
 pub mod plot;
 pub mod presets;
 pub mod pretrain;
+pub mod quickstart;
 pub mod run;
 pub mod unetr;
 pub mod views;

@@ -16,7 +16,8 @@ pub fn masked_mse(pred: Tensor<3>, target: Tensor<3>, mask: Tensor<2>, norm_pix:
         target
     };
     let per_patch: Tensor<2> = pred.sub(target).powi_scalar(2).mean_dim(2).squeeze_dim(2);
-    per_patch.mul(mask.clone()).sum().div(mask.sum())
+    // A view too small to mask (one token) contributes nothing instead of 0/0.
+    per_patch.mul(mask.clone()).sum().div(mask.sum().clamp_min(1.0))
 }
 
 /// Temperatures and centring of the consistency loss.

@@ -15,6 +15,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole pipeline on built-in phantoms: pretrain, fine-tune, evaluate, export, segment.
+    Quickstart {
+        /// Output folder.
+        #[arg(long, default_value = "quickstart")]
+        out: PathBuf,
+        /// tiny (seconds, a smoke test) or small (about ten minutes on 2 cores).
+        #[arg(long, value_enum, default_value = "small")]
+        scale: glmae_train::quickstart::Scale,
+        /// cpu, ndarray, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Write a UNETR with deterministic random weights: for smoke tests, benchmarks and firmware
     /// bring-up before a trained model exists.
     InitModel {
@@ -347,6 +359,26 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Quickstart { out, scale, device } => {
+            let start = std::time::Instant::now();
+            let s = glmae_train::quickstart::quickstart(
+                &out,
+                scale,
+                glmae_train::device::training_device(&device)?,
+            )?;
+            println!("\ndone in {:.1} min:", start.elapsed().as_secs_f64() / 60.0);
+            println!("  phantom dataset         {}", s.data.join("dataset.json").display());
+            println!("  pretraining loss curve  {}", s.pretrain.join("loss.png").display());
+            println!("  fine-tuning metrics     {}", s.finetune.join("metrics.csv").display());
+            println!(
+                "  Dice table              {} (mean {:.2})",
+                s.eval.join("dice.md").display(),
+                100.0 * s.mean_dice
+            );
+            println!("  overlays                {}", s.eval.display());
+            println!("  int8 model              {}", s.model.display());
+            println!("  held-out segmentation   {}", s.segmentation.display());
+        }
         Command::InitModel { model, classes, img, seed, int8, out } => {
             let cfg = glmae_train::presets::unetr(&model, classes, img)?;
             let precision = if int8 { Precision::Int8 } else { Precision::F32 };
