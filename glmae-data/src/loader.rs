@@ -162,10 +162,15 @@ fn read_cached(path: &Path) -> Result<Prepared> {
     for (n, v) in affine.iter_mut().flatten().enumerate() {
         *v = f64::from_le_bytes(b[48 + 8 * n..56 + 8 * n].try_into().unwrap_or_default());
     }
-    let voxels = shape.iter().product::<usize>();
+    let voxels =
+        shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).context("cache header is corrupt")?;
     let start = 176;
-    let end = start + voxels * channels * 4;
-    ensure!(b.len() == end + if labelled { voxels } else { 0 }, "cache file has the wrong length");
+    let end = voxels.checked_mul(channels).and_then(|n| n.checked_mul(4)).and_then(|n| n.checked_add(start));
+    let end = end.context("cache header is corrupt")?;
+    ensure!(
+        Some(b.len()) == end.checked_add(if labelled { voxels } else { 0 }),
+        "cache file has the wrong length"
+    );
     let data = b[start..end].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let affine = Affine(affine);
     let labels = labelled.then(|| Volume::new(b[end..].to_vec(), shape, affine));

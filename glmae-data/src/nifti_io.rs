@@ -366,7 +366,10 @@ pub fn read_nifti(path: &Path) -> Result<NiftiImage> {
     let stored = StoredType::from_code(h.datatype).ok_or_else(|| {
         anyhow!("{name}: datatype {} ({}) is not supported", h.datatype, type_name(h.datatype))
     })?;
-    let count = shape.iter().product::<usize>().checked_mul(channels).context("image too large")?;
+    let count = shape
+        .iter()
+        .try_fold(channels, |a, &d| a.checked_mul(d))
+        .with_context(|| format!("{name}: dimensions {dims:?} are too large"))?;
     let nbytes = count.checked_mul(stored.size()).context("image too large")?;
 
     let (data_bytes, offset) = if h.single_file {
@@ -386,7 +389,7 @@ pub fn read_nifti(path: &Path) -> Result<NiftiImage> {
         (read_file(&img)?, h.vox_offset.max(0.0) as usize)
     };
     ensure!(
-        data_bytes.len() >= offset + nbytes,
+        offset.checked_add(nbytes).is_some_and(|end| data_bytes.len() >= end),
         "{name}: voxel data is truncated ({} bytes after offset {offset}, shape {:?} x {channels} of {:?} needs {nbytes})",
         data_bytes.len().saturating_sub(offset),
         shape,

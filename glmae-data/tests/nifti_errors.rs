@@ -114,3 +114,23 @@ fn unwritable_output_is_an_error_and_leaves_nothing_behind() {
     assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "a failed write left a file");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn absurd_nifti2_dimensions_are_an_error_not_an_overflow() {
+    let d = temp("huge");
+    let mut h = vec![0u8; 548];
+    h[0..4].copy_from_slice(&540i32.to_le_bytes());
+    h[4..12].copy_from_slice(b"n+2\0\r\n\x1a\n");
+    h[12..14].copy_from_slice(&16i16.to_le_bytes());
+    h[14..16].copy_from_slice(&32i16.to_le_bytes());
+    for (i, v) in [3i64, 1 << 40, 1 << 40, 1 << 40, 1, 1, 1, 1].iter().enumerate() {
+        h[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    for i in 0..8 {
+        h[104 + 8 * i..112 + 8 * i].copy_from_slice(&1f64.to_le_bytes());
+    }
+    h[168..176].copy_from_slice(&544i64.to_le_bytes());
+    let e = err_of(&d, "huge.nii", &h);
+    assert!(e.contains("huge.nii") && e.contains("too large"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
