@@ -201,6 +201,7 @@ pub struct Pretrainer {
     /// Steps taken.
     pub step: usize,
     device: Device,
+    positions: std::sync::Mutex<std::collections::HashMap<([usize; 3], usize), Tensor<2>>>,
 }
 
 impl Pretrainer {
@@ -216,7 +217,7 @@ impl Pretrainer {
             .with_weight_decay(cfg.weight_decay as f32)
             .init();
         let center = Tensor::<1>::zeros([cfg.head.out], &device);
-        Self { cfg, student, teacher, optimizer, center, step: 0, device }
+        Self { cfg, student, teacher, optimizer, center, step: 0, device, positions: Default::default() }
     }
 
     /// The device the run lives on.
@@ -232,13 +233,19 @@ impl Pretrainer {
             keep: int_tensor(b.keep.clone(), [v, kept], d),
             restore: int_tensor(b.restore.clone(), [v, n], d),
             mask: tensor(b.mask.clone(), [v, n], d),
-            enc_pos: tensor(
-                sincos_table(b.grid, self.cfg.encoder.hidden_size as usize),
-                [n, self.cfg.encoder.hidden_size as usize],
-                d,
-            ),
-            dec_pos: tensor(sincos_table(b.grid, self.cfg.decoder.width), [n, self.cfg.decoder.width], d),
+            enc_pos: self.position_table(b.grid, self.cfg.encoder.hidden_size as usize),
+            dec_pos: self.position_table(b.grid, self.cfg.decoder.width),
         }
+    }
+
+    /// The sin-cos table for a token grid and width, built once per run (views of one size
+    /// share it every step).
+    fn position_table(&self, grid: [usize; 3], dim: usize) -> Tensor<2> {
+        let mut cache = self.positions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache
+            .entry((grid, dim))
+            .or_insert_with(|| tensor(sincos_table(grid, dim), [grid.iter().product(), dim], &self.device))
+            .clone()
     }
 
     /// The loss terms for `samples` without changing any state: (total, rec global, rec local,
