@@ -89,15 +89,10 @@ fn half_to_f32(h: u16, bf16: bool) -> f32 {
     let frac = (h & 0x3ff) as u32;
     let bits = match exp {
         0 if frac == 0 => sign,
+        // Subnormal half: frac x 2^-24, exact in f32.
         0 => {
-            // Subnormal half: normalise.
-            let mut e = -1;
-            let mut f = frac;
-            while f & 0x400 == 0 {
-                f <<= 1;
-                e -= 1;
-            }
-            sign | (((e + 127 - 14) as u32) << 23) | ((f & 0x3ff) << 13)
+            let magnitude = frac as f32 * 2f32.powi(-24);
+            return if sign != 0 { -magnitude } else { magnitude };
         }
         31 => sign | 0x7f80_0000 | (frac << 13),
         _ => sign | (((exp - 15 + 127) as u32) << 23) | (frac << 13),
@@ -189,6 +184,7 @@ mod tests {
         assert_eq!(half_to_f32(0x3c00, false), 1.0);
         assert_eq!(half_to_f32(0xc000, false), -2.0);
         assert_eq!(half_to_f32(0x0001, false), 2f32.powi(-24));
+        assert_eq!(half_to_f32(0x83ff, false), -1023.0 * 2f32.powi(-24));
         assert_eq!(half_to_f32(0x3f80, true), 1.0);
         assert!(half_to_f32(0x7e00, false).is_nan());
     }
