@@ -395,6 +395,34 @@ pub fn train(mut ft: Finetuner, ds: &glmae_data::Dataset, out: &Path, loader_thr
         }
     }
     ft.save(out, "last")?;
+    drop((metrics, val));
+    plot_curves(out)?;
     bar.finish();
     Ok(best)
+}
+
+/// Draws `metrics.csv` (DiceCE, Dice and CE terms) and `validation.csv` (mean Dice) of a run into
+/// `loss.png` and `validation.png`.
+pub fn plot_curves(out: &Path) -> Result<()> {
+    let read = |name: &str, cols: usize| -> Result<Vec<Vec<f64>>> {
+        let p = out.join(name);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let mut series = vec![Vec::new(); cols];
+        for line in text.lines().skip(1) {
+            let v: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+            for (k, s) in series.iter_mut().enumerate() {
+                s.push(v.get(k + 1).copied().unwrap_or(f64::NAN));
+            }
+        }
+        Ok(series)
+    };
+    let m = read("metrics.csv", 3)?;
+    let losses = vec![("dicece", m[0].clone()), ("dice_loss", m[1].clone()), ("ce", m[2].clone())];
+    crate::plot::line_chart(&out.join("loss.png"), "UNETR FINE-TUNING LOSS", &losses)?;
+    let v = read("validation.csv", 1)?;
+    crate::plot::line_chart(
+        &out.join("validation.png"),
+        "VALIDATION MEAN DICE",
+        &[("mean_dice", v[0].clone())],
+    )
 }

@@ -369,7 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("\ndone in {:.1} min:", start.elapsed().as_secs_f64() / 60.0);
             println!("  phantom dataset         {}", s.data.join("dataset.json").display());
             println!("  pretraining loss curve  {}", s.pretrain.join("loss.png").display());
-            println!("  fine-tuning metrics     {}", s.finetune.join("metrics.csv").display());
+            println!("  fine-tuning loss curve  {}", s.finetune.join("loss.png").display());
             println!(
                 "  Dice table              {} (mean {:.2})",
                 s.eval.join("dice.md").display(),

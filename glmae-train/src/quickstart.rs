@@ -74,7 +74,7 @@ pub struct Summary {
     pub data: PathBuf,
     /// Pretraining run (metrics.csv, loss.png, checkpoint.bin).
     pub pretrain: PathBuf,
-    /// Fine-tuning run (metrics.csv, validation.csv, best.bin).
+    /// Fine-tuning run (metrics.csv, validation.csv, loss.png, validation.png, best.bin).
     pub finetune: PathBuf,
     /// Evaluation (dice.csv, dice.md, overlays).
     pub eval: PathBuf,

@@ -11,6 +11,8 @@ fn tiny_quickstart_produces_every_result() {
         s.pretrain.join("loss.png"),
         s.pretrain.join("checkpoint.bin"),
         s.finetune.join("best.bin"),
+        s.finetune.join("loss.png"),
+        s.finetune.join("validation.png"),
         s.eval.join("dice.md"),
         s.eval.join("dice.csv"),
         s.model.clone(),
