@@ -24,41 +24,33 @@ pub fn tensor_values<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("reading a parameter: {e:?}"))
 }
 
-fn linear(out: &mut Vec<NamedTensor>, name: &str, l: &Linear) -> Result<()> {
-    // burn stores Linear weights (in, out); PyTorch (out, in).
-    let w = l.weight.val().transpose();
-    out.push(NamedTensor {
-        name: format!("{name}.weight"),
-        shape: w.dims().to_vec(),
-        values: tensor_values(w)?,
-    });
-    if let Some(b) = &l.bias {
-        let b = b.val();
-        out.push(NamedTensor {
-            name: format!("{name}.bias"),
-            shape: b.dims().to_vec(),
-            values: tensor_values(b)?,
-        });
-    }
+/// Appends `t` under `name` (the one place a tensor becomes a [`NamedTensor`]).
+pub(crate) fn push<const D: usize>(out: &mut Vec<NamedTensor>, name: String, t: Tensor<D>) -> Result<()> {
+    out.push(NamedTensor { name, shape: t.dims().to_vec(), values: tensor_values(t)? });
     Ok(())
 }
 
-fn norm(out: &mut Vec<NamedTensor>, name: &str, n: &LayerNorm) -> Result<()> {
-    let g = n.gamma.val();
-    out.push(NamedTensor {
-        name: format!("{name}.weight"),
-        shape: g.dims().to_vec(),
-        values: tensor_values(g)?,
-    });
-    if let Some(b) = &n.beta {
-        let b = b.val();
-        out.push(NamedTensor {
-            name: format!("{name}.bias"),
-            shape: b.dims().to_vec(),
-            values: tensor_values(b)?,
-        });
+/// A weight and its optional bias as `{name}.weight` / `{name}.bias`.
+fn weight_and_bias<const D: usize>(
+    out: &mut Vec<NamedTensor>,
+    name: &str,
+    w: Tensor<D>,
+    b: Option<Tensor<1>>,
+) -> Result<()> {
+    push(out, format!("{name}.weight"), w)?;
+    match b {
+        Some(b) => push(out, format!("{name}.bias"), b),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+fn linear(out: &mut Vec<NamedTensor>, name: &str, l: &Linear) -> Result<()> {
+    // burn stores Linear weights (in, out); PyTorch (out, in).
+    weight_and_bias(out, name, l.weight.val().transpose(), l.bias.as_ref().map(|b| b.val()))
+}
+
+fn norm(out: &mut Vec<NamedTensor>, name: &str, n: &LayerNorm) -> Result<()> {
+    weight_and_bias(out, name, n.gamma.val(), n.beta.as_ref().map(|b| b.val()))
 }
 
 /// Every encoder parameter as `vit.*` tensors, in glmae-core's order. The patch embedding becomes

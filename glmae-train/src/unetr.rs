@@ -12,7 +12,7 @@ use burn::tensor::{Device, Tensor};
 use glmae_core::UnetrConfig;
 use glmae_core::params::{DecoderLayout, ResBlockShape};
 
-use crate::export::{NamedTensor, encoder_tensors, tensor_values};
+use crate::export::{NamedTensor, encoder_tensors, push};
 use crate::model::Vit;
 use crate::views::sincos_table;
 
@@ -216,11 +216,6 @@ impl Unetr {
         }
         Ok(out)
     }
-}
-
-fn push<const D: usize>(out: &mut Vec<NamedTensor>, name: String, t: Tensor<D>) -> Result<()> {
-    out.push(NamedTensor { name, shape: t.dims().to_vec(), values: tensor_values(t)? });
-    Ok(())
 }
 
 fn push_res(out: &mut Vec<NamedTensor>, prefix: &str, r: &ResBlock) -> Result<()> {
