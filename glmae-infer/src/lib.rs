@@ -3,7 +3,13 @@
 //! CPU inference from `.glmae` weight files: loading a model with errors that name the file,
 //! describing it (`glmae-infer info`), and segmenting NIfTI volumes (`glmae-infer segment`) with
 //! exactly the preprocessing stored in the model, labels written on the input's own grid.
-//! Windows run on glmae-core's reference kernels, one window per thread.
+//!
+//! Windows run on this crate's own forward pass ([`fast`]: packed GEMM micro-kernels with AVX2 +
+//! FMA, implicit-GEMM convolutions, every core working inside each window), which is checked
+//! against glmae-core's reference kernels; [`Engine::Reference`] runs those instead (one window
+//! per thread), for comparison.
+
+pub mod fast;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -87,12 +93,29 @@ pub struct SegmentOptions {
     pub overlap: f64,
     /// Window blending.
     pub blend: glmae_data::sliding_window::Blend,
-    /// Threads (one window each).
+    /// Threads: all working inside each window ([`Engine::Fast`]), or one window each
+    /// ([`Engine::Reference`]).
     pub threads: usize,
     /// Also write per-class probabilities (float32, channels = classes) here.
     pub probabilities: Option<std::path::PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
+}
+
+/// Which forward pass segments the windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// [`fast::FastUnetr`]: windows in turn, each split across `threads` cores; int8 weights are
+    /// dequantised once at load and run on the f32 kernels (the reference's arithmetic, to 1e-4
+    /// of the logit range).
+    #[default]
+    Fast,
+    /// [`fast::FastUnetr`] with the int8 decoder convolutions on int8 x int16 kernels (AVX-512
+    /// VNNI, else portable integer code): activations are quantised per tensor to 11-15 bits,
+    /// a small further approximation (see docs/performance.md), so it is opt-in.
+    FastInt8Kernels,
+    /// glmae-core's allocation-free reference kernels, one window per thread.
+    Reference,
 }
 
 /// What a segmentation produced.
@@ -105,16 +128,90 @@ pub struct SegmentSummary {
 }
 
 /// Segments `input` with `model` and writes the label map to `output` on the input's grid, with
-/// its affine and codes, as uint8. Nothing is written on error.
+/// its affine and codes, as uint8. Nothing is written on error. Runs [`Engine::Fast`].
 pub fn segment_file(
     model: &ModelFile<'_>,
     input: &Path,
     output: &Path,
     opts: &SegmentOptions,
 ) -> Result<SegmentSummary> {
+    segment_file_with(model, input, output, opts, Engine::Fast)
+}
+
+/// Logits `(classes, shape)` for a preprocessed volume `(channels, shape)`, sliding-window.
+pub fn segment_volume(
+    model: &ModelFile<'_>,
+    volume: &[f32],
+    shape: [usize; 3],
+    opts: &SegmentOptions,
+    engine: Engine,
+) -> Result<Vec<f32>> {
+    use glmae_data::sliding_window::{WindowSpec, sliding_window, sliding_window_parallel};
+    let channels = model.config.vit.in_channels as usize;
+    let roi = model.config.vit.img_size.map(|s| s as usize);
+    let classes = model.config.out_channels as usize;
+    let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
+    let bar = if opts.progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+    let logits = match engine {
+        Engine::Fast | Engine::FastInt8Kernels => {
+            let mut fast = fast::FastUnetr::new(model)?;
+            if engine == Engine::FastInt8Kernels {
+                let q = fast::QIsa::detect().unwrap_or(fast::QIsa::Scalar);
+                fast = fast.with_int8_kernels(Some(q))?;
+            }
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(opts.threads.max(1))
+                .build()
+                .context("cannot start the worker threads")?;
+            let total = spec_windows(&shape, &spec);
+            bar.set_length(total as u64);
+            // One window at a time, all threads inside it: memory stays at one window's worth.
+            pool.install(|| {
+                sliding_window(volume, channels, shape, &spec, classes, |w| {
+                    let out = fast.forward(w, roi);
+                    bar.inc(1);
+                    out
+                })
+            })?
+        }
+        Engine::Reference => {
+            let unetr = Unetr::new(model)?;
+            let scratch_len = unetr.scratch_len(roi)?;
+            sliding_window_parallel(
+                volume,
+                channels,
+                shape,
+                &spec,
+                classes,
+                opts.threads,
+                |w| {
+                    let mut out = vec![0.0; unetr.logits_len(roi)];
+                    let mut scratch = vec![0.0; scratch_len];
+                    unetr.forward(w, roi, &mut out, &mut scratch)?;
+                    Ok(out)
+                },
+                |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )?
+        }
+    };
+    bar.finish_and_clear();
+    Ok(logits)
+}
+
+/// [`segment_file`] on a chosen [`Engine`].
+pub fn segment_file_with(
+    model: &ModelFile<'_>,
+    input: &Path,
+    output: &Path,
+    opts: &SegmentOptions,
+    engine: Engine,
+) -> Result<SegmentSummary> {
     use glmae_data::nifti_io::LabelType;
     use glmae_data::preprocess::Preprocessor;
-    use glmae_data::sliding_window::{WindowSpec, sliding_window_parallel};
+    use glmae_data::sliding_window::WindowSpec;
     let img = glmae_data::read_nifti(input)?;
     let channels = model.config.vit.in_channels as usize;
     anyhow::ensure!(
@@ -125,31 +222,11 @@ pub fn segment_file(
     );
     let prep = Preprocessor::from_model(&model.preprocessing);
     let (vol, inverse) = prep.apply(&img.volume).with_context(|| format!("{}", input.display()))?;
-    let unetr = Unetr::new(model)?;
     let roi = model.config.vit.img_size.map(|s| s as usize);
     let classes = model.config.out_channels as usize;
-    let scratch_len = unetr.scratch_len(roi)?;
-    let bar = if opts.progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
     let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
-    let logits = sliding_window_parallel(
-        &vol.data,
-        vol.channels,
-        vol.shape,
-        &spec,
-        classes,
-        opts.threads,
-        |w| {
-            let mut out = vec![0.0; unetr.logits_len(roi)];
-            let mut scratch = vec![0.0; scratch_len];
-            unetr.forward(w, roi, &mut out, &mut scratch)?;
-            Ok(out)
-        },
-        |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
+    let logits = segment_volume(model, &vol.data, vol.shape, opts, engine)
+        .with_context(|| format!("{}", input.display()))?;
     let n = vol.voxels();
     let mut labels = vec![0u8; n];
     glmae_core::kernels::argmax_channels(&logits, classes, &mut labels);

@@ -36,9 +36,17 @@ enum Command {
         /// gaussian or constant.
         #[arg(long, default_value = "gaussian")]
         blend: glmae_data::sliding_window::Blend,
-        /// Threads (one window each).
+        /// Threads (all inside each window; one window each with --reference).
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Run glmae-core's reference kernels instead of the fast forward pass.
+        #[arg(long, conflicts_with = "int8_kernels")]
+        reference: bool,
+        /// int8 models: run the decoder's int8 convolutions on int8 x int16 integer kernels,
+        /// quantising activations too (faster, slightly less exact) instead of on dequantised
+        /// f32 weights.
+        #[arg(long)]
+        int8_kernels: bool,
         /// Also write per-class probabilities (single input only).
         #[arg(long)]
         probabilities: Option<PathBuf>,
@@ -52,10 +60,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let file = glmae_infer::parse_model(&model, &bytes)?;
             print!("{}", glmae_infer::describe(&file)?);
         }
-        Command::Segment { model, input, output, overlap, blend, threads, probabilities } => {
+        Command::Segment {
+            model,
+            input,
+            output,
+            overlap,
+            blend,
+            threads,
+            reference,
+            int8_kernels,
+            probabilities,
+        } => {
             let bytes = glmae_infer::read_model_bytes(&model)?;
             let file = glmae_infer::parse_model(&model, &bytes)?;
             let opts = glmae_infer::SegmentOptions { overlap, blend, threads, probabilities, progress: true };
+            let engine = match (reference, int8_kernels) {
+                (true, _) => glmae_infer::Engine::Reference,
+                (false, true) => glmae_infer::Engine::FastInt8Kernels,
+                (false, false) => glmae_infer::Engine::Fast,
+            };
             let jobs: Vec<(PathBuf, PathBuf)> = if input.is_dir() {
                 anyhow::ensure!(opts.probabilities.is_none(), "--probabilities takes a single input file");
                 std::fs::create_dir_all(&output)
@@ -80,7 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut failed = Vec::new();
             for (i, o) in &jobs {
                 let start = std::time::Instant::now();
-                match glmae_infer::segment_file(&file, i, o, &opts) {
+                match glmae_infer::segment_file_with(&file, i, o, &opts, engine) {
                     Ok(s) => println!(
                         "{} -> {} ({} windows, {:.1} s)",
                         i.display(),

@@ -11,6 +11,21 @@ fn infer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_glmae-infer"))
 }
 
+/// `glmae-infer segment [flags] --model M --input I --output O`.
+fn segment(flags: &[&str], model: &Path, input: &Path, output: &Path) -> std::process::Output {
+    infer()
+        .arg("segment")
+        .args(flags)
+        .arg("--model")
+        .arg(model)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .output()
+        .unwrap()
+}
+
 fn setup(tag: &str) -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("glmae-seg-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -43,15 +58,7 @@ fn labels_land_on_the_input_grid() {
     let input = dir.join("ct.nii.gz");
     let affine = write_ct(&input);
     let output = dir.join("seg.nii.gz");
-    let out = infer()
-        .args(["segment", "--threads", "2", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .output()
-        .unwrap();
+    let out = segment(&["--threads", "2"], &model, &input, &output);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let seg = read_nifti(&output).unwrap();
     assert_eq!(seg.volume.shape, [40, 36, 20]);
@@ -98,5 +105,36 @@ fn bad_input_fails_cleanly_without_output() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing-folder/seg.nii.gz"));
     assert!(!dir.join("missing-folder").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--reference` runs glmae-core's kernels and `--int8-kernels` the integer ones; the default fast
+/// pass must give the reference's labels.
+#[test]
+fn engines_are_selectable_and_agree() {
+    let (dir, model) = setup("engines");
+    let input = dir.join("ct.nii.gz");
+    write_ct(&input);
+    let mut labels = Vec::new();
+    for flags in [&[][..], &["--reference"][..], &["--int8-kernels"][..]] {
+        let output = dir.join(format!("seg{}.nii.gz", labels.len()));
+        let out = segment(flags, &model, &input, &output);
+        assert!(out.status.success(), "{flags:?}: {}", String::from_utf8_lossy(&out.stderr));
+        labels.push(read_nifti(&output).unwrap().volume.data);
+    }
+    let same = labels[0].iter().zip(&labels[1]).filter(|(a, b)| a == b).count();
+    assert!(same as f64 >= 0.999 * labels[0].len() as f64, "fast and reference labels differ");
+    assert_eq!(labels[2].len(), labels[0].len());
+    let both = infer()
+        .args(["segment", "--reference", "--int8-kernels", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.join("both.nii.gz"))
+        .output()
+        .unwrap();
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

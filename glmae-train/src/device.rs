@@ -1,12 +1,72 @@
 //! Choosing where tensors live: `cpu` (burn's flex backend, the default), `ndarray` (deprecated in
-//! burn, kept selectable), `cuda` / `cuda:N` (behind the `cuda` cargo feature).
+//! burn, kept selectable), `cuda` / `cuda:N` (behind the `cuda` cargo feature), several GPUs as
+//! `cuda:0,cuda:1` or `cuda:all`, and the floating-point precision tensors are stored in.
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
+use burn::tensor::{Device, FloatDType};
+use serde::{Deserialize, Serialize};
+
+/// The floating-point type every float tensor of a run is stored and computed in.
+///
+/// burn 0.22 sets this per device (`Device::configure`), for parameters and activations alike:
+/// `bf16` halves memory and uses the GPU's tensor cores, without an f32 master copy of the
+/// weights (what burn supports today, unlike PyTorch's autocast).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit IEEE floats (the default).
+    #[default]
+    F32,
+    /// bfloat16: f32's range with an 8-bit mantissa; the usual choice for training.
+    Bf16,
+    /// IEEE half precision: more mantissa, little range; losses may overflow.
+    F16,
+}
 
 /// A device for training (with autodiff) from its command-line name.
 pub fn training_device(name: &str) -> Result<Device> {
     Ok(base_device(name)?.autodiff())
+}
+
+/// Training devices from a command-line list (`cpu`, `cuda:1`, `cuda:0,cuda:1`, `cuda:all`), each
+/// configured for `precision` and wrapped for autodiff.
+pub fn training_devices(spec: &str, precision: Precision) -> Result<Vec<Device>> {
+    let names: Vec<String> = if spec == "cuda:all" {
+        (0..cuda_count()?).map(|i| format!("cuda:{i}")).collect()
+    } else {
+        spec.split(',').map(|s| s.trim().to_string()).collect()
+    };
+    let mut devices = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            bail!("device {name} is listed twice in {spec:?}");
+        }
+        let mut device = base_device(name)?;
+        configure(&mut device, precision).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        devices.push(device.autodiff());
+    }
+    if devices.len() > 1 && names.iter().any(|n| !n.starts_with("cuda")) {
+        bail!("several devices ({spec:?}) need CUDA: burn's gradient all-reduce runs on GPUs only");
+    }
+    Ok(devices)
+}
+
+/// Sets the device's default float type. burn fixes it once per device and process, so asking
+/// again for the type it already has is fine and asking for another is an error.
+fn configure(device: &mut Device, precision: Precision) -> Result<()> {
+    let dtype = match precision {
+        Precision::F32 => FloatDType::F32,
+        Precision::Bf16 => FloatDType::BF16,
+        Precision::F16 => FloatDType::F16,
+    };
+    if device.configure(dtype).is_ok() || device.settings().float_dtype == dtype {
+        return Ok(());
+    }
+    bail!(
+        "cannot use {precision:?}: this device already computes in {:?} (precision must be chosen \
+         before the device makes its first tensor) or does not support it",
+        device.settings().float_dtype
+    )
 }
 
 /// A device from its command-line name, without autodiff.
@@ -24,13 +84,35 @@ pub fn base_device(name: &str) -> Result<Device> {
 #[cfg(feature = "cuda")]
 fn cuda(index: &str) -> Result<Device> {
     let i: usize = index.parse().map_err(|_| anyhow::anyhow!("invalid CUDA device index {index:?}"))?;
-    // cudarc loads the driver on first use and panics when it cannot: turn that into an error.
+    // cudarc loads the driver on first use and panics when it cannot: turn that into an error,
+    // without the panic message the default hook would print first.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let probe = std::panic::catch_unwind(|| {
         let d = Device::cuda(i);
         let _ = burn::tensor::Tensor::<1>::zeros([1], &d).into_scalar::<f32>();
         d
     });
+    std::panic::set_hook(hook);
     probe.map_err(|_| anyhow::anyhow!("CUDA device {i} is not usable: no NVIDIA driver/GPU found (libcuda could not be loaded) or the index does not exist"))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_count() -> Result<usize> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let n = std::panic::catch_unwind(|| Device::enumerate(burn::tensor::DeviceType::Cuda).into_vec().len());
+    std::panic::set_hook(hook);
+    let n = n.map_err(|_| anyhow::anyhow!("cannot list CUDA devices: no NVIDIA driver/GPU found"))?;
+    if n == 0 {
+        bail!("cuda:all: no CUDA device found");
+    }
+    Ok(n)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_count() -> Result<usize> {
+    cuda("all").map(|_| 0)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -52,5 +134,18 @@ mod tests {
         assert!(e.contains("unknown device \"tpu\""), "{e}");
         #[cfg(not(feature = "cuda"))]
         assert!(base_device("cuda:1").unwrap_err().to_string().contains("--features cuda"));
+        #[cfg(not(feature = "cuda"))]
+        assert!(
+            training_devices("cuda:all", Precision::F32).unwrap_err().to_string().contains("--features cuda")
+        );
+    }
+
+    #[test]
+    fn device_lists_are_checked() {
+        assert_eq!(training_devices("cpu", Precision::F32).unwrap().len(), 1);
+        let e = training_devices("cpu,cpu", Precision::F32).unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = training_devices("cpu,ndarray", Precision::F32).unwrap_err().to_string();
+        assert!(e.contains("need CUDA"), "{e}");
     }
 }

@@ -1,8 +1,12 @@
 //! Importing MONAI UNETR state dicts (and the GL-MAE authors' checkpoints, whose keys carry a
 //! `module.backbone.` prefix) into glmae-core's format.
 //!
-//! Reads safetensors. A PyTorch `.pt`/`.pth` file is refused with the one-line conversion to
-//! run first (`safetensors.torch.save_file`), since a pickle reader is not built in yet.
+//! Reads safetensors and PyTorch checkpoints (`torch.save`, `.pt`/`.pth`, zip or pre-1.6
+//! container). A checkpoint may be the state dict itself or a dictionary holding it under
+//! `student` (the GL-MAE authors' DINO-style checkpoints), `state_dict` or `model` (MONAI and
+//! Lightning trainers); the other entries (teacher, optimizer, epoch, arguments) are ignored.
+//! The pickle is read by burn's `pytorch-reader`, which interprets only the opcodes and classes
+//! `torch.save` writes and never runs code from the file.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,42 +46,115 @@ fn ignored(name: &str) -> bool {
     name.contains(".cross_attn.") || name.contains(".norm_cross_attn.")
 }
 
-/// Reads every float tensor of a safetensors file (f32, f16, bf16 or f64) under its canonical name.
+/// Dictionary keys a checkpoint may keep its state dict under, in the order they are tried:
+/// a DINO-style checkpoint has both `student` and `teacher`, and the student is the model.
+pub const STATE_DICT_KEYS: [&str; 3] = ["student", "state_dict", "model"];
+
+/// Reads every float tensor (f32, f16, bf16 or f64) of a safetensors file or a PyTorch
+/// checkpoint under its canonical name. Integer tensors (counters, indices) are skipped.
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-    if ext == "pt" || ext == "pth" {
-        bail!(
-            "{}: PyTorch pickle files are not read directly yet; convert it first with\n  python3 -c \"import torch, sys; from safetensors.torch import save_file; sd = torch.load(sys.argv[1], map_location='cpu'); sd = sd.get('student', sd.get('state_dict', sd)); save_file({{k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}}, sys.argv[1] + '.safetensors')\" {}",
-            path.display(),
-            path.display()
-        );
-    }
+    // A safetensors file starts with its header length (u64, little-endian) and a JSON header;
+    // anything else is handed to the PyTorch reader, which knows zip, legacy and tar containers.
+    let mut head = [0u8; 9];
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let len = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+    let safetensors = std::io::Read::read_exact(&mut file, &mut head).is_ok()
+        && head[8] == b'{'
+        && u64::from_le_bytes([head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7]])
+            .checked_add(8)
+            .is_some_and(|end| end <= len);
+    if safetensors { read_safetensors(path) } else { read_pytorch(path) }
+}
+
+fn read_safetensors(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        .with_context(|| format!("{}: damaged safetensors file", path.display()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => {
-                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-            }
-            Dtype::F64 => data
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap_or_default()) as f32)
-                .collect(),
-            Dtype::F16 => {
-                data.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]), false)).collect()
-            }
-            Dtype::BF16 => {
-                data.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]), true)).collect()
-            }
+        let format = match view.dtype() {
+            Dtype::F32 => Float::F32,
+            Dtype::F64 => Float::F64,
+            Dtype::F16 => Float::F16,
+            Dtype::BF16 => Float::BF16,
             _ => continue, // integer buffers (e.g. batch counters) are not weights
         };
         let canon = canonical(&name).to_string();
+        let values = format.decode(view.data());
         out.insert(canon.clone(), NamedTensor { name: canon, shape: view.shape().to_vec(), values });
     }
     Ok(out)
+}
+
+fn read_pytorch(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {
+    let name = path.display();
+    let reader = pytorch_reader::PytorchReader::new(path)
+        .map_err(|e| anyhow::anyhow!("{name}: neither safetensors nor a readable PyTorch checkpoint: {e}"))?;
+    // The reader names each tensor by its dotted path through nested dictionaries.
+    let tensors = reader.into_tensors();
+    let wrapper = STATE_DICT_KEYS
+        .into_iter()
+        .map(|k| format!("{k}."))
+        .find(|k| tensors.keys().any(|n| n.starts_with(k.as_str())));
+    let mut out = BTreeMap::new();
+    for (full, t) in tensors {
+        let key = match &wrapper {
+            Some(w) => match full.strip_prefix(w.as_str()) {
+                Some(k) => k,
+                None => continue, // teacher, optimizer state and the like
+            },
+            None => full.as_str(),
+        };
+        use pytorch_reader::DType;
+        let format = match t.dtype() {
+            DType::F32 => Float::F32,
+            DType::F64 => Float::F64,
+            DType::F16 => Float::F16,
+            DType::BF16 => Float::BF16,
+            _ => continue,
+        };
+        let bytes = t.read().map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let canon = canonical(key).to_string();
+        let values = format.decode(&bytes);
+        out.insert(canon.clone(), NamedTensor { name: canon, shape: t.shape().to_vec(), values });
+    }
+    ensure!(
+        !out.is_empty(),
+        "{name}: the checkpoint holds no floating-point tensors{}",
+        wrapper.map_or(String::new(), |w| format!(" under `{}`", w.trim_end_matches('.')))
+    );
+    Ok(out)
+}
+
+/// Floating-point element types. Bytes are little-endian: safetensors by definition, and
+/// pytorch-reader hands back native-endian bytes (it refuses big-endian files) on the
+/// little-endian hosts this runs on.
+#[derive(Clone, Copy)]
+enum Float {
+    F32,
+    F64,
+    F16,
+    BF16,
+}
+
+impl Float {
+    fn decode(self, data: &[u8]) -> Vec<f32> {
+        match self {
+            Float::F32 => {
+                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
+            Float::F64 => data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap_or_default()) as f32)
+                .collect(),
+            Float::F16 => {
+                data.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]), false)).collect()
+            }
+            Float::BF16 => {
+                data.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]), true)).collect()
+            }
+        }
+    }
 }
 
 fn half_to_f32(h: u16, bf16: bool) -> f32 {

@@ -2,8 +2,10 @@
 //!
 //! GL-MAE pretraining, UNETR fine-tuning, evaluation and export. GL-MAE pretraining runs on burn (CPU `flex` by default).
 
+pub mod data_parallel;
 pub mod device;
 pub mod evaluate;
+pub mod experiment;
 pub mod export;
 pub mod finetune;
 pub mod import;

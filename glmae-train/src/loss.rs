@@ -60,8 +60,8 @@ pub fn consistency(
     cross.mean().neg()
 }
 
-/// The teacher centre after one step: `m * center + (1 - m) * mean(teacher outputs)`.
-pub fn update_center(center: Tensor<1>, teacher: Tensor<2>, momentum: f64) -> Tensor<1> {
-    let batch_mean: Tensor<1> = teacher.mean_dim(0).squeeze_dim(0);
+/// The teacher centre after one step: `m * center + (1 - m) * batch_mean`, where `batch_mean` is
+/// the mean of the step's teacher outputs (over every replica under data parallelism).
+pub fn update_center(center: Tensor<1>, batch_mean: Tensor<1>, momentum: f64) -> Tensor<1> {
     center.mul_scalar(momentum).add(batch_mean.mul_scalar(1.0 - momentum))
 }

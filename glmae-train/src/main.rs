@@ -101,9 +101,10 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Convert a MONAI UNETR state dict or a GL-MAE authors' checkpoint (safetensors) to `.glmae`.
+    /// Convert a MONAI UNETR state dict or a GL-MAE authors' checkpoint (safetensors or PyTorch
+    /// `.pt`/`.pth`) to `.glmae`.
     Import {
-        /// The state dict (`.safetensors`).
+        /// The state dict (`.safetensors`, `.pt` or `.pth`).
         input: PathBuf,
         /// Output `.glmae` file.
         #[arg(long)]
@@ -118,6 +119,9 @@ enum Command {
         #[arg(long)]
         int8: bool,
     },
+    /// Experiments that compare whole runs: `ablation` (the paper's Table 4 on phantoms).
+    #[command(subcommand)]
+    Experiment(glmae_train::experiment::Command),
     /// Write a fine-tuned run as a `.glmae` model with its preprocessing and class names.
     Export {
         /// The fine-tuning run folder.
@@ -231,9 +235,13 @@ struct PretrainArgs {
     /// Continue the run in this folder exactly where its last checkpoint left off.
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
-    /// cpu (burn flex), ndarray, cuda or cuda:N.
+    /// cpu (burn flex), ndarray, cuda or cuda:N; several GPUs (cuda:0,cuda:1 or cuda:all) train
+    /// data-parallel, each taking an equal share of every batch.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Float type of all tensors: f32, bf16 or f16 (bf16/f16 on GPUs; saved with the run).
+    #[arg(long, value_enum)]
+    precision: Option<glmae_train::device::Precision>,
     /// Optimisation steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -279,17 +287,25 @@ struct PretrainArgs {
 }
 
 fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
+    use glmae_train::device::training_devices;
     use glmae_train::pretrain::{PretrainConfig, Pretrainer};
-    use glmae_train::run::{LoopOptions, RunDir, train_loop};
-    let device = glmae_train::device::training_device(&a.device)?;
-    let (dir, mut run, data) = match (&a.resume, &a.out) {
+    use glmae_train::run::{LoopOptions, RunDir, train_loop_on};
+    let (dir, mut run, data, devices) = match (&a.resume, &a.out) {
         (Some(root), _) => {
             let dir = RunDir::open(root)?;
-            let run = dir.resume(device)?;
+            let precision = dir.load_config()?.precision;
+            if a.precision.is_some_and(|p| p != precision) {
+                anyhow::bail!(
+                    "{} was trained in {precision:?}; a resumed run keeps its precision",
+                    root.display()
+                );
+            }
+            let devices = training_devices(&a.device, precision)?;
+            let run = dir.resume(devices[0].clone())?;
             let data = std::fs::read_to_string(root.join("data.txt"))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", root.join("data.txt").display()))?;
             println!("resuming {} at step {}/{}", root.display(), run.step, run.cfg.steps);
-            (dir, run, data.trim().to_string())
+            (dir, run, data.trim().to_string(), devices)
         }
         (None, Some(out)) => {
             let mut cfg = match a.model.as_str() {
@@ -315,12 +331,14 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
             set!(views.n_local = a.n_local);
             set!(views.mask_ratio = a.mask_ratio);
             set!(seed = a.seed);
+            set!(precision = a.precision);
             cfg.norm_pix_loss |= a.norm_pix_loss;
+            let devices = training_devices(&a.device, cfg.precision)?;
             let dir = RunDir::create(out)?;
             dir.save_config(&cfg)?;
             let data = a.data.clone().unwrap_or_default();
             glmae_data::io::atomic_write(&out.join("data.txt"), data.as_bytes())?;
-            (dir, Pretrainer::new(cfg, device), data)
+            (dir, Pretrainer::new(cfg, devices[0].clone()), data, devices)
         }
         (None, None) => anyhow::bail!("give --out RUN_DIR for a new run or --resume RUN_DIR"),
     };
@@ -344,7 +362,14 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
         loader_threads: a.loader_threads,
         progress: true,
     };
-    let metrics = train_loop(&mut run, &dir, &cases, cache, &opts)?;
+    if devices.len() > 1 {
+        println!(
+            "data-parallel over {} devices, {} volumes each per step",
+            devices.len(),
+            run.cfg.batch_size / devices.len()
+        );
+    }
+    let metrics = train_loop_on(&mut run, &devices[1..], &dir, &cases, cache, &opts)?;
     if let Some(last) = metrics.last() {
         println!(
             "step {}: loss {:.4}; metrics in {}, checkpoint in {}",
@@ -410,6 +435,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Pretrain(args) => pretrain(*args)?,
+        Command::Experiment(cmd) => glmae_train::experiment::run_command(cmd)?,
         Command::Finetune(args) => finetune(*args)?,
         Command::Evaluate { run, data, split, out, which, overlap, blend, device } => {
             let mut ft = glmae_train::finetune::Finetuner::load(

@@ -5,7 +5,7 @@
 //! on the CPU by `crate::views`: patchifying there keeps the model free of 8-D reshapes (which
 //! the ndarray backend cannot do) and equals MONAI's Conv3d(kernel = stride = patch) embedding.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
@@ -296,6 +296,18 @@ impl Student {
 
     /// The teacher's starting point: a copy of the encoder and head that takes no gradients.
     pub fn teacher(&self) -> Teacher {
+        // burn creates parameters lazily, and clones of a parameter not initialised yet share
+        // its pending initialisation, `require_grad` flag included: `no_grad` on such a copy
+        // froze the student's own encoder and head as well (only the decoder trained).
+        // Initialising every parameter first gives the teacher copies of its own.
+        struct Materialise;
+        impl ModuleVisitor for Materialise {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let _ = param.val();
+            }
+        }
+        self.vit.visit(&mut Materialise);
+        self.head.visit(&mut Materialise);
         Teacher { vit: self.vit.clone(), head: self.head.clone() }.no_grad()
     }
 }
@@ -308,4 +320,37 @@ pub fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Devi
 /// An integer tensor from host indices.
 pub fn int_tensor<const D: usize>(values: Vec<i64>, shape: [usize; D], device: &Device) -> Tensor<D, Int> {
     Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether every float parameter of `m` requires gradients (`Some(true)`), none does
+    /// (`Some(false)`), or they differ (`None`).
+    fn require_grad(m: &impl Module) -> Option<bool> {
+        struct All(Vec<bool>);
+        impl ModuleVisitor for All {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.0.push(param.val().is_require_grad());
+            }
+        }
+        let mut all = All(Vec::new());
+        m.visit(&mut all);
+        let first = *all.0.first()?;
+        all.0.iter().all(|&b| b == first).then_some(first)
+    }
+
+    #[test]
+    fn making_the_teacher_leaves_the_student_trainable() {
+        let device = Device::flex().autodiff();
+        let cfg = crate::pretrain::PretrainConfig::tiny();
+        let student = Student::new(&cfg.encoder, &cfg.decoder, &cfg.head, &device);
+        let teacher = student.teacher();
+        assert_eq!(require_grad(&teacher.vit), Some(false));
+        assert_eq!(require_grad(&teacher.head), Some(false));
+        assert_eq!(require_grad(&student.vit), Some(true));
+        assert_eq!(require_grad(&student.head), Some(true));
+        assert_eq!(require_grad(&student.decoder), Some(true));
+    }
 }

@@ -63,6 +63,9 @@ pub struct PretrainConfig {
     pub teacher_momentum: f64,
     /// Seed for initialisation, views and masks.
     pub seed: u64,
+    /// Float type of every tensor (set on the device before the model is made).
+    #[serde(default)]
+    pub precision: crate::device::Precision,
 }
 
 impl PretrainConfig {
@@ -96,6 +99,7 @@ impl PretrainConfig {
             grad_clip: 3.0,
             teacher_momentum: 0.996,
             seed: 0,
+            precision: Default::default(),
         }
     }
 
@@ -184,6 +188,17 @@ struct ViewTensors {
     mask: Tensor<2>,
     enc_pos: Tensor<2>,
     dec_pos: Tensor<2>,
+}
+
+/// One replica's share of a step: gradients, loss terms (total, rec global, rec local,
+/// consistency) and the mean teacher output (for the centre) when consistency is on.
+pub struct PartialStep {
+    /// Gradients of the (scaled) loss.
+    pub grads: GradientsParams,
+    /// Unscaled loss terms.
+    pub terms: [f64; 4],
+    /// Mean of the teacher outputs over this share of the batch.
+    pub teacher_mean: Option<Tensor<1>>,
 }
 
 /// The model, its optimiser and everything else a step changes.
@@ -315,27 +330,50 @@ impl Pretrainer {
 
     /// One optimisation step on `samples` (one per volume of the batch).
     pub fn step(&mut self, samples: &[Sample]) -> StepMetrics {
-        let lr = self.cfg.lr_at(self.step);
-        let momentum = self.cfg.momentum_at(self.step);
+        let part = self.gradients(samples, 1.0);
+        self.apply(part.grads, part.terms, part.teacher_mean)
+    }
+
+    /// Forward and backward on `samples` without changing any state. The loss is multiplied by
+    /// `scale` before `backward` (a replica's share of a data-parallel batch).
+    pub fn gradients(&self, samples: &[Sample], scale: f64) -> PartialStep {
         let (total, terms, teacher_out) = self.losses(samples);
         let scalar =
             |t: &Option<Tensor<1>>| t.as_ref().map_or(0.0, |t| t.clone().into_scalar::<f32>() as f64);
-        let metrics_terms = [scalar(&terms[0]), scalar(&terms[1]), scalar(&terms[2])];
-        let loss = total.clone().into_scalar::<f32>() as f64;
-        let mut grads = GradientsParams::from_grads(total.backward(), &self.student);
+        let terms = [
+            total.clone().into_scalar::<f32>() as f64,
+            scalar(&terms[0]),
+            scalar(&terms[1]),
+            scalar(&terms[2]),
+        ];
+        let grads = GradientsParams::from_grads(total.mul_scalar(scale).backward(), &self.student);
+        let teacher_mean = teacher_out.map(|t| t.mean_dim(0).squeeze_dim::<1>(0));
+        PartialStep { grads, terms, teacher_mean }
+    }
+
+    /// Completes a step from the batch's gradients, loss terms (total, rec global, rec local,
+    /// consistency) and mean teacher output: clipping, AdamW, the teacher EMA and the centre.
+    pub fn apply(
+        &mut self,
+        mut grads: GradientsParams,
+        terms: [f64; 4],
+        teacher_mean: Option<Tensor<1>>,
+    ) -> StepMetrics {
+        let lr = self.cfg.lr_at(self.step);
+        let momentum = self.cfg.momentum_at(self.step);
         let grad_norm = clip_global_norm(&self.student, &mut grads, self.cfg.grad_clip);
         self.student = self.optimizer.step(lr, self.student.clone(), grads);
         self.update_teacher(momentum);
-        if let Some(t) = teacher_out {
+        if let Some(mean) = teacher_mean {
             self.center =
-                update_center(self.center.clone(), t, self.cfg.consistency.center_momentum).detach();
+                update_center(self.center.clone(), mean, self.cfg.consistency.center_momentum).detach();
         }
         let m = StepMetrics {
             step: self.step,
-            loss,
-            rec_global: metrics_terms[0],
-            rec_local: metrics_terms[1],
-            consistency: metrics_terms[2],
+            loss: terms[0],
+            rec_global: terms[1],
+            rec_local: terms[2],
+            consistency: terms[3],
             lr,
             momentum,
             grad_norm,

@@ -15,6 +15,7 @@ use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device, Tensor, TensorData};
 use glmae_data::io::atomic_write;
 
+use crate::data_parallel::DataParallel;
 use crate::pretrain::{PretrainConfig, Pretrainer, StepMetrics};
 
 const CHECKPOINT_MAGIC: &[u8; 8] = b"GLMAECK1";
@@ -224,7 +225,21 @@ pub fn train_loop(
     cache: std::sync::Arc<glmae_data::VolumeCache>,
     opts: &LoopOptions,
 ) -> Result<Vec<StepMetrics>> {
+    train_loop_on(run, &[], dir, cases, cache, opts)
+}
+
+/// [`train_loop`] with data parallelism: `run` lives on the first device and a replica on each
+/// of `others` takes an equal share of every batch ([`DataParallel`]).
+pub fn train_loop_on(
+    run: &mut Pretrainer,
+    others: &[Device],
+    dir: &RunDir,
+    cases: &[glmae_data::Case],
+    cache: std::sync::Arc<glmae_data::VolumeCache>,
+    opts: &LoopOptions,
+) -> Result<Vec<StepMetrics>> {
     ensure!(!cases.is_empty(), "no images to pretrain on");
+    let mut parallel = if others.is_empty() { None } else { Some(DataParallel::new(run, others)?) };
     let cfg = run.cfg.clone();
     let start = run.step;
     let remaining = cfg.steps.saturating_sub(start);
@@ -259,7 +274,10 @@ pub fn train_loop(
     for batch in samples {
         let batch = batch?;
         let t = std::time::Instant::now();
-        let m = run.step(&batch);
+        let m = match &mut parallel {
+            Some(p) => p.step(run, &batch)?,
+            None => run.step(&batch),
+        };
         let vps = views_per_step as f64 / t.elapsed().as_secs_f64().max(1e-9);
         ensure!(
             m.loss.is_finite(),

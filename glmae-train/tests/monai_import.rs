@@ -1,6 +1,9 @@
 //! A MONAI UNETR exported by `scripts/monai_reference.py` and imported by us gives MONAI's output
-//! on the same input. Needs python3 with torch, monai, einops and safetensors; without them the
-//! test says so and passes, unless `GLMAE_REQUIRE_MONAI=1`.
+//! on the same input, whether it comes as safetensors, a `torch.save` state dict (zip or legacy
+//! container), a GL-MAE authors'-style `{"student": {"module.backbone.*": ...}, "teacher": ...}`
+//! checkpoint or a trainer's `{"state_dict", "optimizer", "epoch"}` checkpoint. Needs python3
+//! with torch, monai, einops and safetensors; without them the test says so and passes, unless
+//! `GLMAE_REQUIRE_MONAI=1`.
 
 use std::process::Command;
 
@@ -26,30 +29,20 @@ fn imported_monai_unetr_reproduces_monai_output() {
         }
     }
     let opts = ImportOptions { num_heads: 2, layer_norm_eps: 1e-5 };
-    let (cfg, tensors) = import_unetr(&dir.join("unetr.safetensors"), &opts).unwrap();
-    assert_eq!((cfg.vit.hidden_size, cfg.feature_size, cfg.out_channels), (24, 4, 3));
-    let bytes = ModelBuilder::from_params(cfg, OwnedPreprocessing::for_classes(3), Precision::F32, |p| {
-        tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
-    })
-    .unwrap()
-    .to_bytes()
-    .unwrap();
-    let file = glmae_core::ModelFile::parse(&bytes).unwrap();
-    let model = glmae_core::Unetr::new(&file).unwrap();
     let io = read_tensors(&dir.join("io.safetensors")).unwrap();
-    let window = [32, 32, 32];
-    let mut logits = vec![0.0; model.logits_len(window)];
-    let mut scratch = vec![0.0; model.scratch_len(window).unwrap()];
-    model.forward(&io["input"].values, window, &mut logits, &mut scratch).unwrap();
     let expected = &io["logits"].values;
+    let reference = logits(&dir.join("unetr.safetensors"), &opts, &io["input"].values);
     let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = logits.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / scale;
+    let err = reference.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / scale;
     eprintln!("MONAI vs glmae-core: max relative error {err:.2e}");
     assert!(err < 1e-4, "imported model differs from MONAI by {err}");
 
-    // A PyTorch pickle is refused with the conversion to run.
-    let e = format!("{:#}", import_unetr(&dir.join("unetr.pt"), &opts).unwrap_err());
-    assert!(e.contains("save_file"), "{e}");
+    // Every PyTorch variant imports to the very same weights, hence the same logits.
+    for file in ["unetr.pt", "unetr_legacy.pt", "unetr_student.pth", "unetr_state_dict.pt"] {
+        let got = logits(&dir.join(file), &opts, &io["input"].values);
+        assert!(got == reference, "{file} imports to other logits than unetr.safetensors");
+        eprintln!("{file}: same logits as unetr.safetensors");
+    }
 
     // A state dict with a tensor removed and one renamed is refused with both named.
     let mut all = read_tensors(&dir.join("unetr.safetensors")).unwrap();
@@ -75,5 +68,40 @@ fn imported_monai_unetr_reproduces_monai_output() {
     assert!(e.contains("missing `decoder3.conv_block.conv2.conv.weight`"), "{e}");
     assert!(e.contains("missing `encoder2.blocks.1.1.conv1.conv.weight`"), "{e}");
     assert!(e.contains("unexpected `encoder2.blocks.1.1.conv9.conv.weight`"), "{e}");
+
+    // A checkpoint without any float tensor is an error that says so.
+    let empty = dir.join("empty.pt");
+    let made = Command::new("python3")
+        .args(["-c", "import sys, torch; torch.save({'epoch': 3, 'step': torch.tensor(5)}, sys.argv[1])"])
+        .arg(&empty)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let e = format!("{:#}", import_unetr(&empty, &opts).unwrap_err());
+    assert!(e.contains("no floating-point tensors"), "{e}");
+    // Neither format: refused, naming both.
+    let junk = dir.join("junk.pt");
+    std::fs::write(&junk, b"not a checkpoint at all").unwrap();
+    let e = format!("{:#}", import_unetr(&junk, &opts).unwrap_err());
+    assert!(e.contains("neither safetensors nor a readable PyTorch checkpoint"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Imports `path` and runs glmae-core's forward pass on `input` (one 32^3 window).
+fn logits(path: &std::path::Path, opts: &ImportOptions, input: &[f32]) -> Vec<f32> {
+    let (cfg, tensors) = import_unetr(path, opts).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+    assert_eq!((cfg.vit.hidden_size, cfg.feature_size, cfg.out_channels), (24, 4, 3));
+    let bytes = ModelBuilder::from_params(cfg, OwnedPreprocessing::for_classes(3), Precision::F32, |p| {
+        tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
+    })
+    .unwrap()
+    .to_bytes()
+    .unwrap();
+    let file = glmae_core::ModelFile::parse(&bytes).unwrap();
+    let model = glmae_core::Unetr::new(&file).unwrap();
+    let window = [32, 32, 32];
+    let mut out = vec![0.0; model.logits_len(window)];
+    let mut scratch = vec![0.0; model.scratch_len(window).unwrap()];
+    model.forward(input, window, &mut out, &mut scratch).unwrap();
+    out
 }

@@ -1,15 +1,13 @@
 //! GL-MAE pretraining on tiny configurations: masking, the loss terms, the EMA teacher and that
 //! training learns.
 
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
-use glmae_data::Affine;
-use glmae_data::Volume;
-use glmae_data::phantom::{PhantomConfig, generate};
-use glmae_data::preprocess::Preprocessor;
 use glmae_data::transforms::Rng;
 use glmae_train::loss::{ConsistencyConfig, consistency, masked_mse};
 use glmae_train::pretrain::{Ablation, PretrainConfig, Pretrainer, make_sample};
+
+mod common;
+use common::{first_and_last_five, params, phantom_volume, reconstruction_losses};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -58,27 +56,6 @@ fn consistency_matches_a_hand_computation() {
         expected += -(0..3).map(|i| pt[i] * ps[i].ln()).sum::<f64>() / 2.0;
     }
     assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
-}
-
-fn phantom_volume(seed: u64) -> Volume {
-    let p = generate(seed, &PhantomConfig { shape: [48, 40, 32], spacing: [6.0, 6.0, 7.5] });
-    let v = Volume::new(p.hu, p.shape, Affine::from_spacing(p.spacing.map(f64::from)));
-    let mut prep = Preprocessor::pretraining();
-    prep.spacing = [6.0, 6.0, 7.5];
-    prep.apply(&v).unwrap().0
-}
-
-/// Every float parameter of a module, flattened, in visiting order.
-fn params(m: &impl Module) -> Vec<Vec<f32>> {
-    struct C(Vec<Vec<f32>>);
-    impl ModuleVisitor for C {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-            self.0.push(p.val().to_data().try_to_vec::<f32>().unwrap());
-        }
-    }
-    let mut c = C(Vec::new());
-    m.visit(&mut c);
-    c.0
 }
 
 #[test]
@@ -139,17 +116,8 @@ fn loss_falls_on_phantom_data() {
     cfg.steps = 40;
     cfg.batch_size = 2;
     let mut run = Pretrainer::new(cfg.clone(), device());
-    let vols = [phantom_volume(3), phantom_volume(4)];
-    let mut losses = Vec::new();
-    for step in 0..cfg.steps {
-        let mut rng = Rng::for_item(cfg.seed, step as u64);
-        let samples: Vec<_> = vols.iter().map(|v| make_sample(&cfg, v, &mut rng)).collect();
-        let m = run.step(&samples);
-        assert!(m.loss.is_finite(), "step {step}: loss {}", m.loss);
-        losses.push(m.rec_global + m.rec_local);
-    }
-    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
-    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    let losses = reconstruction_losses(&mut run, &cfg, &[phantom_volume(3), phantom_volume(4)]);
+    let (first, last) = first_and_last_five(&losses);
     eprintln!("reconstruction loss: first 5 steps {first:.4}, last 5 steps {last:.4}");
     assert!(last < 0.7 * first, "reconstruction loss did not fall: {first} -> {last}");
 }

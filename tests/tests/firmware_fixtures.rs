@@ -1,67 +1,164 @@
-//! The firmware example's embedded model, input and expected labels are what the host core
-//! produces. Regenerate after a deliberate change with
+//! The firmware example's data: `model.glmae` is the trained model `firmware-example/make-model.sh`
+//! exported with `glmae-train export --int8` (committed, not regenerated here); `input.f32`,
+//! `expected_labels.u8` and `phantom_labels.u8` are regenerated from it on the host: a 32^3 window
+//! of a synthetic phantom the model never saw, preprocessed with the model's stored preprocessing,
+//! the labels the host core predicts for it, and the phantom's own labels. Regenerate after a new
+//! model or a deliberate change to the core, the phantom or the preprocessing with
 //! `GLMAE_BLESS=1 cargo test -p glmae-tests --test firmware_fixtures`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use glmae_core::format::Precision;
-use glmae_core::synthetic::random_model;
 use glmae_core::{ModelFile, Unetr, testing_config};
+use glmae_data::phantom::{PhantomConfig, generate};
+use glmae_data::preprocess::Preprocessor;
+use glmae_data::{Affine, Labels, Volume};
 
-const WINDOW: [usize; 3] = [32, 32, 32];
-const SEED: u64 = 2026;
+/// The phantom the window is cut from: a seed outside the training set (make-model.sh trains on
+/// seeds 0-5) on the grid make-model.sh uses, generated at 4.5 x 4.5 x 6 mm ...
+const PHANTOM_SEED: u64 = 1000;
+const PHANTOM: PhantomConfig = PhantomConfig { shape: [72, 58, 40], spacing: [4.5, 4.5, 6.0] };
+/// ... and declared at 1.5 x 1.5 x 2 mm: third-scale anatomy (make-model.sh says why).
+const DECLARED_SPACING: [f64; 3] = [1.5, 1.5, 2.0];
 
-/// A smooth synthetic patch: a bright ellipsoid and a darker sphere on a textured background, in
-/// the model's [0, 1] intensity range.
-fn input_patch() -> Vec<f32> {
-    let mut v = Vec::with_capacity(32 * 32 * 32);
-    for z in 0..32 {
-        for y in 0..32 {
-            for x in 0..32 {
-                let (fz, fy, fx) = (z as f32, y as f32, x as f32);
-                let e =
-                    ((fz - 14.0) / 9.0).powi(2) + ((fy - 18.0) / 6.0).powi(2) + ((fx - 12.0) / 7.0).powi(2);
-                let s = ((fz - 22.0).powi(2) + (fy - 10.0).powi(2) + (fx - 23.0).powi(2)).sqrt();
-                let mut value = 0.25 + 0.03 * (fx * 0.9).sin() * (fy * 0.7).cos();
-                if e < 1.0 {
-                    value = 0.85;
-                } else if s < 5.0 {
-                    value = 0.55;
+/// BTCV label -> the model's three classes (background, liver, kidney), as make-model.sh maps
+/// the training labels.
+fn three_classes(btcv: u8) -> u8 {
+    match btcv {
+        6 => 1,
+        2 | 3 => 2,
+        _ => 0,
+    }
+}
+
+/// Stack and statics besides the arena that the firmware needs in RAM (measured use is below:
+/// the labels are 32 KiB and the stack a few KiB).
+const RAM_RESERVE: usize = 64 * 1024;
+
+fn firmware_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../firmware-example")
+}
+
+/// The RAM region's length in bytes from a firmware linker script (`RAM : ORIGIN = .., LENGTH = 4M`).
+fn ram_length(script: &Path) -> usize {
+    let text = std::fs::read_to_string(script).unwrap();
+    let line = text.lines().find(|l| l.trim_start().starts_with("RAM")).expect("a RAM region");
+    let length = line.split("LENGTH").nth(1).expect("LENGTH").trim_start_matches([' ', '=']).trim();
+    let (digits, unit) = length.split_at(length.find(|c: char| !c.is_ascii_digit()).unwrap_or(length.len()));
+    let scale = match unit.trim() {
+        "" => 1,
+        "K" => 1024,
+        "M" => 1024 * 1024,
+        other => panic!("{}: unknown unit {other:?}", script.display()),
+    };
+    digits.parse::<usize>().unwrap() * scale
+}
+
+/// The window start whose labels show the most classes (each at least 2% of the window), then
+/// the largest smallest class among them; the first such start on a 4-voxel grid.
+fn pick_window(labels: &Labels, window: [usize; 3], classes: usize) -> [usize; 3] {
+    let starts = |a: usize| (0..=labels.shape[a] - window[a]).step_by(4);
+    let mut best = (0usize, 0usize, [0usize; 3]);
+    for i0 in starts(0) {
+        for j0 in starts(1) {
+            for k0 in starts(2) {
+                let mut counts = vec![0usize; classes];
+                for i in i0..i0 + window[0] {
+                    for j in j0..j0 + window[1] {
+                        let row = (i * labels.shape[1] + j) * labels.shape[2];
+                        for &l in &labels.data[row + k0..row + k0 + window[2]] {
+                            counts[l as usize] += 1;
+                        }
+                    }
                 }
-                v.push(value);
+                let enough = window.iter().product::<usize>() / 50;
+                let present: Vec<usize> = counts.into_iter().filter(|&c| c >= enough).collect();
+                let score = (present.len(), present.iter().copied().min().unwrap_or(0));
+                if score > (best.0, best.1) {
+                    best = (score.0, score.1, [i0, j0, k0]);
+                }
             }
         }
     }
-    v
+    best.2
 }
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../firmware-example/data")
+fn cut<T: Copy>(v: &Volume<T>, start: [usize; 3], window: [usize; 3]) -> Vec<T> {
+    let mut out = Vec::with_capacity(window.iter().product());
+    for i in start[0]..start[0] + window[0] {
+        for j in start[1]..start[1] + window[1] {
+            let row = (i * v.shape[1] + j) * v.shape[2];
+            out.extend_from_slice(&v.data[row + start[2]..row + start[2] + window[2]]);
+        }
+    }
+    out
 }
 
 #[test]
 fn firmware_fixtures_match_the_host_core() {
-    let model = random_model(&testing_config(), SEED, Precision::Int8).unwrap();
-    let input = input_patch();
-    let file = ModelFile::parse(&model).unwrap();
+    let dir = firmware_dir();
+    let model_path = dir.join("data/model.glmae");
+    let bytes = std::fs::read(&model_path).unwrap_or_else(|e| panic!("{}: {e}", model_path.display()));
+    let file = ModelFile::parse(&bytes).unwrap();
     let unetr = Unetr::new(&file).unwrap();
-    let mut labels = vec![0u8; input.len()];
-    let mut scratch = vec![0.0; unetr.segment_scratch_len(WINDOW).unwrap()];
-    unetr.segment(&input, WINDOW, &mut labels, &mut scratch).unwrap();
+
+    // The trained model is the `tiny` preset with three classes and int8 weights.
+    let expected_config = testing_config();
+    assert_eq!(file.config, expected_config, "model.glmae is not make-model.sh's architecture");
+    let names: Vec<&str> = file.preprocessing.class_names.iter().collect();
+    assert_eq!(names, ["background", "liver", "kidney"]);
+    assert!(file.storage().0 > 0, "model.glmae should store int8 weights");
+    let window = file.config.vit.img_size.map(|s| s as usize);
+
+    // The firmware's arena is exactly segment_scratch_len (build.rs computes it from this file
+    // with the same core); with the labels and a stack reserve it must fit both boards' RAM.
+    let scratch_len = unetr.segment_scratch_len(window).unwrap();
+    let voxels: usize = window.iter().product();
+    let ram_needed = 4 * scratch_len + voxels + RAM_RESERVE;
+    for board in ["memory-an386.x", "memory-an505.x"] {
+        let ram = ram_length(&dir.join(board));
+        assert!(
+            ram_needed <= ram,
+            "{board}: the firmware needs {ram_needed} bytes of RAM, the board has {ram}"
+        );
+    }
+
+    // The input: a phantom window preprocessed as the model's file says.
+    let phantom = generate(PHANTOM_SEED, &PHANTOM);
+    let affine = Affine::from_spacing(DECLARED_SPACING);
+    // Rounded to whole HU as make-phantoms stores them (int16 NIfTI).
+    let image = Volume::new(phantom.hu.iter().map(|v| v.round()).collect(), phantom.shape, affine);
+    let truth =
+        Volume::new(phantom.labels.iter().map(|&l| three_classes(l)).collect(), phantom.shape, affine);
+    let (image, truth) =
+        Preprocessor::from_model(&file.preprocessing).apply_with_labels(&image, &truth).unwrap();
+    let start = pick_window(&truth, window, names.len());
+    let input = cut(&image, start, window);
+    let truth = cut(&truth, start, window);
+
+    let mut labels = vec![0u8; voxels];
+    let mut scratch = vec![0.0; scratch_len];
+    unetr.segment(&input, window, &mut labels, &mut scratch).unwrap();
+
+    let count = |l: &[u8], c: usize| l.iter().filter(|&&v| v as usize == c).count();
+    eprintln!("window at {start:?} of the preprocessed phantom {:?}; scratch {scratch_len} f32", image.shape);
+    for (c, name) in names.iter().enumerate() {
+        let both = labels.iter().zip(&truth).filter(|&(&p, &t)| p as usize == c && t as usize == c).count();
+        let (p, t) = (count(&labels, c), count(&truth, c));
+        let dice = if p + t == 0 { 1.0 } else { 2.0 * both as f64 / (p + t) as f64 };
+        eprintln!("class {c} ({name}): predicted {p}, phantom {t}, Dice {dice:.3}");
+    }
+
     let input_bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let scratch_len = scratch.len();
-    drop(unetr);
-    let files = [("model.glmae", model.clone()), ("input.f32", input_bytes), ("expected_labels.u8", labels)];
-    let dir = fixture_dir();
+    let files = [("input.f32", input_bytes), ("expected_labels.u8", labels), ("phantom_labels.u8", truth)];
+    let data = dir.join("data");
     if std::env::var_os("GLMAE_BLESS").is_some() {
-        std::fs::create_dir_all(&dir).unwrap();
         for (name, bytes) in &files {
-            std::fs::write(dir.join(name), bytes).unwrap();
+            std::fs::write(data.join(name), bytes).unwrap();
         }
-        eprintln!("wrote fixtures to {}; segment scratch {} f32", dir.display(), scratch_len);
+        eprintln!("wrote {} fixtures to {}", files.len(), data.display());
     }
     for (name, bytes) in &files {
-        let path = dir.join(name);
+        let path = data.join(name);
         let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(committed == *bytes, "{} is stale: regenerate with GLMAE_BLESS=1", path.display());
     }

@@ -1,0 +1,350 @@
+//! UNETR forward-pass benchmark: ViT-T encoder (hidden 192, depth 12, heads 3, MLP 768, patch 16),
+//! feature size 16, 14 classes, random weights, 96^3 windows.
+//!
+//!     cargo bench -p glmae-infer --bench forward                 # windows: f32/int8 x 1/2 threads
+//!     cargo bench -p glmae-infer --bench forward -- volume       # + 256x256x128 volumes, overlap 0.5
+//!     cargo bench -p glmae-infer --bench forward -- reference    # + one reference-kernel window
+//!     cargo bench -p glmae-infer --bench forward -- agreement    # fast vs reference labels on a phantom
+//!     cargo bench -p glmae-infer --bench forward -- conv=32,16,96,1   # one 3x3x3 layer (CI,CO,EDGE,THREADS)
+//!
+//! `only=f32` or `only=int8` restricts the precisions; `volume-only` skips the window runs.
+//! int8 runs twice: dequantised to f32 (the default engine) and on the int8 x int16 kernels
+//! (`int8_kernels=Some(Vnni)`, when the CPU has AVX-512 VNNI).
+//!
+//! Each measurement runs in a child process so that its peak resident memory (VmHWM) is its own.
+//! Window times are the median of `REPS` runs after one warm-up run; `cpu_ms` is the process's
+//! CPU time per window (user + system), which stays meaningful on a shared, loaded machine. Conv GFLOP/s counts
+//! 2 x multiply-adds of the decoder's 3x3x3, 1x1x1 and transposed convolutions over their time.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use glmae_core::format::Precision;
+use glmae_core::{ModelFile, Unetr, UnetrConfig};
+use glmae_data::sliding_window::Blend;
+use glmae_infer::fast::FastUnetr;
+use glmae_infer::{Engine, SegmentOptions, segment_volume};
+
+const WINDOW: [usize; 3] = [96, 96, 96];
+const VOLUME: [usize; 3] = [256, 256, 128];
+const REPS: usize = 5;
+
+fn config() -> UnetrConfig {
+    UnetrConfig::vit_t([96, 96, 96], 14)
+}
+
+fn model(precision: Precision) -> Result<Vec<u8>> {
+    Ok(glmae_core::synthetic::random_model(&config(), 42, precision)?)
+}
+
+fn precision(s: &str) -> Result<Precision> {
+    match s {
+        "f32" => Ok(Precision::F32),
+        "int8" => Ok(Precision::Int8),
+        _ => bail!("precision must be f32 or int8, not {s}"),
+    }
+}
+
+/// A preprocessed CT phantom (HU window [-175, 250] -> [0, 1]) of `shape` at 1.5 mm.
+fn phantom(shape: [usize; 3]) -> (Vec<f32>, Vec<u8>) {
+    let p = glmae_data::phantom::generate(
+        7,
+        &glmae_data::phantom::PhantomConfig { shape, spacing: [1.5, 1.5, 2.0].map(|s: f32| s * 1.6) },
+    );
+    (p.hu.iter().map(|h| ((h + 175.0) / 425.0).clamp(0.0, 1.0)).collect(), p.labels)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("thread pool")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Child: time windows of the fast pass.
+fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> {
+    let bytes = model(p)?;
+    let file = ModelFile::parse(&bytes)?;
+    let mut fast = FastUnetr::new(&file)?;
+    if int8_kernels {
+        fast = fast.with_int8_kernels(glmae_infer::fast::QIsa::detect())?;
+    }
+    let (input, _) = phantom(WINDOW);
+    let pool = pool(threads)?;
+    let mut times = Vec::new();
+    let mut stats = Vec::new();
+    let mut cpu = 0.0;
+    for r in 0..=REPS {
+        let c0 = cpu_seconds();
+        let t = Instant::now();
+        let (_, s) = pool.install(|| fast.forward_with_stats(&input, WINDOW))?;
+        times.push(t.elapsed().as_secs_f64());
+        stats.push(s);
+        if r > 0 {
+            cpu += cpu_seconds() - c0;
+        }
+    }
+    times.remove(0);
+    stats.remove(0);
+    let conv_gflops = median(stats.iter().map(|s| 2.0 * s.conv_macs as f64 / s.conv_seconds / 1e9).collect());
+    let enc = median(stats.iter().map(|s| s.encoder_seconds).collect());
+    let conv_s = median(stats.iter().map(|s| s.conv_seconds).collect());
+    let norm_s = median(stats.iter().map(|s| s.norm_seconds).collect());
+    println!(
+        "RESULT window precision={p:?} threads={threads} isa={:?} int8_kernels={:?} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1}",
+        fast.isa(),
+        fast.int8_kernels(),
+        1e3 * cpu / REPS as f64,
+        1e3 * median(times.clone()),
+        1e3 * times.iter().cloned().fold(f64::MAX, f64::min),
+        1e3 * enc,
+        1e3 * conv_s,
+        1e3 * norm_s,
+        2.0 * stats[0].conv_macs as f64 / 1e9,
+        conv_gflops,
+        peak_rss_mib(),
+        fast.weight_bytes() as f64 / (1 << 20) as f64,
+    );
+    Ok(())
+}
+
+/// Process CPU seconds (user + system) from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    if f.len() < 13 { f64::NAN } else { (f[11] + f[12]) / 100.0 }
+}
+
+/// Child: one 3x3x3 convolution layer, GFLOP/s by wall and by CPU time.
+fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
+    use glmae_infer::fast::conv::{ConvWeights, Vol, conv};
+    use glmae_infer::fast::gemm::Isa;
+    use glmae_infer::fast::qconv::{QConvWeights, QIsa, QVol, max_level, qconv};
+    let cw = ConvWeights::from_fn(co, ci, 3, |i| ((i * 7919) % 13) as f32 * 0.01, None);
+    let q: Vec<i8> = (0..co * ci * 27).map(|i| ((i * 7919) % 13) as i8).collect();
+    let qw = QConvWeights::from_parts(co, ci, 3, &q, &vec![0.01; co], None);
+    let int8 = std::env::var("CONV_INT8").is_ok();
+    let d = [edge; 3];
+    let mut x = Vol::zeros(d, ci);
+    for (i, v) in x.data.iter_mut().enumerate() {
+        *v = (i % 17) as f32 * 0.1;
+    }
+    let mut out = Vol::zeros(d, co);
+    let pool = pool(threads)?;
+    let run = |out: &mut Vol| {
+        if int8 {
+            let amax = glmae_infer::fast::conv::abs_max(&x, 0, ci);
+            let qx = QVol::quantize(&x, amax, max_level(qw.k()), Vec::new());
+            qconv(QIsa::detect().unwrap_or(QIsa::Scalar), &qx, &qw, out, 0);
+        } else {
+            conv(Isa::detect(), &x, &cw, out, 0);
+        }
+    };
+    pool.install(|| run(&mut out));
+    let (t0, c0) = (Instant::now(), cpu_seconds());
+    let reps = 3;
+    for _ in 0..reps {
+        pool.install(|| run(&mut out));
+    }
+    let (wall, cpu) = (t0.elapsed().as_secs_f64() / reps as f64, (cpu_seconds() - c0) / reps as f64);
+    let flop = 2.0 * (27 * ci * co * edge * edge * edge) as f64;
+    println!(
+        "RESULT conv int8={int8} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
+        wall * 1e3,
+        flop / wall / 1e9,
+        flop / cpu / 1e9
+    );
+    Ok(())
+}
+
+/// Child: one whole volume through the sliding window.
+fn child_volume(p: Precision, threads: usize, engine: Engine) -> Result<()> {
+    let bytes = model(p)?;
+    let file = ModelFile::parse(&bytes)?;
+    let (vol, _) = phantom(VOLUME);
+    let opts = SegmentOptions {
+        overlap: 0.5,
+        blend: Blend::Gaussian,
+        threads,
+        probabilities: None,
+        progress: false,
+    };
+    let (t, c0) = (Instant::now(), cpu_seconds());
+    let logits = segment_volume(&file, &vol, VOLUME, &opts, engine)?;
+    let s = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - c0;
+    let windows: usize = (0..3)
+        .map(|a| glmae_data::sliding_window::starts(VOLUME[a], WINDOW[a], opts.overlap).len())
+        .product();
+    println!(
+        "RESULT volume precision={p:?} threads={threads} engine={engine:?} shape={VOLUME:?} windows={windows} s={s:.1} cpu_s={cpu:.1} peak_mib={:.0} logits={}",
+        peak_rss_mib(),
+        logits.len()
+    );
+    Ok(())
+}
+
+/// Child: one window on glmae-core's reference kernels (single thread).
+fn child_reference(p: Precision) -> Result<()> {
+    let bytes = model(p)?;
+    let file = ModelFile::parse(&bytes)?;
+    let m = Unetr::new(&file)?;
+    let (input, _) = phantom(WINDOW);
+    let mut logits = vec![0.0; m.logits_len(WINDOW)];
+    let mut scratch = vec![0.0; m.scratch_len(WINDOW)?];
+    let t = Instant::now();
+    m.forward(&input, WINDOW, &mut logits, &mut scratch)?;
+    println!(
+        "RESULT reference precision={p:?} threads=1 ms={:.0} peak_mib={:.0}",
+        1e3 * t.elapsed().as_secs_f64(),
+        peak_rss_mib()
+    );
+    Ok(())
+}
+
+/// Child: fast vs reference logits and labels on a phantom window, Dice per class between them.
+fn child_agreement(p: Precision) -> Result<()> {
+    let bytes = model(p)?;
+    let file = ModelFile::parse(&bytes)?;
+    let m = Unetr::new(&file)?;
+    let (input, truth) = phantom(WINDOW);
+    let mut expected = vec![0.0; m.logits_len(WINDOW)];
+    let mut scratch = vec![0.0; m.scratch_len(WINDOW)?];
+    m.forward(&input, WINDOW, &mut expected, &mut scratch)?;
+    drop(scratch);
+    let (lo, hi) = expected.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let n = WINDOW.iter().product::<usize>();
+    let mut lb = vec![0u8; n];
+    glmae_core::kernels::argmax_channels(&expected, 14, &mut lb);
+    let dice_ref = glmae_data::sliding_window::dice_per_class(&lb, &truth, 14);
+    let mut variants = vec![None];
+    if p == Precision::Int8 {
+        variants.extend(glmae_infer::fast::QIsa::detect().map(Some));
+    }
+    for q in variants {
+        let fast = FastUnetr::new(&file)?.with_int8_kernels(q)?;
+        let got = pool(2)?.install(|| fast.forward(&input, WINDOW))?;
+        let max_diff = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let mut la = vec![0u8; n];
+        glmae_core::kernels::argmax_channels(&got, 14, &mut la);
+        let same = la.iter().zip(&lb).filter(|(a, b)| a == b).count() as f64 / n as f64;
+        let dice = glmae_data::sliding_window::dice_per_class(&la, &lb, 14);
+        let present: Vec<f64> = dice.iter().flatten().map(|d| 100.0 * d).collect();
+        let min = present.iter().cloned().fold(f64::MAX, f64::min);
+        let mean = present.iter().sum::<f64>() / present.len().max(1) as f64;
+        // Against the phantom's own labels: how far the fast pass moves each class's Dice (the
+        // issue's criterion; with random weights the Dice values themselves mean nothing).
+        let dice_fast = glmae_data::sliding_window::dice_per_class(&la, &truth, 14);
+        let change = dice_fast
+            .iter()
+            .zip(&dice_ref)
+            .filter_map(|(a, b)| Some((a.as_ref()? - b.as_ref()?).abs() * 100.0))
+            .fold(0.0, f64::max);
+        println!(
+            "RESULT agreement precision={p:?} int8_kernels={q:?} logit_range={:.3} max_diff={max_diff:.2e} rel={:.2e} labels_same={:.5} dice_fast_vs_ref_mean={mean:.2} dice_min={min:.2} classes_present={} max_dice_change_vs_truth_points={change:.3}",
+            hi - lo,
+            max_diff / (hi - lo),
+            same,
+            present.len()
+        );
+    }
+    Ok(())
+}
+
+fn spawn(args: &[&str]) -> Result<String> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe).arg("--child").args(args).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!("child {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("RESULT")).collect();
+    for l in &lines {
+        println!("{l}");
+    }
+    Ok(lines.join("\n"))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        let p = precision(args.get(2).map_or("f32", String::as_str)).unwrap_or(Precision::F32);
+        let threads: usize = args.get(3).map_or(Ok(2), |s| s.parse())?;
+        return match args.get(1).map(String::as_str) {
+            Some("window") => child_window(p, threads, false),
+            Some("window-int8k") => child_window(p, threads, true),
+            Some("volume") => child_volume(p, threads, Engine::Fast),
+            Some("volume-int8k") => child_volume(p, threads, Engine::FastInt8Kernels),
+            Some("reference") => child_reference(p),
+            Some("agreement") => child_agreement(p),
+            Some("conv") => {
+                let n: Vec<usize> = args[2..].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+                child_conv(n[0], n[1], n[2], n[3])
+            }
+            other => bail!("unknown child {other:?}"),
+        };
+    }
+    let has = |s: &str| args.iter().any(|a| a == s);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model_name = cpu.lines().find_map(|l| l.strip_prefix("model name")).unwrap_or(": ?");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "cpu{model_name}, load average {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!("ViT-T UNETR, feature size 16, 14 classes, window {WINDOW:?}");
+    if let Some(c) = args.iter().find_map(|a| a.strip_prefix("conv=")) {
+        // conv=CI,CO,EDGE,THREADS: one layer (kernel tuning).
+        let v: Vec<&str> = c.split(',').collect();
+        spawn(&["conv", v[0], v[1], v[2], v[3]])?;
+        return Ok(());
+    }
+    let only = args.iter().find_map(|a| a.strip_prefix("only="));
+    for p in ["f32", "int8"] {
+        if only.is_some_and(|o| o != p) {
+            continue;
+        }
+        if !has("volume-only") {
+            for t in ["1", "2"] {
+                spawn(&["window", p, t])?;
+            }
+            if p == "int8" && glmae_infer::fast::QIsa::detect().is_some() {
+                for t in ["1", "2"] {
+                    spawn(&["window-int8k", p, t])?;
+                }
+            }
+        }
+        if has("volume") || has("volume-only") {
+            for t in ["2", "1"] {
+                if t == "1" && !has("volume1") {
+                    continue;
+                }
+                spawn(&["volume", p, t])?;
+                if p == "int8" {
+                    spawn(&["volume-int8k", p, t])?;
+                }
+            }
+        }
+        if has("reference") && p == "f32" {
+            spawn(&["reference", p, "1"])?;
+        }
+        if has("agreement") {
+            spawn(&["agreement", p, "2"])?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,549 @@
+//! The decoder's layers on channel-last volumes with a one-voxel zero border.
+//!
+//! Keeping every activation channel-last (`[z][y][x][channel]`) and zero-padded turns each of the
+//! 27 taps of a 3x3x3 convolution into a plain shift of A in the GEMM micro-kernel: no im2col
+//! copy and no bounds tests in the inner loop. Output rows are x-runs of `MR` voxels, output
+//! columns are `NR` channels, and output planes are split across the rayon pool.
+
+use glmae_core::kernels::{Dims3, INSTANCE_NORM_EPS, LEAKY_RELU_SLOPE};
+use glmae_core::tensor::Tensor;
+use rayon::prelude::*;
+
+use super::gemm::{Isa, MR, NR, PackedB, Tile, pad_bias};
+
+/// A channel-last volume with a one-voxel zero border on every side.
+#[derive(Clone, Debug)]
+pub struct Vol {
+    /// `(d0 + 2) * (d1 + 2) * (d2 + 2) * c` values.
+    pub data: Vec<f32>,
+    /// Interior size.
+    pub dims: Dims3,
+    /// Channels per voxel.
+    pub c: usize,
+}
+
+impl Vol {
+    /// All zeros.
+    pub fn zeros(dims: Dims3, c: usize) -> Self {
+        let n = (dims[0] + 2) * (dims[1] + 2) * (dims[2] + 2) * c;
+        Self { data: vec![0.0; n], dims, c }
+    }
+
+    /// A volume in a recycled buffer: the border is zeroed, the interior holds stale values (NaN
+    /// in debug builds, so tests catch any layer that reads before it writes).
+    pub fn reuse(mut data: Vec<f32>, dims: Dims3, c: usize) -> Self {
+        let n = (dims[0] + 2) * (dims[1] + 2) * (dims[2] + 2) * c;
+        data.truncate(n);
+        data.resize(n, 0.0);
+        let mut v = Self { data, dims, c };
+        if cfg!(debug_assertions) {
+            v.data.fill(f32::NAN);
+        }
+        v.zero_border();
+        v
+    }
+
+    /// Zeroes the one-voxel border (interior values are left as they are).
+    fn zero_border(&mut self) {
+        let [d0, h, w] = self.dims;
+        let (plane, c) = (self.plane(), self.c);
+        self.data[..plane].fill(0.0);
+        self.data[(d0 + 1) * plane..].fill(0.0);
+        self.data[plane..(d0 + 1) * plane].par_chunks_mut(plane).for_each(|pl| {
+            pl[..(w + 2) * c].fill(0.0);
+            pl[(h + 1) * (w + 2) * c..].fill(0.0);
+            for y in 1..=h {
+                let row = &mut pl[y * (w + 2) * c..(y + 1) * (w + 2) * c];
+                row[..c].fill(0.0);
+                row[(w + 1) * c..].fill(0.0);
+            }
+        });
+    }
+
+    /// Values in one padded z-plane.
+    pub fn plane(&self) -> usize {
+        (self.dims[1] + 2) * (self.dims[2] + 2) * self.c
+    }
+
+    /// Index of padded voxel `(z, y, x)` (interior voxels are `1..=dims`).
+    pub fn at(&self, z: usize, y: usize, x: usize) -> usize {
+        ((z * (self.dims[1] + 2) + y) * (self.dims[2] + 2) + x) * self.c
+    }
+
+    /// From a channel-first `(c, dims)` array.
+    pub fn from_channel_first(x: &[f32], dims: Dims3, c: usize) -> Self {
+        let mut v = Self::zeros(dims, c);
+        let n = dims[0] * dims[1] * dims[2];
+        for z in 0..dims[0] {
+            for y in 0..dims[1] {
+                for xx in 0..dims[2] {
+                    let dst = v.at(z + 1, y + 1, xx + 1);
+                    let src = (z * dims[1] + y) * dims[2] + xx;
+                    for ch in 0..c {
+                        v.data[dst + ch] = x[ch * n + src];
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// From token rows `(d0 * d1 * d2, c)`, row-major over the grid (the ViT's output).
+    pub fn from_tokens(t: &[f32], dims: Dims3, c: usize) -> Self {
+        let mut v = Self::zeros(dims, c);
+        for z in 0..dims[0] {
+            for y in 0..dims[1] {
+                let dst = v.at(z + 1, y + 1, 1);
+                let src = (z * dims[1] + y) * dims[2] * c;
+                v.data[dst..dst + dims[2] * c].copy_from_slice(&t[src..src + dims[2] * c]);
+            }
+        }
+        v
+    }
+
+    /// Channels `off..off + n` as a channel-first array.
+    pub fn to_channel_first(&self, off: usize, n: usize) -> Vec<f32> {
+        let d = self.dims;
+        let pv = d[1] * d[2];
+        let mut out = vec![0.0; n * d[0] * pv];
+        // Plane z of channel ch is the contiguous segment ch * d0 + z: hand each z-plane task
+        // its n segments, so one pass over the source writes n sequential streams.
+        let mut by_z: Vec<Vec<&mut [f32]>> = (0..d[0]).map(|_| Vec::with_capacity(n)).collect();
+        for (i, seg) in out.chunks_mut(pv).enumerate() {
+            by_z[i % d[0]].push(seg);
+        }
+        by_z.into_par_iter().enumerate().for_each(|(z, mut segs)| {
+            for y in 0..d[1] {
+                let src = &self.data[self.at(z + 1, y + 1, 1)..][..d[2] * self.c];
+                for (x, v) in src.chunks_exact(self.c).enumerate() {
+                    for (seg, &val) in segs.iter_mut().zip(&v[off..off + n]) {
+                        seg[y * d[2] + x] = val;
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// Interior planes `1..=d0` as mutable chunks, for parallel writes.
+    fn interior_planes_mut(&mut self) -> impl IndexedParallelIterator<Item = (usize, &mut [f32])> {
+        let plane = self.plane();
+        let d0 = self.dims[0];
+        self.data[plane..(d0 + 1) * plane].par_chunks_mut(plane).enumerate()
+    }
+}
+
+/// A 3x3x3 (padding 1) or 1x1x1 convolution, weights packed per output-channel panel as
+/// `[tap][in_ch][NR]`; int8 weights are dequantised here, once.
+#[derive(Clone, Debug)]
+pub struct ConvWeights {
+    packed: PackedB,
+    bias: Option<Vec<f32>>,
+    in_ch: usize,
+    out_ch: usize,
+    kernel: usize,
+}
+
+impl ConvWeights {
+    /// From a PyTorch `(out, in, k, k, k)` Conv3d weight with `k` 1 or 3.
+    pub fn new(w: &Tensor<'_>, bias: Option<&Tensor<'_>>) -> Self {
+        let d = w.shape();
+        let d = d.dims();
+        let (out_ch, in_ch, kernel) = (d[0] as usize, d[1] as usize, d[2] as usize);
+        let bias: Option<Vec<f32>> = bias.map(|b| (0..out_ch).map(|i| b.get(i)).collect());
+        Self::from_fn(out_ch, in_ch, kernel, |i| w.get(i), bias.as_deref())
+    }
+
+    /// From `weight(i)`, element `i` of a row-major `(out, in, k, k, k)` weight, `k` 1 or 3.
+    pub fn from_fn(
+        out_ch: usize,
+        in_ch: usize,
+        kernel: usize,
+        weight: impl Fn(usize) -> f32,
+        bias: Option<&[f32]>,
+    ) -> Self {
+        let taps = kernel * kernel * kernel;
+        // Row r = tap * in_ch + ci of the implicit GEMM's B.
+        let packed = PackedB::from_fn(taps * in_ch, out_ch, |r, co| {
+            let (tap, ci) = (r / in_ch, r % in_ch);
+            weight((co * in_ch + ci) * taps + tap)
+        });
+        let bias = bias.map(|b| pad_bias(b.iter().copied(), out_ch));
+        Self { packed, bias, in_ch, out_ch, kernel }
+    }
+
+    /// Output channels.
+    pub fn out_ch(&self) -> usize {
+        self.out_ch
+    }
+
+    /// Bytes of packed weights.
+    pub fn bytes(&self) -> usize {
+        self.packed.bytes()
+    }
+
+    /// Multiply-adds per output voxel.
+    pub fn macs_per_voxel(&self) -> usize {
+        self.kernel.pow(3) * self.in_ch * self.out_ch
+    }
+}
+
+/// Runs `w` on `x` into channels `off..off + w.out_ch()` of `out` (same interior size).
+pub fn conv(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
+    assert_eq!(x.c, w.in_ch, "conv input channels");
+    assert_eq!(x.dims, out.dims, "conv keeps the size");
+    assert!(off + w.out_ch <= out.c, "conv output channels");
+    let [_, h, wd] = x.dims;
+    let ci = x.c;
+    // Tap offsets from the padded voxel at the output's (z, y, x) corner.
+    let taps: Vec<usize> = if w.kernel == 3 {
+        (0..27).map(|t| ((t / 9 * (h + 2) + t / 3 % 3) * (wd + 2) + t % 3) * ci).collect()
+    } else {
+        vec![(((h + 2) + 1) * (wd + 2) + 1) * ci]
+    };
+    let oc = out.c;
+    let xw = &x.data;
+    let plane_in = x.plane();
+    out.interior_planes_mut().for_each(|(z, oplane)| {
+        for p in 0..w.packed.panels() {
+            let panel = w.packed.panel(p);
+            let nc = w.packed.panel_cols(p);
+            let bias = w.bias.as_ref().map(|b| &b[p * NR..][..NR]);
+            for y in 0..h {
+                let mut x0 = 0;
+                while x0 < wd {
+                    let mr = (wd - x0).min(MR);
+                    let a0 = z * plane_in + (y * (wd + 2) + x0) * ci;
+                    let tile = Tile {
+                        a: &xw[a0..],
+                        a_offs: &taps,
+                        lda: ci,
+                        kc: ci,
+                        b: panel,
+                        bias,
+                        accumulate: false,
+                        ldc: oc,
+                        mr,
+                        nc,
+                    };
+                    let c0 = ((y + 1) * (wd + 2) + x0 + 1) * oc + off + p * NR;
+                    tile.run(isa, &mut oplane[c0..]);
+                    x0 += mr;
+                }
+            }
+        }
+    });
+}
+
+/// A 2x2x2 stride-2 transposed convolution (no bias), one packed `(in_ch, out_ch)` matrix per tap.
+#[derive(Clone, Debug)]
+pub struct UpConvWeights {
+    taps: Vec<PackedB>,
+    in_ch: usize,
+    out_ch: usize,
+}
+
+impl UpConvWeights {
+    /// From a PyTorch `(in, out, 2, 2, 2)` ConvTranspose3d weight.
+    pub fn new(w: &Tensor<'_>) -> Self {
+        let d = w.shape();
+        let d = d.dims();
+        let (in_ch, out_ch) = (d[0] as usize, d[1] as usize);
+        let taps = (0..8)
+            .map(|t| PackedB::from_fn(in_ch, out_ch, |ci, co| w.get((ci * out_ch + co) * 8 + t)))
+            .collect();
+        Self { taps, in_ch, out_ch }
+    }
+
+    /// Output channels.
+    pub fn out_ch(&self) -> usize {
+        self.out_ch
+    }
+
+    /// Bytes of packed weights.
+    pub fn bytes(&self) -> usize {
+        self.taps.iter().map(PackedB::bytes).sum()
+    }
+
+    /// Multiply-adds per input voxel.
+    pub fn macs_per_input_voxel(&self) -> usize {
+        8 * self.in_ch * self.out_ch
+    }
+}
+
+/// Runs `w` on `x` into channels `off..off + w.out_ch()` of `out`, whose interior is twice `x`'s.
+pub fn conv_transpose(isa: Isa, x: &Vol, w: &UpConvWeights, out: &mut Vol, off: usize) {
+    assert_eq!(x.c, w.in_ch, "transposed conv input channels");
+    assert_eq!(out.dims, x.dims.map(|d| 2 * d), "transposed conv doubles the size");
+    assert!(off + w.out_ch <= out.c, "transposed conv output channels");
+    let [d0, h, wd] = x.dims;
+    let (ci, oc, ow) = (x.c, out.c, 2 * wd + 2);
+    let oplane = out.plane();
+    let xw = &x.data;
+    let offs = [0usize];
+    // Input plane z writes output planes 2z and 2z + 1 (padded 2z + 1, 2z + 2): one chunk.
+    out.data[oplane..(2 * d0 + 1) * oplane].par_chunks_mut(2 * oplane).enumerate().for_each(|(z, chunk)| {
+        for (t, packed) in w.taps.iter().enumerate() {
+            let (a, b, c) = (t / 4, t / 2 % 2, t % 2);
+            for p in 0..packed.panels() {
+                let panel = packed.panel(p);
+                let nc = packed.panel_cols(p);
+                for y in 0..h {
+                    let mut x0 = 0;
+                    while x0 < wd {
+                        let mr = (wd - x0).min(MR);
+                        let a0 = x.at(z + 1, y + 1, x0 + 1);
+                        let tile = Tile {
+                            a: &xw[a0..],
+                            a_offs: &offs,
+                            lda: ci,
+                            kc: ci,
+                            b: panel,
+                            bias: None,
+                            accumulate: false,
+                            // Neighbouring input voxels land two output voxels apart.
+                            ldc: 2 * oc,
+                            mr,
+                            nc,
+                        };
+                        let c0 = a * oplane + ((2 * y + b + 1) * ow + 2 * x0 + c + 1) * oc + off + p * NR;
+                        tile.run(isa, &mut chunk[c0..]);
+                        x0 += mr;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// InstanceNorm (no affine) of a channel range as `y = x * scale + shift`, `scale` being
+/// `1 / sqrt(var + eps)` and `shift` `-mean * scale`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NormStats {
+    /// Per channel.
+    pub scale: Vec<f32>,
+    /// Per channel.
+    pub shift: Vec<f32>,
+}
+
+impl NormStats {
+    /// The identity, for an un-normalised residual.
+    pub fn identity(n: usize) -> Self {
+        Self { scale: vec![1.0; n], shift: vec![0.0; n] }
+    }
+}
+
+/// Running count, mean and sum of squared deviations, merged with Chan et al.'s formula.
+#[derive(Clone, Copy, Default)]
+struct Moments {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    fn merge(self, o: Moments) -> Moments {
+        let n = self.n + o.n;
+        if n == 0.0 {
+            return self;
+        }
+        let d = o.mean - self.mean;
+        Moments { n, mean: self.mean + d * o.n / n, m2: self.m2 + o.m2 + d * d * self.n * o.n / n }
+    }
+}
+
+/// InstanceNorm statistics of channels `off..off + n` of `x`, in one pass over memory: each
+/// x-row's mean and squared deviations are computed in f32 while the row sits in L1 (two short
+/// passes, so no cancellation), then rows and planes are merged in f64.
+pub fn instance_stats(x: &Vol, off: usize, n: usize) -> NormStats {
+    let [d0, h, wd] = x.dims;
+    let (plane, c) = (x.plane(), x.c);
+    let total = x.data[plane..(d0 + 1) * plane]
+        .par_chunks(plane)
+        .map(|pl| {
+            let mut acc = vec![Moments::default(); n];
+            let (mut sum, mut dev) = (vec![0.0f32; n], vec![0.0f32; n]);
+            for y in 0..h {
+                let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
+                let row = &pl[r0..r0 + (wd - 1) * c + n];
+                sum.fill(0.0);
+                for v in row.chunks(c) {
+                    for (s, &val) in sum.iter_mut().zip(&v[..n]) {
+                        *s += val;
+                    }
+                }
+                let inv = 1.0 / wd as f32;
+                sum.iter_mut().for_each(|s| *s *= inv);
+                dev.fill(0.0);
+                for v in row.chunks(c) {
+                    for ((d, &val), &m) in dev.iter_mut().zip(&v[..n]).zip(&sum) {
+                        *d += (val - m) * (val - m);
+                    }
+                }
+                for ((a, &m), &d) in acc.iter_mut().zip(&sum).zip(&dev) {
+                    *a = a.merge(Moments { n: wd as f64, mean: m as f64, m2: d as f64 });
+                }
+            }
+            acc
+        })
+        .reduce(|| vec![Moments::default(); n], |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect());
+    let scale: Vec<f32> =
+        total.iter().map(|m| 1.0 / ((m.m2 / m.n.max(1.0)) as f32 + INSTANCE_NORM_EPS).sqrt()).collect();
+    let shift = total.iter().zip(&scale).map(|(m, &s)| -(m.mean as f32) * s).collect();
+    NormStats { scale, shift }
+}
+
+#[inline]
+fn lrelu(v: f32) -> f32 {
+    if v < 0.0 { v * LEAKY_RELU_SLOPE } else { v }
+}
+
+/// `if a > m { a } else { m }`: unlike `f32::max`, vectorises in reductions (no NaN rules).
+#[inline]
+fn bigger(m: f32, a: f32) -> f32 {
+    if a > m { a } else { m }
+}
+
+/// Largest `|value|` over channels `off..off + n` of `x`'s interior.
+pub fn abs_max(x: &Vol, off: usize, n: usize) -> f32 {
+    let [d0, h, wd] = x.dims;
+    let (plane, c) = (x.plane(), x.c);
+    x.data[plane..(d0 + 1) * plane]
+        .par_chunks(plane)
+        .map(|pl| {
+            let mut m = vec![0.0f32; n];
+            for y in 0..h {
+                let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
+                for v in pl[r0..r0 + (wd - 1) * c + n].chunks(c) {
+                    for (mm, &val) in m.iter_mut().zip(&v[..n]) {
+                        *mm = bigger(*mm, val.abs());
+                    }
+                }
+            }
+            m.into_iter().fold(0.0, bigger)
+        })
+        .reduce(|| 0.0, bigger)
+}
+
+/// Normalises channels `off..off + stats.scale.len()` of `x` in place, then LeakyReLU; returns
+/// the largest `|result|` (which the int8 kernels' quantisation needs, free in this pass).
+pub fn norm_lrelu(x: &mut Vol, off: usize, stats: &NormStats) -> f32 {
+    let [_, h, wd] = x.dims;
+    let (c, n) = (x.c, stats.scale.len());
+    let (scale, shift) = (&stats.scale[..n], &stats.shift[..n]);
+    x.interior_planes_mut()
+        .map(|(_, pl)| {
+            let mut m = vec![0.0f32; n];
+            for y in 0..h {
+                let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
+                for v in pl[r0..r0 + (wd - 1) * c + n].chunks_mut(c) {
+                    for (((val, &s), &b), mm) in v[..n].iter_mut().zip(scale).zip(shift).zip(m.iter_mut()) {
+                        *val = lrelu(*val * s + b);
+                        *mm = bigger(*mm, val.abs());
+                    }
+                }
+            }
+            m.into_iter().fold(0.0, bigger)
+        })
+        .reduce(|| 0.0, bigger)
+}
+
+/// The end of a residual block: `out = lrelu(norm(out) + norm_r(r))` over channels `off..` of
+/// `out`, where `r` is channels `0..` of `res` and `norm_r` its statistics (identity when the
+/// residual is the block's input); returns the largest `|result|`.
+pub fn norm_add_lrelu(out: &mut Vol, off: usize, stats: &NormStats, res: &Vol, res_stats: &NormStats) -> f32 {
+    assert_eq!(out.dims, res.dims);
+    let [_, h, wd] = out.dims;
+    let (c, rc, n) = (out.c, res.c, stats.scale.len());
+    assert!(n <= rc && res_stats.scale.len() == n);
+    let (scale, shift) = (&stats.scale[..n], &stats.shift[..n]);
+    let (rscale, rshift) = (&res_stats.scale[..n], &res_stats.shift[..n]);
+    let rplane = res.plane();
+    out.interior_planes_mut()
+        .map(|(z, pl)| {
+            let rpl = &res.data[(z + 1) * rplane..][..rplane];
+            let mut m = vec![0.0f32; n];
+            for y in 0..h {
+                let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
+                let q0 = ((y + 1) * (wd + 2) + 1) * rc;
+                let rows = pl[r0..r0 + (wd - 1) * c + n]
+                    .chunks_mut(c)
+                    .zip(rpl[q0..q0 + (wd - 1) * rc + n].chunks(rc));
+                for (v, r) in rows {
+                    for ((((val, &rv), (&s, &b)), (&rs, &rb)), mm) in v[..n]
+                        .iter_mut()
+                        .zip(&r[..n])
+                        .zip(scale.iter().zip(shift))
+                        .zip(rscale.iter().zip(rshift))
+                        .zip(m.iter_mut())
+                    {
+                        *val = lrelu(*val * s + b + (rv * rs + rb));
+                        *mm = bigger(*mm, val.abs());
+                    }
+                }
+            }
+            m.into_iter().fold(0.0, bigger)
+        })
+        .reduce(|| 0.0, bigger)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Large offsets and one outlier must not cost the one-pass statistics their precision.
+    #[test]
+    fn instance_stats_match_two_pass_f64() {
+        let d = [5, 7, 33];
+        let mut x = Vol::zeros(d, 3);
+        let mut vals = vec![Vec::new(); 2];
+        for z in 0..d[0] {
+            for y in 0..d[1] {
+                for xx in 0..d[2] {
+                    let i = x.at(z + 1, y + 1, xx + 1);
+                    let t = (z * 31 + y * 7 + xx) as f32;
+                    let v =
+                        [1000.0 + (t * 0.37).sin(), if t == 0.0 { 500.0 } else { (t * 0.11).cos() * 1e-3 }];
+                    x.data[i + 1] = v[0];
+                    x.data[i + 2] = v[1];
+                    x.data[i] = f32::NAN; // outside the range: must not be read
+                    vals[0].push(v[0] as f64);
+                    vals[1].push(v[1] as f64);
+                }
+            }
+        }
+        let s = instance_stats(&x, 1, 2);
+        for (c, v) in vals.iter().enumerate() {
+            let n = v.len() as f64;
+            let mean = v.iter().sum::<f64>() / n;
+            let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / n;
+            let scale = 1.0 / (var + INSTANCE_NORM_EPS as f64).sqrt();
+            assert!((s.scale[c] as f64 / scale - 1.0).abs() < 1e-5, "channel {c}: {} vs {scale}", s.scale[c]);
+            assert!(
+                (s.shift[c] as f64 + mean * scale).abs() < 1e-4 * (1.0 + (mean * scale).abs()),
+                "channel {c}"
+            );
+        }
+    }
+
+    /// The layout round trip and the border the convolutions rely on.
+    #[test]
+    fn channel_first_round_trip_and_zero_border() {
+        let d = [3, 4, 5];
+        let x: Vec<f32> = (0..2 * 60).map(|i| i as f32).collect();
+        let v = Vol::from_channel_first(&x, d, 2);
+        assert_eq!(v.to_channel_first(0, 2), x);
+        assert_eq!(v.to_channel_first(1, 1), x[60..]);
+        let r = Vol::reuse(vec![7.0; v.data.len() + 10], d, 2);
+        assert_eq!(r.data.len(), v.data.len());
+        for z in 0..5 {
+            for y in 0..6 {
+                for xx in 0..7 {
+                    if z == 0 || y == 0 || xx == 0 || z == 4 || y == 5 || xx == 6 {
+                        assert_eq!(&r.data[r.at(z, y, xx)..][..2], &[0.0, 0.0]);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The fast forward pass against glmae-core's reference `Unetr::forward`, the single definition
+//! of the model, on random tiny UNETRs: f32 and int8 weights, cubic and non-cubic windows, a
+//! learned position table with two input channels and no qkv bias, every kernel ISA this CPU has.
+//!
+//! Tolerance: the largest logit difference must stay below 1e-4 of the reference logits' range
+//! (max - min over the window), and at least 99.9% of voxels must get the same label. Both passes
+//! use the same (dequantised) weights in f32, so only summation order differs.
+
+use glmae_core::format::Precision;
+use glmae_core::synthetic::random_model;
+use glmae_core::{ModelFile, PosEmbed, Unetr, UnetrConfig};
+use glmae_infer::fast::{FastUnetr, Isa, QIsa};
+
+const REL_TOL: f64 = 1e-4;
+const LABEL_AGREEMENT: f64 = 0.999;
+/// The opt-in int8 kernels also quantise activations (to 11-15 bits): 1e-3 of the logit range.
+const INT8_KERNEL_REL_TOL: f64 = 1e-3;
+const INT8_KERNEL_LABELS: f64 = 0.999;
+
+fn input(n: usize, seed: u64) -> Vec<f32> {
+    // Smooth structure plus noise, in the [0, 1] range of preprocessed CT.
+    let mut s = seed;
+    (0..n)
+        .map(|i| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let noise = (s >> 40) as f32 / (1u64 << 24) as f32;
+            0.5 + 0.3 * ((i as f32) * 0.013).sin() * 0.5 + 0.5 * noise - 0.25
+        })
+        .collect()
+}
+
+fn argmax(logits: &[f32], classes: usize) -> Vec<u8> {
+    let mut labels = vec![0u8; logits.len() / classes];
+    glmae_core::kernels::argmax_channels(logits, classes, &mut labels);
+    labels
+}
+
+/// Returns (max |diff| / range, label agreement) with the f32 kernels (int8 weights dequantised).
+fn compare(cfg: &UnetrConfig, precision: Precision, window: [usize; 3], seed: u64, isa: Isa) -> (f64, f64) {
+    compare_with(cfg, precision, window, seed, isa, None)
+}
+
+fn compare_with(
+    cfg: &UnetrConfig,
+    precision: Precision,
+    window: [usize; 3],
+    seed: u64,
+    isa: Isa,
+    qisa: Option<QIsa>,
+) -> (f64, f64) {
+    let bytes = random_model(cfg, seed, precision).unwrap();
+    let file = ModelFile::parse(&bytes).unwrap();
+    let reference = Unetr::new(&file).unwrap();
+    let x = input(reference.input_len(window), seed + 100);
+    let mut expected = vec![0.0; reference.logits_len(window)];
+    let mut scratch = vec![0.0; reference.scratch_len(window).unwrap()];
+    reference.forward(&x, window, &mut expected, &mut scratch).unwrap();
+
+    let fast = FastUnetr::new(&file).unwrap().with_isa(isa).unwrap().with_int8_kernels(qisa).unwrap();
+    let got = fast.forward(&x, window).unwrap();
+    assert_eq!(got.len(), expected.len());
+    let (lo, hi) = expected.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let range = (hi - lo) as f64;
+    assert!(range > 0.1, "degenerate reference logits");
+    let max_diff = got.iter().zip(&expected).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    let classes = cfg.out_channels as usize;
+    let (la, lb) = (argmax(&got, classes), argmax(&expected, classes));
+    let same = la.iter().zip(&lb).filter(|(a, b)| a == b).count() as f64 / la.len() as f64;
+    (max_diff / range, same)
+}
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    if Isa::detect() != Isa::Scalar {
+        v.push(Isa::detect());
+    }
+    v
+}
+
+fn check(name: &str, cfg: &UnetrConfig, precision: Precision, window: [usize; 3]) {
+    for isa in isas() {
+        let (rel, same) = compare(cfg, precision, window, 7, isa);
+        println!("{name} {precision:?} {window:?} {isa:?}: max diff {rel:.2e} of range, labels {same:.5}");
+        assert!(rel < REL_TOL, "{name} {isa:?}: logits differ by {rel:e} of their range");
+        assert!(same >= LABEL_AGREEMENT, "{name} {isa:?}: only {same} of labels agree");
+    }
+}
+
+#[test]
+fn f32_cubic_window_matches_reference() {
+    check("testing_config", &glmae_core::testing_config(), Precision::F32, [32, 32, 32]);
+}
+
+#[test]
+fn f32_non_cubic_window_matches_reference() {
+    let mut cfg = glmae_core::testing_config();
+    cfg.out_channels = 14;
+    check("14 classes", &cfg, Precision::F32, [48, 32, 16]);
+}
+
+#[test]
+fn int8_matches_reference_int8() {
+    let mut cfg = glmae_core::testing_config();
+    cfg.feature_size = 8;
+    check("int8", &cfg, Precision::Int8, [32, 48, 32]);
+}
+
+/// The integer kernels quantise activations too, so they get their own, looser tolerance.
+#[test]
+fn int8_kernels_stay_close_to_reference_int8() {
+    let mut cfg = glmae_core::testing_config();
+    cfg.feature_size = 8;
+    cfg.out_channels = 14;
+    for qisa in [QIsa::Scalar, QIsa::Vnni] {
+        if !qisa.supported() {
+            continue;
+        }
+        for (seed, window) in [(7, [32, 48, 32]), (8, [32, 32, 32])] {
+            let (rel, same) = compare_with(&cfg, Precision::Int8, window, seed, Isa::detect(), Some(qisa));
+            println!("int8 kernels {qisa:?} {window:?}: max diff {rel:.2e} of range, labels {same:.5}");
+            // Measured 1.4e-4 to 1.5e-4 of the range and 0.9996 of labels.
+            assert!(rel < INT8_KERNEL_REL_TOL, "{qisa:?}: logits differ by {rel:e} of their range");
+            assert!(same >= INT8_KERNEL_LABELS, "{qisa:?}: only {same} of labels agree");
+        }
+    }
+}
+
+#[test]
+fn learned_table_two_channels_no_qkv_bias() {
+    let mut cfg = glmae_core::testing_config();
+    cfg.vit.pos_embed = PosEmbed::Learned;
+    cfg.vit.in_channels = 2;
+    cfg.vit.qkv_bias = false;
+    cfg.vit.img_size = [32, 16, 48];
+    check("learned", &cfg, Precision::F32, [32, 16, 48]);
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let bytes = random_model(&glmae_core::testing_config(), 1, Precision::F32).unwrap();
+    let file = ModelFile::parse(&bytes).unwrap();
+    let fast = FastUnetr::new(&file).unwrap();
+    assert!(fast.forward(&[0.0; 10], [32, 32, 32]).is_err());
+    assert!(fast.forward(&vec![0.0; 40 * 32 * 32], [40, 32, 32]).is_err());
+    let mut x = vec![0.5; 32 * 32 * 32];
+    x[5] = f32::NAN;
+    let e = fast.forward(&x, [32, 32, 32]).unwrap_err();
+    assert!(e.to_string().contains("NaN"), "{e}");
+}
+
+/// Whole-volume segmentation: both engines, through the sliding window, on a CT phantom.
+#[test]
+fn engines_agree_on_a_phantom_volume() {
+    use glmae_data::sliding_window::Blend;
+    use glmae_infer::{Engine, SegmentOptions, segment_volume};
+    let mut cfg = glmae_core::testing_config();
+    cfg.out_channels = 14;
+    let bytes = random_model(&cfg, 11, Precision::Int8).unwrap();
+    let file = ModelFile::parse(&bytes).unwrap();
+    let shape = [40, 36, 20];
+    let p =
+        glmae_data::phantom::generate(4, &glmae_data::phantom::PhantomConfig { shape, spacing: [6.0; 3] });
+    let vol: Vec<f32> = p.hu.iter().map(|h| ((h + 175.0) / 425.0).clamp(0.0, 1.0)).collect();
+    let opts = SegmentOptions {
+        overlap: 0.5,
+        blend: Blend::Gaussian,
+        threads: 2,
+        probabilities: None,
+        progress: false,
+    };
+    let fast = segment_volume(&file, &vol, shape, &opts, Engine::Fast).unwrap();
+    let reference = segment_volume(&file, &vol, shape, &opts, Engine::Reference).unwrap();
+    let (a, b) = (argmax(&fast, 14), argmax(&reference, 14));
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    println!("phantom volume, int8 model: labels agree on {same:.5}");
+    assert!(same >= LABEL_AGREEMENT, "{same}");
+}
+
+/// Recycled activation buffers (NaN-filled in debug builds) must not leak into later windows,
+/// including windows of another shape.
+#[test]
+fn repeated_windows_give_identical_logits() {
+    let bytes = random_model(&glmae_core::testing_config(), 3, Precision::F32).unwrap();
+    let file = ModelFile::parse(&bytes).unwrap();
+    let fast = FastUnetr::new(&file).unwrap();
+    let (a, b) = ([32, 32, 32], [16, 48, 32]);
+    let (xa, xb) = (input(32 * 32 * 32, 1), input(16 * 48 * 32, 2));
+    let first = fast.forward(&xa, a).unwrap();
+    let other = fast.forward(&xb, b).unwrap();
+    assert!(other.iter().all(|v| v.is_finite()));
+    assert_eq!(fast.forward(&xa, a).unwrap(), first);
+    assert_eq!(fast.forward(&xb, b).unwrap(), other);
+}

@@ -1,0 +1,630 @@
+//! The pretraining ablation (the paper's Table 4) on built-in phantoms: UNETR fine-tuned on a
+//! fraction of the labels from (a) scratch, (b) local-only MAE (MAE3D), (c) global + local
+//! reconstruction, (d) full GL-MAE, with the same fine-tuning budget and seeds for every arm.
+//!
+//! Layout of `--out DIR`:
+//! - `experiment.json`: the plan (a rerun into the same folder must use the same one);
+//! - `phantoms/`: the MSD dataset;
+//! - `pretrain/<arm>/`: one pretraining run per pretrained arm (identical steps, views, seed);
+//! - `finetune/<arm>/seed<N>/`: one fine-tuning run per arm and seed, with `eval/` (Dice table,
+//!   overlays) and `result.json` (per-class Dice, wall times);
+//! - `results.csv` (arm, seed, per-class and mean Dice) and `summary.md` (mean ± std over seeds).
+//!
+//! Every stage is skipped when its result exists, so an interrupted run continues where it
+//! stopped (a pretraining run resumes from its last checkpoint).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use glmae_data::phantom::{LABELS, PhantomConfig};
+use glmae_data::preprocess::Preprocessor;
+use glmae_data::transforms::ViewSpec;
+use glmae_data::{Case, Dataset, VolumeCache};
+use serde::{Deserialize, Serialize};
+
+use crate::finetune::{FinetuneConfig, Finetuner};
+use crate::pretrain::{Ablation, PretrainConfig, Pretrainer};
+use crate::run::{LoopOptions, RunDir, train_loop};
+
+/// How big the experiment is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Scale {
+    /// Seconds: checks that every stage runs and the bookkeeping is right; the Dice is noise.
+    Tiny,
+    /// The quickstart's model on more phantoms, about 46 minutes on 2 shared CPU cores.
+    Small,
+}
+
+/// One arm of the comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arm {
+    /// Random encoder.
+    Scratch,
+    /// Encoder from local-only masked reconstruction (MAE3D).
+    LocalOnly,
+    /// Encoder from global + local masked reconstruction.
+    GlobalLocal,
+    /// Encoder from GL-MAE: reconstruction plus global-guided consistency.
+    Full,
+}
+
+impl Arm {
+    /// Every arm, in the order of the paper's table.
+    pub const ALL: [Arm; 4] = [Arm::Scratch, Arm::LocalOnly, Arm::GlobalLocal, Arm::Full];
+
+    /// The name used in folders, results.csv and summary.md.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arm::Scratch => "scratch",
+            Arm::LocalOnly => "local-only",
+            Arm::GlobalLocal => "global-local",
+            Arm::Full => "full",
+        }
+    }
+
+    /// The pretraining loss of this arm (`None` for scratch).
+    pub fn ablation(self) -> Option<Ablation> {
+        match self {
+            Arm::Scratch => None,
+            Arm::LocalOnly => Some(Ablation::LocalOnly),
+            Arm::GlobalLocal => Some(Ablation::GlobalLocal),
+            Arm::Full => Some(Ablation::Full),
+        }
+    }
+
+    /// The arm called `name`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name).with_context(|| format!("unknown arm {name:?}"))
+    }
+}
+
+/// Everything that fixes the experiment's numbers; saved as `experiment.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Phantom volumes written (the last fifth validates).
+    pub phantoms: usize,
+    /// Voxels per phantom.
+    pub phantom_shape: [usize; 3],
+    /// Phantom voxel size and the resampling target, in mm.
+    pub spacing: [f32; 3],
+    /// Encoder width.
+    pub hidden: u32,
+    /// Attention heads.
+    pub heads: u32,
+    /// Global and local view edges (voxels).
+    pub views: (usize, usize),
+    /// Pretraining steps per arm.
+    pub pretrain_steps: usize,
+    /// Volumes per pretraining step.
+    pub pretrain_batch: usize,
+    /// Fine-tuning steps per run.
+    pub finetune_steps: usize,
+    /// Crops per fine-tuning step.
+    pub crops: usize,
+    /// Fine-tuning ROI edge (voxels).
+    pub roi: u32,
+    /// UNETR decoder feature size.
+    pub feature: u32,
+    /// Fraction of the training cases whose labels fine-tuning uses.
+    pub label_fraction: f64,
+    /// Fine-tuning seeds `0..seeds`.
+    pub seeds: u64,
+}
+
+impl Plan {
+    /// The plan of a scale, before command-line overrides.
+    pub fn new(scale: Scale, seeds: u64) -> Self {
+        match scale {
+            Scale::Tiny => Plan {
+                phantoms: 5,
+                phantom_shape: [48, 40, 32],
+                spacing: [6.0, 6.0, 7.5],
+                hidden: 24,
+                heads: 2,
+                views: (48, 32),
+                pretrain_steps: 2,
+                pretrain_batch: 1,
+                finetune_steps: 2,
+                crops: 1,
+                roi: 32,
+                feature: 4,
+                label_fraction: 0.25,
+                seeds,
+            },
+            // The quickstart's model and view sizes; 20 phantoms leave 16 for training (4 with
+            // labels at 25%) and 4 to validate. Pretraining steps are cheap next to fine-tuning
+            // ones (8 and 64 tokens per view, no convolutional decoder), so they get 4x as many; the
+            // 12 fine-tuning runs of 200 steps and their evaluations take most of the 46 minutes
+            // measured (docs/experiments.md).
+            Scale::Small => Plan {
+                phantoms: 20,
+                phantom_shape: [96, 80, 64],
+                spacing: [3.0, 3.0, 3.75],
+                hidden: 96,
+                heads: 3,
+                views: (64, 32),
+                pretrain_steps: 800,
+                pretrain_batch: 2,
+                finetune_steps: 200,
+                crops: 2,
+                roi: 32,
+                feature: 8,
+                label_fraction: 0.25,
+                seeds,
+            },
+        }
+    }
+
+    fn pretrain_config(&self, ablation: Ablation) -> PretrainConfig {
+        let mut c = PretrainConfig::vit_t();
+        c.encoder.hidden_size = self.hidden;
+        c.encoder.num_heads = self.heads;
+        c.encoder.mlp_dim = 4 * self.hidden;
+        c.encoder.img_size = [self.views.0 as u32; 3];
+        c.decoder =
+            crate::model::DecoderConfig { width: self.hidden as usize, depth: 2, heads: self.heads as usize };
+        c.head = crate::model::HeadConfig { hidden: 4 * self.hidden as usize, out: 128 };
+        c.views.global = ViewSpec { size: self.views.0, ..ViewSpec::GLOBAL };
+        c.views.local = ViewSpec { size: self.views.1, ..ViewSpec::LOCAL };
+        c.steps = self.pretrain_steps;
+        c.warmup_steps = self.pretrain_steps / 10;
+        c.batch_size = self.pretrain_batch;
+        c.base_lr = 0.2; // x batch / 256: a short run needs a larger step than 1.5e-4 (as quickstart)
+        c.ablation = ablation;
+        c.seed = 0;
+        c
+    }
+
+    fn finetune_config(&self, seed: u64, init: Option<PathBuf>) -> FinetuneConfig {
+        let mut unetr = glmae_core::UnetrConfig::vit_t([self.roi; 3], LABELS.len() as u32);
+        unetr.vit = self.pretrain_config(Ablation::Full).encoder;
+        unetr.vit.img_size = [self.roi; 3];
+        unetr.feature_size = self.feature;
+        let mut c = FinetuneConfig::new(unetr, LABELS.iter().map(|s| s.to_string()).collect());
+        c.preprocessing.spacing = self.spacing;
+        c.init_from = init;
+        c.steps = self.finetune_steps;
+        c.warmup_steps = self.finetune_steps / 10;
+        // No model selection on the cases that are reported: the last model is evaluated.
+        c.val_every = 0;
+        c.crops_per_step = self.crops;
+        c.lr = 1e-3;
+        c.label_fraction = self.label_fraction;
+        c.seed = seed;
+        c
+    }
+}
+
+/// `glmae-train experiment ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Fine-tune on a fraction of the labels from scratch, local-only MAE, global + local
+    /// reconstruction and full GL-MAE (same budget and seeds); write results.csv and summary.md.
+    Ablation(AblationArgs),
+}
+
+/// Flags of `experiment ablation`.
+#[derive(clap::Args, Debug)]
+pub struct AblationArgs {
+    /// Output folder; a rerun into it skips every finished stage.
+    #[arg(long, default_value = "ablation")]
+    pub out: PathBuf,
+    /// Fine-tuning seeds per arm (0..N).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// tiny (seconds, a smoke test) or small (about 46 minutes on 2 shared cores).
+    #[arg(long, value_enum, default_value = "small")]
+    pub scale: Scale,
+    /// cpu, ndarray, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Pretraining steps per arm (default: the scale's).
+    #[arg(long)]
+    pub pretrain_steps: Option<usize>,
+    /// Fine-tuning steps per run (default: the scale's).
+    #[arg(long)]
+    pub finetune_steps: Option<usize>,
+    /// Phantom volumes (default: the scale's; the last fifth validates).
+    #[arg(long)]
+    pub phantoms: Option<usize>,
+    /// Fraction of the training cases with labels.
+    #[arg(long, default_value_t = 0.25)]
+    pub label_fraction: f64,
+}
+
+/// Runs an experiment subcommand, printing where the results are.
+pub fn run_command(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Ablation(a) => {
+            let mut plan = Plan::new(a.scale, a.seeds);
+            plan.pretrain_steps = a.pretrain_steps.unwrap_or(plan.pretrain_steps);
+            plan.finetune_steps = a.finetune_steps.unwrap_or(plan.finetune_steps);
+            plan.phantoms = a.phantoms.unwrap_or(plan.phantoms);
+            plan.label_fraction = a.label_fraction;
+            let start = Instant::now();
+            let s = ablation(&a.out, &plan, crate::device::training_device(&a.device)?)?;
+            let text = std::fs::read_to_string(&s.markdown)
+                .with_context(|| format!("cannot read {}", s.markdown.display()))?;
+            println!("\n{text}");
+            println!(
+                "done in {:.1} min; results in {} and {}",
+                start.elapsed().as_secs_f64() / 60.0,
+                s.csv.display(),
+                s.markdown.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One fine-tuning run's outcome, saved as `finetune/<arm>/seed<N>/result.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// The arm's name.
+    pub arm: String,
+    /// Fine-tuning seed (initialisation of the non-pretrained parts, label subset, crops).
+    pub seed: u64,
+    /// Mean Dice per foreground class over the validation cases (`None`: absent everywhere).
+    pub class_dice: Vec<Option<f64>>,
+    /// Mean over classes.
+    pub mean_dice: f64,
+    /// Wall time of fine-tuning, seconds.
+    pub finetune_s: f64,
+    /// Wall time of the evaluation, seconds.
+    pub eval_s: f64,
+}
+
+/// What a finished experiment produced.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// Every run, arm-major then by seed.
+    pub results: Vec<RunResult>,
+    /// `results.csv`.
+    pub csv: PathBuf,
+    /// `summary.md`.
+    pub markdown: PathBuf,
+}
+
+/// Mean and sample standard deviation (n - 1; `None` for fewer than two values).
+pub fn mean_std(v: &[f64]) -> (f64, Option<f64>) {
+    let n = v.len() as f64;
+    let mean = if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / n };
+    let std = (v.len() > 1).then(|| (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+    (mean, std)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(p: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: unexpected content", p.display()))
+}
+
+fn write_json<T: Serialize>(p: &Path, v: &T) -> Result<()> {
+    glmae_data::io::atomic_write(p, serde_json::to_string_pretty(v)?.as_bytes())
+}
+
+/// Runs (or continues) the whole ablation into `out` on `device` (an autodiff device).
+pub fn ablation(out: &Path, plan: &Plan, device: burn::tensor::Device) -> Result<Summary> {
+    ensure!(plan.seeds > 0, "--seeds must be at least 1");
+    ensure!(plan.pretrain_steps > 0 && plan.finetune_steps > 0, "step counts must be at least 1");
+    ensure!(plan.label_fraction > 0.0 && plan.label_fraction <= 1.0, "--label-fraction must be in (0, 1]");
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let plan_path = out.join("experiment.json");
+    if plan_path.is_file() {
+        let old: Plan = read_json(&plan_path)?;
+        // Runs already in the folder must come from the same numbers; more seeds may be added.
+        let same = Plan { seeds: plan.seeds, ..old.clone() } == *plan;
+        ensure!(
+            same,
+            "{} holds an experiment with another plan ({old:?}); use a new --out folder",
+            out.display()
+        );
+    }
+    write_json(&plan_path, plan)?;
+
+    let data = out.join("phantoms");
+    let json = data.join("dataset.json");
+    let t = Instant::now();
+    let ds = if json.is_file() {
+        println!("[phantoms] reusing {}", json.display());
+        Dataset::from_json(&json)?
+    } else {
+        println!("[phantoms] writing {} synthetic CT phantoms to {}", plan.phantoms, data.display());
+        let cfg = PhantomConfig { shape: plan.phantom_shape, spacing: plan.spacing };
+        glmae_data::phantom_dataset::write_phantom_dataset(&data, plan.phantoms, 0, &cfg, 2)?
+    };
+    let labelled = crate::finetune::label_subset(&ds.training, plan.label_fraction, 0).len();
+    println!(
+        "[phantoms] {} training ({labelled} with labels at {:.0}%), {} validation; {:.1} s",
+        ds.training.len(),
+        100.0 * plan.label_fraction,
+        ds.validation.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    // Pretraining uses the training images without labels; validation volumes are never seen.
+    let unlabelled: Vec<Case> =
+        ds.training.iter().map(|c| Case { image: c.image.clone(), label: None }).collect();
+    let mut prep = Preprocessor::pretraining();
+    prep.spacing = plan.spacing;
+    let cache = Arc::new(VolumeCache::new(prep, Some(out.join("pretrain/cache"))));
+    let pretrained: Vec<Arm> = Arm::ALL.into_iter().filter(|a| a.ablation().is_some()).collect();
+    for (i, arm) in pretrained.iter().enumerate() {
+        let Some(ablation) = arm.ablation() else { continue };
+        let dir = out.join("pretrain").join(arm.name());
+        let tag = format!("[pretrain {}/{}] {}", i + 1, pretrained.len(), arm.name());
+        pretrain_arm(&dir, &plan.pretrain_config(ablation), &unlabelled, &cache, &device, &tag)?;
+    }
+
+    // Seed-major order: an interrupted run has whole seeds for every arm.
+    let total = plan.seeds as usize * Arm::ALL.len();
+    let mut results = Vec::with_capacity(total);
+    for seed in 0..plan.seeds {
+        for arm in Arm::ALL {
+            let n = results.len() + 1;
+            let tag = format!("[finetune {n}/{total}] {} seed {seed}", arm.name());
+            let init = arm.ablation().map(|_| out.join("pretrain").join(arm.name()));
+            let dir = out.join("finetune").join(arm.name()).join(format!("seed{seed}"));
+            results.push(finetune_arm(&dir, plan.finetune_config(seed, init), arm, &ds, &device, &tag)?);
+        }
+    }
+    results.sort_by_key(|r| (Arm::from_name(&r.arm).map_or(usize::MAX, |a| a as usize), r.seed));
+
+    let csv = out.join("results.csv");
+    glmae_data::io::atomic_write(&csv, results_csv(&results).as_bytes())?;
+    let markdown = out.join("summary.md");
+    glmae_data::io::atomic_write(&markdown, summary_markdown(out, plan, &ds, &results)?.as_bytes())?;
+    Ok(Summary { results, csv, markdown })
+}
+
+/// Runs one pretraining arm to its last step (resuming a partial run), recording its wall time.
+fn pretrain_arm(
+    dir: &Path,
+    cfg: &PretrainConfig,
+    cases: &[Case],
+    cache: &Arc<VolumeCache>,
+    device: &burn::tensor::Device,
+    tag: &str,
+) -> Result<()> {
+    let timing = dir.join("timing.json");
+    if timing.is_file() {
+        println!("{tag}: done before, skipped");
+        return Ok(());
+    }
+    let t = Instant::now();
+    let (run_dir, mut run) = if dir.join("checkpoint.bin").is_file() {
+        let d = RunDir::open(dir)?;
+        ensure!(d.load_config()? == *cfg, "{}: pretrained with another configuration", dir.display());
+        let run = d.resume(device.clone())?;
+        println!("{tag}: resuming at step {}/{}", run.step, cfg.steps);
+        (d, run)
+    } else {
+        println!("{tag}: {} steps of {} volumes", cfg.steps, cfg.batch_size);
+        let d = RunDir::create(dir)?;
+        d.save_config(cfg)?;
+        (d, Pretrainer::new(cfg.clone(), device.clone()))
+    };
+    cache.warm(cases, 2)?;
+    let opts = LoopOptions { checkpoint_every: 25, loader_threads: 1, progress: true };
+    let metrics = train_loop(&mut run, &run_dir, cases, cache.clone(), &opts)?;
+    let seconds = t.elapsed().as_secs_f64();
+    let previous = metrics.first().map_or(0, |m| m.step);
+    write_json(&timing, &serde_json::json!({ "seconds": seconds, "resumed_at_step": previous }))?;
+    if let Some(m) = metrics.last() {
+        println!(
+            "{tag}: step {} loss {:.4} (rec global {:.4}, local {:.4}, consistency {:.4}); {:.1} min",
+            m.step + 1,
+            m.loss,
+            m.rec_global,
+            m.rec_local,
+            m.consistency,
+            seconds / 60.0
+        );
+    }
+    Ok(())
+}
+
+/// Fine-tunes and evaluates one arm and seed, or reads the result of an earlier run.
+fn finetune_arm(
+    dir: &Path,
+    cfg: FinetuneConfig,
+    arm: Arm,
+    ds: &Dataset,
+    device: &burn::tensor::Device,
+    tag: &str,
+) -> Result<RunResult> {
+    let result = dir.join("result.json");
+    if result.is_file() {
+        let r: RunResult = read_json(&result)?;
+        println!("{tag}: done before, mean Dice {:.2}", 100.0 * r.mean_dice);
+        return Ok(r);
+    }
+    let t = Instant::now();
+    let seed = cfg.seed;
+    let ft = train_last(Finetuner::new(cfg, device.clone())?, ds, dir)?;
+    let finetune_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let report = crate::evaluate::evaluate(&ft, &ds.validation, &dir.join("eval"))?;
+    let r = RunResult {
+        arm: arm.name().into(),
+        seed,
+        class_dice: report.class_means(),
+        mean_dice: report.mean(),
+        finetune_s,
+        eval_s: t.elapsed().as_secs_f64(),
+    };
+    write_json(&result, &r)?;
+    println!(
+        "{tag}: mean Dice {:.2} (liver {:.2}); fine-tune {:.1} min, eval {:.0} s",
+        100.0 * r.mean_dice,
+        100.0 * r.class_dice.get(5).copied().flatten().unwrap_or(0.0),
+        finetune_s / 60.0,
+        r.eval_s
+    );
+    Ok(r)
+}
+
+/// `finetune::train` without its validation passes: the experiment selects no model (the last
+/// one is evaluated, so nothing is tuned on the reported cases), and `train`'s closing
+/// validation would repeat the evaluation, which costs as much as a few hundred steps here.
+/// Crops come from the same seeded stream as `train`'s, so `glmae-train finetune` with the same
+/// settings takes the same steps. Writes `label_subset.json`, `metrics.csv`, `loss.png` and
+/// `last.bin`.
+fn train_last(mut ft: Finetuner, ds: &Dataset, out: &Path) -> Result<Finetuner> {
+    use std::io::Write;
+    let cfg = ft.cfg.clone();
+    ensure!(!ds.training.is_empty(), "the dataset lists no training cases");
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let subset = crate::finetune::label_subset(&ds.training, cfg.label_fraction, cfg.seed);
+    write_json(&out.join("label_subset.json"), &subset)?;
+    let cache = Arc::new(VolumeCache::new(cfg.preprocessing.clone(), Some(out.join("cache"))));
+    cache.warm(&subset, 2)?;
+    let (c2, s2, cfg2) = (cache.clone(), subset.clone(), cfg.clone());
+    let batches = glmae_data::Prefetcher::new(cfg.steps, 1, 2, cfg.seed, move |step, _| {
+        let mut rng = glmae_data::transforms::Rng::for_item(cfg2.seed, step as u64);
+        let p = c2.get(&s2[rng.below(s2.len())])?;
+        let labels = p.labels.as_ref().context("a training case has no labels")?;
+        Ok(crate::finetune::crops(&cfg2, &p.image, labels, &mut rng))
+    });
+    let path = out.join("metrics.csv");
+    let mut metrics =
+        std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(metrics, "step,loss,dice_loss,ce,lr")?;
+    for batch in batches {
+        let (images, labels) = batch?;
+        let m = ft.step(images, &labels);
+        ensure!(m.loss.is_finite(), "loss became {} at step {}", m.loss, m.step);
+        writeln!(metrics, "{},{:.6},{:.6},{:.6},{:.6e}", m.step, m.loss, m.dice_loss, m.ce, m.lr)?;
+        if ft.step.is_multiple_of((cfg.steps / 5).max(1)) {
+            println!("  step {}/{}: DiceCE {:.4}", ft.step, cfg.steps, m.loss);
+        }
+    }
+    drop(metrics);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut series = vec![("dicece", Vec::new()), ("dice_loss", Vec::new()), ("ce", Vec::new())];
+    for line in text.lines().skip(1) {
+        let v: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+        for (k, s) in series.iter_mut().enumerate() {
+            s.1.push(v.get(k + 1).copied().unwrap_or(f64::NAN));
+        }
+    }
+    crate::plot::line_chart(&out.join("loss.png"), "UNETR FINE-TUNING LOSS", &series)?;
+    ft.save(out, "last")?;
+    Ok(ft)
+}
+
+/// `arm,seed,<13 classes>,mean` with Dice in [0, 1] (empty: class absent from every case).
+pub fn results_csv(results: &[RunResult]) -> String {
+    let mut s = format!("arm,seed,{},mean\n", LABELS[1..].join(","));
+    for r in results {
+        let cells: Vec<String> =
+            r.class_dice.iter().map(|d| d.map_or(String::new(), |x| format!("{x:.6}"))).collect();
+        let _ = writeln!(s, "{},{},{},{:.6}", r.arm, r.seed, cells.join(","), r.mean_dice);
+    }
+    s
+}
+
+fn pm(values: &[f64]) -> String {
+    match mean_std(values) {
+        (m, Some(s)) => format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s),
+        (m, None) => format!("{:.2}", 100.0 * m),
+    }
+}
+
+fn summary_markdown(out: &Path, plan: &Plan, ds: &Dataset, results: &[RunResult]) -> Result<String> {
+    let arms: Vec<(Arm, Vec<&RunResult>)> =
+        Arm::ALL.into_iter().map(|a| (a, results.iter().filter(|r| r.arm == a.name()).collect())).collect();
+    let mut s = String::from("# Pretraining ablation on phantoms\n\n");
+    let labelled = crate::finetune::label_subset(&ds.training, plan.label_fraction, 0).len();
+    let _ = writeln!(
+        s,
+        "{} phantoms of {:?} voxels at {:?} mm: {} training ({} labelled at {:.0}%), {} validation. \
+         Encoder width {}, depth 12, {} heads, patch 16; pretraining {} steps x {} volumes; \
+         fine-tuning {} steps x {} crops of {}^3, feature size {}, seeds 0 to {}. Dice in %, \
+         mean over the validation cases, then mean ± sample standard deviation over seeds.\n",
+        plan.phantoms,
+        plan.phantom_shape,
+        plan.spacing,
+        ds.training.len(),
+        labelled,
+        100.0 * plan.label_fraction,
+        ds.validation.len(),
+        plan.hidden,
+        plan.heads,
+        plan.pretrain_steps,
+        plan.pretrain_batch,
+        plan.finetune_steps,
+        plan.crops,
+        plan.roi,
+        plan.feature,
+        plan.seeds - 1
+    );
+    s.push_str("| arm | seeds | mean Dice | per seed |\n|---|---|---|---|\n");
+    for (arm, rs) in &arms {
+        let means: Vec<f64> = rs.iter().map(|r| r.mean_dice).collect();
+        let per: Vec<String> = means.iter().map(|m| format!("{:.2}", 100.0 * m)).collect();
+        let _ = writeln!(s, "| {} | {} | {} | {} |", arm.name(), rs.len(), pm(&means), per.join(", "));
+    }
+    s.push_str("\nPer class (mean ± std over seeds):\n\n| class |");
+    for (arm, _) in &arms {
+        let _ = write!(s, " {} |", arm.name());
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---|".repeat(arms.len()));
+    s.push('\n');
+    for (c, name) in LABELS[1..].iter().enumerate() {
+        let _ = write!(s, "| {name} |");
+        for (_, rs) in &arms {
+            let v: Vec<f64> = rs.iter().filter_map(|r| r.class_dice.get(c).copied().flatten()).collect();
+            let _ = write!(s, " {} |", if v.is_empty() { "-".into() } else { pm(&v) });
+        }
+        s.push('\n');
+    }
+    s.push_str(
+        "\nWall time per stage:\n\n| stage | runs | minutes per run | minutes in all |\n|---|---|---|---|\n",
+    );
+    for (arm, _) in arms.iter().filter(|(a, _)| a.ablation().is_some()) {
+        let p = out.join("pretrain").join(arm.name()).join("timing.json");
+        let v: serde_json::Value = read_json(&p)?;
+        let m = v["seconds"].as_f64().unwrap_or(f64::NAN) / 60.0;
+        let _ = writeln!(s, "| pretraining {} | 1 | {m:.2} | {m:.2} |", arm.name());
+    }
+    for (arm, rs) in &arms {
+        for (what, evaluation) in [("fine-tuning", false), ("evaluation", true)] {
+            let v: Vec<f64> =
+                rs.iter().map(|r| if evaluation { r.eval_s } else { r.finetune_s } / 60.0).collect();
+            let sum: f64 = v.iter().sum();
+            let _ = writeln!(
+                s,
+                "| {what} {} | {} | {:.2} | {sum:.2} |",
+                arm.name(),
+                v.len(),
+                sum / v.len().max(1) as f64
+            );
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert_eq!(s, Some(1.0));
+        assert_eq!(mean_std(&[4.0]), (4.0, None));
+    }
+
+    #[test]
+    fn arm_names_round_trip() {
+        for a in Arm::ALL {
+            assert_eq!(Arm::from_name(a.name()).unwrap(), a);
+        }
+        assert!(Arm::from_name("mae").is_err());
+    }
+}
