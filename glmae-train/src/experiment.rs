@@ -21,7 +21,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use glmae_data::phantom::{LABELS, PhantomConfig};
 use glmae_data::preprocess::Preprocessor;
-use glmae_data::transforms::ViewSpec;
 use glmae_data::{Case, Dataset, VolumeCache};
 use serde::{Deserialize, Serialize};
 
@@ -159,20 +158,13 @@ impl Plan {
     }
 
     fn pretrain_config(&self, ablation: Ablation) -> PretrainConfig {
-        let mut c = PretrainConfig::vit_t();
-        c.encoder.hidden_size = self.hidden;
-        c.encoder.num_heads = self.heads;
-        c.encoder.mlp_dim = 4 * self.hidden;
-        c.encoder.img_size = [self.views.0 as u32; 3];
-        c.decoder =
-            crate::model::DecoderConfig { width: self.hidden as usize, depth: 2, heads: self.heads as usize };
-        c.head = crate::model::HeadConfig { hidden: 4 * self.hidden as usize, out: 128 };
-        c.views.global = ViewSpec { size: self.views.0, ..ViewSpec::GLOBAL };
-        c.views.local = ViewSpec { size: self.views.1, ..ViewSpec::LOCAL };
-        c.steps = self.pretrain_steps;
-        c.warmup_steps = self.pretrain_steps / 10;
-        c.batch_size = self.pretrain_batch;
-        c.base_lr = 0.2; // x batch / 256: a short run needs a larger step than 1.5e-4 (as quickstart)
+        let mut c = PretrainConfig::narrow(
+            self.hidden,
+            self.heads,
+            self.views,
+            self.pretrain_steps,
+            self.pretrain_batch,
+        );
         c.ablation = ablation;
         c.seed = 0;
         c

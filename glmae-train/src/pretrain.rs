@@ -103,6 +103,26 @@ impl PretrainConfig {
         }
     }
 
+    /// ViT-T's shape at another width, with view sizes `(global, local)`, a 2-layer decoder as
+    /// wide as the encoder and a 4x-width head to 128: the quickstart's and the experiment's model.
+    /// A short run needs a larger step than 1.5e-4, hence `base_lr` 0.2 (x batch / 256).
+    pub fn narrow(hidden: u32, heads: u32, views: (usize, usize), steps: usize, batch_size: usize) -> Self {
+        let mut c = Self::vit_t();
+        c.encoder.hidden_size = hidden;
+        c.encoder.num_heads = heads;
+        c.encoder.mlp_dim = 4 * hidden;
+        c.encoder.img_size = [views.0 as u32; 3];
+        c.decoder = DecoderConfig { width: hidden as usize, depth: 2, heads: heads as usize };
+        c.head = HeadConfig { hidden: 4 * hidden as usize, out: 128 };
+        c.views.global = ViewSpec { size: views.0, ..ViewSpec::GLOBAL };
+        c.views.local = ViewSpec { size: views.1, ..ViewSpec::LOCAL };
+        c.steps = steps;
+        c.warmup_steps = steps / 10;
+        c.batch_size = batch_size;
+        c.base_lr = 0.2;
+        c
+    }
+
     /// A tiny configuration for tests: patch 4, width 12, 16^3 global and 8^3 local views.
     pub fn tiny() -> Self {
         let mut encoder = glmae_core::testing_config().vit;

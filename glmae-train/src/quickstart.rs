@@ -9,7 +9,6 @@ use anyhow::Result;
 use glmae_core::format::Precision;
 use glmae_data::phantom::PhantomConfig;
 use glmae_data::preprocess::Preprocessor;
-use glmae_data::transforms::ViewSpec;
 use glmae_data::{Case, VolumeCache};
 
 use crate::finetune::{FinetuneConfig, Finetuner};
@@ -94,20 +93,7 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
     let ds = glmae_data::phantom_dataset::write_phantom_dataset(&data, p.phantoms, 0, &p.phantom, 2)?;
 
     println!("[2/6] GL-MAE pretraining ({} steps)", p.pretrain_steps);
-    let mut pcfg = PretrainConfig::vit_t();
-    pcfg.encoder.hidden_size = p.hidden;
-    pcfg.encoder.num_heads = p.heads;
-    pcfg.encoder.mlp_dim = 4 * p.hidden;
-    pcfg.encoder.img_size = [p.view.0 as u32; 3];
-    pcfg.decoder =
-        crate::model::DecoderConfig { width: p.hidden as usize, depth: 2, heads: p.heads as usize };
-    pcfg.head = crate::model::HeadConfig { hidden: 4 * p.hidden as usize, out: 128 };
-    pcfg.views.global = ViewSpec { size: p.view.0, ..ViewSpec::GLOBAL };
-    pcfg.views.local = ViewSpec { size: p.view.1, ..ViewSpec::LOCAL };
-    pcfg.steps = p.pretrain_steps;
-    pcfg.warmup_steps = p.pretrain_steps / 10;
-    pcfg.batch_size = 2;
-    pcfg.base_lr = 0.2; // x batch / 256 = 1.6e-3: a short run needs a larger step than 1.5e-4
+    let pcfg = PretrainConfig::narrow(p.hidden, p.heads, p.view, p.pretrain_steps, 2);
     let pre_dir = RunDir::create(&out.join("pretrain"))?;
     pre_dir.save_config(&pcfg)?;
     let mut prep = Preprocessor::pretraining();
