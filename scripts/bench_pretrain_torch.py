@@ -9,6 +9,10 @@ clipping. Views are random tensors (loading is timed separately by glmae-data's 
 
     pip install torch
     python3 scripts/bench_pretrain_torch.py --threads 2 --steps 3 [--ablation full|local-only]
+    python3 scripts/bench_pretrain_torch.py --device cuda --steps 10 [--bf16]
+
+On CUDA, --bf16 runs the step under torch.autocast (bf16 matmuls, f32 master weights), PyTorch's
+usual mixed precision; glmae-train's --precision bf16 keeps every tensor in bf16.
 """
 
 import argparse
@@ -76,11 +80,11 @@ def head(hidden=192):
     return nn.Sequential(nn.Linear(hidden, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 512))
 
 
-def views(count, size):
+def views(count, size, device):
     n = (size // 16) ** 3
     kept = int(n * 0.25)
-    tokens = torch.rand(count, n, 4096)
-    order = torch.rand(count, n).argsort(1)
+    tokens = torch.rand(count, n, 4096, device=device)
+    order = torch.rand(count, n, device=device).argsort(1)
     restore = order.argsort(1)
     mask = (restore >= kept).float()
     return tokens, order[:, :kept], restore, mask
@@ -92,25 +96,28 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ablation", default="full", choices=["full", "local-only"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--bf16", action="store_true", help="autocast to bf16 (CUDA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    vit, dec, proj = Vit(), Decoder(), head()
+    dev = torch.device(args.device)
+    vit, dec, proj = Vit().to(dev), Decoder().to(dev), head().to(dev)
     t_vit, t_head = copy.deepcopy(vit).requires_grad_(False), copy.deepcopy(proj).requires_grad_(False)
     params = list(vit.parameters()) + list(dec.parameters()) + list(proj.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    center = torch.zeros(512)
+    center = torch.zeros(512, device=dev)
     b = args.batch
 
     def step():
         nonlocal center
-        lt, lk, lr_, lm = views(4 * b, 96)
-        pos_l, dpos_l = torch.zeros(216, 192), torch.zeros(216, 128)
+        lt, lk, lr_, lm = views(4 * b, 96, dev)
+        pos_l, dpos_l = torch.zeros(216, 192, device=dev), torch.zeros(216, 128, device=dev)
         lat_l = vit(lt, pos_l, lk)
         rec = ((dec(lat_l, lr_, dpos_l) - lt) ** 2).mean(-1).mul(lm).sum() / lm.sum()
         if args.ablation == "full":
-            gt, gk, gr, gm = views(2 * b, 160)
-            pos_g, dpos_g = torch.zeros(1000, 192), torch.zeros(1000, 128)
+            gt, gk, gr, gm = views(2 * b, 160, dev)
+            pos_g, dpos_g = torch.zeros(1000, 192, device=dev), torch.zeros(1000, 128, device=dev)
             lat_g = vit(gt, pos_g, gk)
             rec = rec + ((dec(lat_g, gr, dpos_g) - gt) ** 2).mean(-1).mul(gm).sum() / gm.sum()
             with torch.no_grad():
@@ -128,13 +135,24 @@ def main():
             for tp, sp in zip(list(t_vit.parameters()) + list(t_head.parameters()), list(vit.parameters()) + list(proj.parameters())):
                 tp.mul_(0.996).add_(sp, alpha=0.004)
 
-    step()  # warm-up
+    def timed_step():
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+            step()
+
+    timed_step()  # warm-up
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        timed_step()
+    sync()
     per = (time.perf_counter() - start) / args.steps
     n_views = b * (4 if args.ablation == "local-only" else 6)
-    print(f"| ViT-T | {args.ablation} | PyTorch {torch.__version__} CPU, {args.threads} threads | {b} | {per:.2f} | {n_views / per:.2f} |")
+    if args.device == "cuda":
+        where = f"{torch.cuda.get_device_name()}{', bf16 autocast' if args.bf16 else ''}"
+    else:
+        where = f"CPU, {args.threads} threads"
+    print(f"| ViT-T | {args.ablation} | PyTorch {torch.__version__} {where} | {b} | {per:.3f} | {n_views / per:.2f} |")
 
 
 if __name__ == "__main__":

@@ -39,22 +39,26 @@ for lib in $("$llvm_config" --link-static --libnames); do
 done
 
 prefix="$("$llvm_config" --prefix)"
-rm -rf "$bundle"
-mkdir -p "$bundle/bin"
-for dir in lib include; do
-    ln -sfn "$prefix/$dir" "$bundle/$dir"
-done
 # Debian's llvm-config names some system libraries by path (/usr/lib/.../libz3.so), which the
 # bundler would pass on as `-llibz3`: rewrite those to `-lz3`. Everything else is passed through,
 # and llvm-config still finds its real prefix because it is run by its own path.
-cat > "$bundle/bin/llvm-config" <<WRAPPER
-#!/bin/sh
-case " \$* " in
-    *" --system-libs "*) "$llvm_config" "\$@" | sed 's|[^ ]*/lib\([^ /]*\)\.so[.0-9]*|-l\1|g' ;;
-    *) exec "$llvm_config" "\$@" ;;
-esac
-WRAPPER
-chmod +x "$bundle/bin/llvm-config"
-touch "$bundle/.tracel-llvm-installed"
+wrapper="#!/bin/sh
+case \" \$* \" in
+    *\" --system-libs \"*) \"$llvm_config\" \"\$@\" | sed 's|[^ ]*/lib\\([^ /]*\\)\\.so[.0-9]*|-l\\1|g' ;;
+    *) exec \"$llvm_config\" \"\$@\" ;;
+esac"
+# The bundler's build script reruns whenever the sentinel file changes, and everything that links
+# LLVM rebuilds after it: leave an identical bundle untouched.
+if [ ! -f "$bundle/.tracel-llvm-installed" ] || [ "$(cat "$bundle/bin/llvm-config" 2>/dev/null)" != "$wrapper" ] \
+    || [ "$(readlink "$bundle/lib")" != "$prefix/lib" ]; then
+    rm -rf "$bundle"
+    mkdir -p "$bundle/bin"
+    for dir in lib include; do
+        ln -sfn "$prefix/$dir" "$bundle/$dir"
+    done
+    printf '%s\n' "$wrapper" > "$bundle/bin/llvm-config"
+    chmod +x "$bundle/bin/llvm-config"
+    touch "$bundle/.tracel-llvm-installed"
+fi
 echo "offline-llvm: $bundle -> $prefix (LLVM $("$llvm_config" --version))" >&2
 echo "export XDG_DATA_HOME=$home"

@@ -20,6 +20,18 @@ pub fn write_phantom_dataset(
     cfg: &PhantomConfig,
     threads: usize,
 ) -> Result<Dataset> {
+    write_phantom_dataset_observed(out, count, seed, cfg, threads, &|| {})
+}
+
+/// [`write_phantom_dataset`], calling `written` after each phantom (for a progress bar).
+pub fn write_phantom_dataset_observed(
+    out: &Path,
+    count: usize,
+    seed: u64,
+    cfg: &PhantomConfig,
+    threads: usize,
+    written: &(dyn Fn() + Sync),
+) -> Result<Dataset> {
     ensure!(count > 0, "--count must be at least 1");
     for sub in ["imagesTr", "labelsTr"] {
         let d = out.join(sub);
@@ -29,7 +41,11 @@ pub fn write_phantom_dataset(
         count,
         threads,
         || Some("a writer thread crashed".to_string()),
-        |i| write_one(out, i, seed + i as u64, cfg).err().map(|e| format!("{e:#}")),
+        |i| {
+            let result = write_one(out, i, seed + i as u64, cfg).err().map(|e| format!("{e:#}"));
+            written();
+            result
+        },
     )
     .into_iter()
     .flatten()

@@ -36,6 +36,11 @@ pub fn starts(size: usize, roi: usize, overlap: f64) -> Vec<usize> {
     (0..count).map(|i| (i * stride).min(size - roi)).collect()
 }
 
+/// How many windows a pass over a volume of `shape` makes.
+pub fn window_count(shape: [usize; 3], spec: &WindowSpec) -> usize {
+    (0..3).map(|a| starts(shape[a], spec.roi[a], spec.overlap).len()).product()
+}
+
 /// Per-voxel weights of one window.
 pub fn importance(roi: [usize; 3], blend: Blend) -> Vec<f32> {
     let n = roi.iter().product();
@@ -267,6 +272,22 @@ mod tests {
         assert_eq!(starts(200, 96, 0.5), [0, 48, 96, 104]);
         assert_eq!(starts(50, 96, 0.5), [0]);
         assert_eq!(starts(100, 32, 0.0), [0, 32, 64, 68]);
+    }
+
+    #[test]
+    fn window_count_is_the_number_of_predictions() {
+        let shape = [40, 20, 70];
+        let spec = WindowSpec { roi: [16, 32, 16], overlap: 0.5, blend: Blend::Constant };
+        let image = vec![0.0; shape.iter().product()];
+        let mut calls = 0;
+        sliding_window(&image, 1, shape, &spec, 2, |w| {
+            calls += 1;
+            Ok(vec![0.0; 2 * w.len()])
+        })
+        .unwrap();
+        // 4 x 1 x 8 windows: starts 0,8,16,24 / 0 (padded) / 0,8,...,54.
+        assert_eq!(calls, 4 * 8);
+        assert_eq!(window_count(shape, &spec), calls);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use glmae_data::loader::to_labels;
 use glmae_data::phantom::PhantomConfig;
-use glmae_data::phantom_dataset::write_phantom_dataset;
+use glmae_data::phantom_dataset::write_phantom_dataset_observed;
 use glmae_data::preprocess::Preprocessor;
 use glmae_data::transforms::{Augment, Rng, ViewSpec, pos_neg_crop, random_view};
 use glmae_data::{Dataset, VolumeCache, read_nifti};
@@ -23,7 +23,12 @@ fn small() -> PhantomConfig {
 #[test]
 fn phantom_dataset_round_trips_through_the_pipeline() {
     let d = temp("msd");
-    let ds = write_phantom_dataset(&d, 3, 10, &small(), 2).unwrap();
+    let written = std::sync::atomic::AtomicUsize::new(0);
+    let tick = || {
+        written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    let ds = write_phantom_dataset_observed(&d, 3, 10, &small(), 2, &tick).unwrap();
+    assert_eq!(written.into_inner(), 3, "one progress tick per phantom written");
     assert_eq!((ds.training.len(), ds.validation.len()), (2, 1));
     let reread = Dataset::from_json(&d.join("dataset.json")).unwrap();
     assert_eq!(reread.training, ds.training);

@@ -41,8 +41,7 @@ pub fn training_devices(spec: &str, precision: Precision) -> Result<Vec<Device>>
         if names[..i].contains(name) {
             bail!("device {name} is listed twice in {spec:?}");
         }
-        let mut device = base_device(name)?;
-        configure(&mut device, precision).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let device = device_named(name, Some(precision)).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         devices.push(device.autodiff());
     }
     if devices.len() > 1 && names.iter().any(|n| !n.starts_with("cuda")) {
@@ -69,32 +68,55 @@ fn configure(device: &mut Device, precision: Precision) -> Result<()> {
     )
 }
 
-/// A device from its command-line name, without autodiff.
-pub fn base_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" | "flex" => Ok(Device::flex()),
-        // Deprecated in burn 0.22 in favour of flex; kept selectable for comparison.
-        #[allow(deprecated)]
-        "ndarray" => Ok(Device::ndarray()),
-        n if n == "cuda" || n.starts_with("cuda:") => cuda(n.strip_prefix("cuda:").unwrap_or("0")),
-        other => bail!("unknown device {other:?}; expected cpu, ndarray, cuda or cuda:N"),
+/// burn's `BURN_DEVICE` name of the CPU backend a device list asks for (`flex`, `ndarray`), or
+/// `None` for GPUs.
+pub fn cpu_backend_name(spec: &str) -> Option<&'static str> {
+    match spec {
+        "cpu" | "flex" => Some("flex"),
+        "ndarray" => Some("ndarray"),
+        _ => None,
     }
 }
 
+/// A device from its command-line name, without autodiff, in whatever float type it has.
+pub fn base_device(name: &str) -> Result<Device> {
+    device_named(name, None)
+}
+
+/// A device from its command-line name, its float type set to `precision` when given.
+fn device_named(name: &str, precision: Option<Precision>) -> Result<Device> {
+    let mut device = match name {
+        "cpu" | "flex" => Device::flex(),
+        // Deprecated in burn 0.22 in favour of flex; kept selectable for comparison.
+        #[allow(deprecated)]
+        "ndarray" => Device::ndarray(),
+        // The probe that checks a GPU is there makes a tensor, so the type is set before it.
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            return cuda(n.strip_prefix("cuda:").unwrap_or("0"), precision);
+        }
+        other => bail!("unknown device {other:?}; expected cpu, ndarray, cuda or cuda:N"),
+    };
+    if let Some(precision) = precision {
+        configure(&mut device, precision)?;
+    }
+    Ok(device)
+}
+
 #[cfg(feature = "cuda")]
-fn cuda(index: &str) -> Result<Device> {
+fn cuda(index: &str, precision: Option<Precision>) -> Result<Device> {
     let i: usize = index.parse().map_err(|_| anyhow::anyhow!("invalid CUDA device index {index:?}"))?;
     // cudarc loads the driver on first use and panics when it cannot: turn that into an error,
     // without the panic message the default hook would print first.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let probe = std::panic::catch_unwind(|| {
-        let d = Device::cuda(i);
-        let _ = burn::tensor::Tensor::<1>::zeros([1], &d).into_scalar::<f32>();
-        d
+        let mut d = Device::cuda(i);
+        let configured = precision.map_or(Ok(()), |p| configure(&mut d, p));
+        let _ = burn::tensor::Tensor::<1>::zeros([1], &d).into_data();
+        configured.map(|()| d)
     });
     std::panic::set_hook(hook);
-    probe.map_err(|_| anyhow::anyhow!("CUDA device {i} is not usable: no NVIDIA driver/GPU found (libcuda could not be loaded) or the index does not exist"))
+    probe.map_err(|_| anyhow::anyhow!("CUDA device {i} is not usable: no NVIDIA driver/GPU found (libcuda could not be loaded) or the index does not exist"))?
 }
 
 #[cfg(feature = "cuda")]
@@ -112,11 +134,11 @@ fn cuda_count() -> Result<usize> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_count() -> Result<usize> {
-    cuda("all").map(|_| 0)
+    cuda("all", None).map(|_| 0)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_index: &str) -> Result<Device> {
+fn cuda(_index: &str, _precision: Option<Precision>) -> Result<Device> {
     bail!(
         "this glmae-train was built without CUDA support; rebuild with `cargo build --release -p glmae-train --features cuda`"
     )

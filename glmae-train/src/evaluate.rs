@@ -109,6 +109,17 @@ pub fn overlay_png(path: &Path, image: &glmae_data::Volume, truth: &[u8], pred: 
 /// Evaluates `ft` on `cases` (labelled), writing `dice.csv`, `dice.md` and one PNG per case into
 /// `out`.
 pub fn evaluate(ft: &Finetuner, cases: &[Case], out: &Path) -> Result<Report> {
+    evaluate_with_progress(ft, cases, out, &indicatif::ProgressBar::hidden())
+}
+
+/// [`evaluate`], advancing `bar` by one per sliding window (its length grows as each case is
+/// loaded, since the window count depends on the resampled shape).
+pub fn evaluate_with_progress(
+    ft: &Finetuner,
+    cases: &[Case],
+    out: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<Report> {
     ensure!(!cases.is_empty(), "no cases to evaluate");
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let cache = VolumeCache::new(ft.cfg.preprocessing.clone(), None);
@@ -120,7 +131,8 @@ pub fn evaluate(ft: &Finetuner, cases: &[Case], out: &Path) -> Result<Report> {
             .labels
             .as_ref()
             .with_context(|| format!("{} has no label to evaluate against", c.image.display()))?;
-        let pred = ft.predict(&p.image)?;
+        bar.inc_length(glmae_data::sliding_window::window_count(p.image.shape, &ft.cfg.window()) as u64);
+        let pred = ft.predict_observed(&p.image, &|| bar.inc(1))?;
         let name = c
             .image
             .file_name()
@@ -131,5 +143,6 @@ pub fn evaluate(ft: &Finetuner, cases: &[Case], out: &Path) -> Result<Report> {
     }
     glmae_data::io::atomic_write(&out.join("dice.csv"), report.csv().as_bytes())?;
     glmae_data::io::atomic_write(&out.join("dice.md"), report.markdown().as_bytes())?;
+    bar.finish_and_clear();
     Ok(report)
 }

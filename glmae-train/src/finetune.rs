@@ -198,7 +198,7 @@ impl Finetuner {
         let mut model = Unetr::new(&cfg.unetr, &device);
         if let Some(run) = &cfg.init_from {
             let dir = crate::run::RunDir::open(run)?;
-            let pre = dir.resume(device.clone())?;
+            let pre = dir.load_weights(device.clone())?;
             let (a, b) = (&pre.cfg.encoder, &cfg.unetr.vit);
             ensure!(
                 (a.hidden_size, a.depth, a.num_heads, a.mlp_dim, a.patch_size, a.in_channels, a.qkv_bias)
@@ -254,18 +254,25 @@ impl Finetuner {
 
     /// Labels for a whole prepared image by sliding-window inference.
     pub fn predict(&self, image: &Volume) -> Result<Vec<u8>> {
+        self.predict_observed(image, &|| {})
+    }
+
+    /// [`predict`](Self::predict), calling `on_window` after each sliding window (for progress).
+    pub fn predict_observed(&self, image: &Volume, on_window: &dyn Fn()) -> Result<Vec<u8>> {
         let roi = self.cfg.roi();
         let k = self.cfg.unetr.out_channels as usize;
         let model = self.model.valid();
         let device = self.device.clone();
         let logits = sliding_window(&image.data, image.channels, image.shape, &self.cfg.window(), k, |w| {
             let x = tensor(w.to_vec(), [1, 1, roi[0], roi[1], roi[2]], &device);
-            model
+            let logits = model
                 .forward(x)
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .map_err(|e| anyhow::anyhow!("{e:?}"));
+            on_window();
+            logits
         })?;
         let mut labels = vec![0u8; image.voxels()];
         glmae_core::kernels::argmax_channels(&logits, k, &mut labels);
@@ -361,13 +368,7 @@ pub fn train(mut ft: Finetuner, ds: &glmae_data::Dataset, out: &Path, loader_thr
         let labels = p.labels.as_ref().context("a training case lost its labels")?;
         Ok(crops(&cfg2, &p.image, labels, &mut rng))
     });
-    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "finetune {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress::bar("finetune", cfg.steps as u64);
     let open = |name: &str, header: &str| -> Result<std::fs::File> {
         let p = out.join(name);
         let mut f = std::fs::File::create(&p).with_context(|| format!("cannot write {}", p.display()))?;

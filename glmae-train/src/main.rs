@@ -425,7 +425,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 spacing: [spacing[0], spacing[1], spacing[2]],
             };
             let start = std::time::Instant::now();
-            let ds = glmae_data::phantom_dataset::write_phantom_dataset(&out, count, seed, &cfg, threads)?;
+            let bar = glmae_train::progress::bar("phantoms", count as u64);
+            let ds = glmae_data::phantom_dataset::write_phantom_dataset_observed(
+                &out,
+                count,
+                seed,
+                &cfg,
+                threads,
+                &|| bar.inc(1),
+            )?;
+            bar.finish_and_clear();
             println!(
                 "wrote {count} phantoms ({} training, {} validation) to {} in {:.1} s",
                 ds.training.len(),
@@ -457,7 +466,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown split {other:?}; expected validation, training or test"),
             };
             let out = out.unwrap_or_else(|| run.join("eval"));
-            let report = glmae_train::evaluate::evaluate(&ft, &cases, &out)?;
+            let bar = glmae_train::progress::bar("evaluate", 0);
+            let report = glmae_train::evaluate::evaluate_with_progress(&ft, &cases, &out, &bar)?;
             print!("{}", report.markdown());
             println!("Dice per case in {}, overlays in {}", out.join("dice.csv").display(), out.display());
         }
@@ -492,8 +502,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The device named on the command line, if the command trains or evaluates.
+fn requested_device(cli: &Cli) -> Option<&str> {
+    match &cli.command {
+        Command::Quickstart { device, .. } | Command::Evaluate { device, .. } => Some(device),
+        Command::Pretrain(a) => Some(&a.device),
+        Command::Finetune(a) => Some(&a.device),
+        Command::Experiment(glmae_train::experiment::Command::Ablation(a)) => Some(&a.device),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // burn restores optimizer state on its default device, which in a cuda build is GPU 0: a CPU
+    // run would then touch (or, without a GPU, fail on) the GPU. Point the default at the CPU
+    // backend asked for; still one thread here, so setting the environment is sound.
+    if let Some(backend) = requested_device(&cli).and_then(glmae_train::device::cpu_backend_name)
+        && std::env::var_os("BURN_DEVICE").is_none()
+    {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("BURN_DEVICE", backend) };
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

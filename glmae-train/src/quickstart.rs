@@ -90,7 +90,16 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
     let p = plan(scale);
     let data = out.join("phantoms");
     println!("[1/6] writing {} synthetic CT phantoms to {}", p.phantoms, data.display());
-    let ds = glmae_data::phantom_dataset::write_phantom_dataset(&data, p.phantoms, 0, &p.phantom, 2)?;
+    let bar = crate::progress::bar("phantoms", p.phantoms as u64);
+    let ds = glmae_data::phantom_dataset::write_phantom_dataset_observed(
+        &data,
+        p.phantoms,
+        0,
+        &p.phantom,
+        2,
+        &|| bar.inc(1),
+    )?;
+    bar.finish_and_clear();
 
     println!("[2/6] GL-MAE pretraining ({} steps)", p.pretrain_steps);
     let pcfg = PretrainConfig::narrow(p.hidden, p.heads, p.view, p.pretrain_steps, 2);
@@ -127,7 +136,12 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
     println!("[4/6] evaluating on {} validation volume(s)", ds.validation.len());
     let best = Finetuner::load(&ft_dir, "best", device)?;
     let eval = ft_dir.join("eval");
-    let report = crate::evaluate::evaluate(&best, &ds.validation, &eval)?;
+    let report = crate::evaluate::evaluate_with_progress(
+        &best,
+        &ds.validation,
+        &eval,
+        &crate::progress::bar("evaluate", 0),
+    )?;
     print!("{}", report.markdown());
 
     println!("[5/6] exporting the int8 model");

@@ -160,6 +160,16 @@ impl RunDir {
 
     /// Restores a run from its configuration and checkpoint onto `device`.
     pub fn resume(&self, device: Device) -> Result<Pretrainer> {
+        self.load(device, true)
+    }
+
+    /// The run's student, teacher and centre without its optimizer state: what fine-tuning
+    /// starts from (burn restores optimizer state on its default device, which may be a GPU).
+    pub fn load_weights(&self, device: Device) -> Result<Pretrainer> {
+        self.load(device, false)
+    }
+
+    fn load(&self, device: Device, with_optimizer: bool) -> Result<Pretrainer> {
         let cfg = self.load_config()?;
         let p = self.checkpoint_path();
         let bytes = std::fs::read(&p).with_context(|| format!("cannot read checkpoint {}", p.display()))?;
@@ -195,10 +205,12 @@ impl RunDir {
         };
         run.student = run.student.load_record(record(blobs[1])?);
         run.teacher = run.teacher.load_record(record(blobs[2])?).no_grad();
-        run.optimizer = run
-            .optimizer
-            .from_bytes(Bytes::from_bytes_vec(blobs[3].to_vec()))
-            .map_err(|e| anyhow::anyhow!("{name}: optimizer state: {e}"))?;
+        if with_optimizer {
+            run.optimizer = run
+                .optimizer
+                .from_bytes(Bytes::from_bytes_vec(blobs[3].to_vec()))
+                .map_err(|e| anyhow::anyhow!("{name}: optimizer state: {e}"))?;
+        }
         run.center = Tensor::from_data(TensorData::new(center, [cfg.head.out]), &device);
         run.step = step;
         Ok(run)
@@ -257,14 +269,7 @@ pub fn train_loop_on(
             .collect::<Result<Vec<_>>>()
     });
     let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(cfg.steps as u64).with_position(start as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "pretrain {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
+        crate::progress::bar("pretrain", cfg.steps as u64).with_position(start as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
