@@ -2,10 +2,12 @@
 # The GPU checks a development machine cannot run, as one script for a machine with an NVIDIA GPU:
 #   1. the whole quickstart pipeline (pretrain, fine-tune, evaluate, export, segment) at tiny
 #      scale on CUDA, so every training and evaluation kernel runs once;
-#   2. ViT-T GL-MAE pretraining timed in f32 and bf16 (the paper's view sizes), and with two or
-#      more GPUs the data-parallel run;
-#   3. the same pretraining on the machine's CPU cores (flex), the baseline for the speed-up;
-#   4. the quickstart at small scale on CUDA, to compare its Dice with the CPU run in README.md.
+#   2. ViT-T GL-MAE pretraining timed in f32 and bf16 (the paper's view sizes), with two or more
+#      GPUs the data-parallel run, the same pretraining on the machine's CPU cores (flex), and the
+#      same step in PyTorch on the GPU (stage group `timing`);
+#   3. more loader threads, bigger batches and ViT-B (`scaling`);
+#   4. the quickstart at small scale on CUDA, to compare its Dice with the CPU run in README.md
+#      (`small`). After each quickstart the fine-tuned model is evaluated on the GPU and on the CPU.
 # Each stage has its own time limit and a failing stage does not stop the next. Runs go to
 # $WORK (default gpu-check/); $OUT (default: the same) gets summary.txt (medians, Dice, exit
 # codes) and runs.tar.gz (each stage's log, each run's config.json and metrics.csv, Dice tables).
@@ -22,9 +24,11 @@ summary="$results/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
 
-# cudarc opens libnvrtc by name at run time; CUDA images keep it outside the default search path.
+# cudarc opens CUDA's libraries by name at run time (libnvrtc in case a kernel needs it); CUDA
+# images keep the toolkit's outside the default search path. Never the stubs folder: its fake
+# libcuda.so would shadow the driver's.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-  $(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -printf '%h\n' 2>/dev/null | sort -u); do
+  $(find /usr/local /usr/lib /opt -name 'libnvrtc.so*' -printf '%h\n' 2>/dev/null | grep -v /stubs | sort -u); do
   export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpus.csv" \

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// The floating-point type every float tensor of a run is stored and computed in.
 ///
 /// burn 0.22 sets this per device (`Device::configure`), for parameters and activations alike:
-/// `bf16` halves memory and uses the GPU's tensor cores, without an f32 master copy of the
+/// `bf16` halves memory and is meant for GPUs' bf16 matrix units, without an f32 master copy of the
 /// weights (what burn supports today, unlike PyTorch's autocast).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +147,14 @@ fn cuda(_index: &str, _precision: Option<Precision>) -> Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_runs_name_their_backend_as_burns_default() {
+        assert_eq!(cpu_backend_name("cpu"), Some("flex"));
+        assert_eq!(cpu_backend_name("ndarray"), Some("ndarray"));
+        assert_eq!(cpu_backend_name("cuda:0"), None);
+        assert_eq!(cpu_backend_name("cuda:0,cuda:1"), None);
+    }
 
     #[test]
     fn names_map_to_backends_and_bad_names_are_errors() {
