@@ -71,7 +71,7 @@ pretrain() {
 # weights through burn's CUDA and flex kernels).
 compare_eval() {
   local run="$1" data="$2" dev
-  for dev in "$gpu" cpu; do
+  for dev in $(printf '%s\n' "$gpu" cpu | sort -u); do
     stage "$(basename "$(dirname "$run")")-eval-$dev" 120 "$bin" evaluate "$run" --data "$data" \
       --device "$dev" --out "$run/eval-$dev" \
       && { echo "dice.csv, evaluated on $dev:"; cat "$run/eval-$dev/dice.csv"; } | tee -a "$summary"

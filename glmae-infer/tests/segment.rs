@@ -77,18 +77,7 @@ fn bad_input_fails_cleanly_without_output() {
     let cut = dir.join("cut.nii.gz");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
     let output = dir.join("seg.nii.gz");
-    let run = |model: &Path, input: &Path, output: &Path| {
-        infer()
-            .args(["segment", "--model"])
-            .arg(model)
-            .arg("--input")
-            .arg(input)
-            .arg("--output")
-            .arg(output)
-            .output()
-            .unwrap()
-    };
-    let out = run(&model, &cut, &output);
+    let out = segment(&[], &model, &cut, &output);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cut.nii.gz") && err.contains("truncated"), "{err}");
@@ -96,12 +85,12 @@ fn bad_input_fails_cleanly_without_output() {
 
     let bad_model = dir.join("bad.glmae");
     std::fs::write(&bad_model, b"\\x89GLMAE\\r\\n not really").unwrap();
-    let out = run(&bad_model, &input, &output);
+    let out = segment(&[], &bad_model, &input, &output);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.glmae"));
 
     let unwritable = dir.join("missing-folder").join("seg.nii.gz");
-    let out = run(&model, &input, &unwritable);
+    let out = segment(&[], &model, &input, &unwritable);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing-folder/seg.nii.gz"));
     assert!(!dir.join("missing-folder").exists());

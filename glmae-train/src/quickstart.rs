@@ -26,8 +26,8 @@ pub enum Scale {
 
 struct Plan {
     phantoms: usize,
+    /// The phantoms; training resamples to their own spacing, so nothing is resampled.
     phantom: PhantomConfig,
-    spacing: [f32; 3],
     pretrain_steps: usize,
     finetune_steps: usize,
     view: (usize, usize),
@@ -42,7 +42,6 @@ fn plan(scale: Scale) -> Plan {
         Scale::Tiny => Plan {
             phantoms: 3,
             phantom: PhantomConfig { shape: [48, 40, 32], spacing: [6.0, 6.0, 7.5] },
-            spacing: [6.0, 6.0, 7.5],
             pretrain_steps: 4,
             finetune_steps: 4,
             view: (48, 32),
@@ -54,7 +53,6 @@ fn plan(scale: Scale) -> Plan {
         Scale::Small => Plan {
             phantoms: 8,
             phantom: PhantomConfig { shape: [96, 80, 64], spacing: [3.0, 3.0, 3.75] },
-            spacing: [3.0, 3.0, 3.75],
             pretrain_steps: 150,
             finetune_steps: 300,
             view: (64, 32),
@@ -106,7 +104,7 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
     let pre_dir = RunDir::create(&out.join("pretrain"))?;
     pre_dir.save_config(&pcfg)?;
     let mut prep = Preprocessor::pretraining();
-    prep.spacing = p.spacing;
+    prep.spacing = p.phantom.spacing;
     let unlabelled: Vec<Case> =
         ds.training.iter().map(|c| Case { image: c.image.clone(), label: None }).collect();
     let cache = Arc::new(VolumeCache::new(prep, None));
@@ -122,7 +120,7 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
     unetr.feature_size = p.feature;
     let names = glmae_data::phantom::LABELS.iter().map(|s| s.to_string()).collect();
     let mut fcfg = FinetuneConfig::new(unetr, names);
-    fcfg.preprocessing.spacing = p.spacing;
+    fcfg.preprocessing.spacing = p.phantom.spacing;
     fcfg.init_from = Some(pre_dir.root().to_path_buf());
     fcfg.steps = p.finetune_steps;
     fcfg.warmup_steps = p.finetune_steps / 10;
