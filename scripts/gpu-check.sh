@@ -5,6 +5,7 @@
 #   2. ViT-T GL-MAE pretraining timed in f32 and bf16 (the paper's view sizes), with two or more
 #      GPUs the data-parallel run, the same pretraining on the machine's CPU cores (flex), and the
 #      same step in PyTorch on the GPU (stage group `timing`);
+#      (TORCH=0 skips the PyTorch rows);
 #   3. more loader threads, bigger batches and ViT-B (`scaling`);
 #   4. the quickstart at small scale on CUDA, to compare its Dice with the CPU run in README.md
 #      (`small`). After each quickstart the fine-tuned model is evaluated on the GPU and on the CPU.
@@ -99,7 +100,7 @@ if want timing; then
   [ "${CPU_LIMIT:-90}" -gt 0 ] && pretrain cpu-flex "${CPU_LIMIT:-90}" --device cpu --batch-size 2 --steps 4
   # The same step in PyTorch on the same GPU (random views; README's comparison).
   here="$(dirname "$0")"
-  if [ "$gpu" != cpu ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  if [ "${TORCH:-1}" = 1 ] && [ "$gpu" != cpu ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     for mode in f32 bf16; do
       flag=(); [ "$mode" = bf16 ] && flag=(--bf16)
       stage "torch-$mode" 120 python3 "$here/bench_pretrain_torch.py" --device cuda --batch 2 \
