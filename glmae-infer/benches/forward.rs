@@ -7,7 +7,12 @@
 //!     cargo bench -p glmae-infer --bench forward -- agreement    # fast vs reference labels on a phantom
 //!     cargo bench -p glmae-infer --bench forward -- conv=32,16,96,1   # one 3x3x3 layer (CI,CO,EDGE,THREADS)
 //!
-//! `only=f32` or `only=int8` restricts the precisions; `volume-only` skips the window runs.
+//! The layer runs by Winograd F(2x2x2, 3x3x3); `CONV_DIRECT=1` runs the direct implicit GEMM,
+//! `CONV_INT8=1` the int8 x int16 kernel. Its GFLOP/s count the direct algorithm's 27 multiply-adds
+//! per input channel and output (effective rate).
+//!
+//! `CONV_DIRECT=1` runs the f32 3x3x3 convolutions as direct implicit GEMMs instead of by
+//! Winograd. `only=f32` or `only=int8` restricts the precisions; `volume-only` skips the window runs.
 //! int8 runs twice: dequantised to f32 (the default engine) and on the int8 x int16 kernels
 //! (`int8_kernels=Some(Vnni)`, when the CPU has AVX-512 VNNI).
 //!
@@ -77,7 +82,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> {
     let bytes = model(p)?;
     let file = ModelFile::parse(&bytes)?;
-    let mut fast = FastUnetr::new(&file)?;
+    let mut fast = FastUnetr::new(&file)?.with_winograd(std::env::var("CONV_DIRECT").is_err());
     if int8_kernels {
         fast = fast.with_int8_kernels(glmae_infer::fast::QIsa::detect())?;
     }
@@ -103,8 +108,9 @@ fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> 
     let conv_s = median(stats.iter().map(|s| s.conv_seconds).collect());
     let norm_s = median(stats.iter().map(|s| s.norm_seconds).collect());
     println!(
-        "RESULT window precision={p:?} threads={threads} isa={:?} int8_kernels={:?} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1}",
+        "RESULT window precision={p:?} threads={threads} isa={:?} winograd={} int8_kernels={:?} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1}",
         fast.isa(),
+        fast.winograd(),
         fast.int8_kernels(),
         1e3 * cpu / REPS as f64,
         1e3 * median(times.clone()),
@@ -138,6 +144,13 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     let q: Vec<i8> = (0..co * ci * 27).map(|i| ((i * 7919) % 13) as i8).collect();
     let qw = QConvWeights::from_parts(co, ci, 3, &q, &vec![0.01; co], None);
     let int8 = std::env::var("CONV_INT8").is_ok();
+    let winograd = std::env::var("CONV_DIRECT").is_err();
+    let ww = glmae_infer::fast::winograd::WinogradWeights::from_fn(
+        co,
+        ci,
+        |i| ((i * 7919) % 13) as f32 * 0.01,
+        None,
+    );
     let d = [edge; 3];
     let mut x = Vol::zeros(d, ci);
     for (i, v) in x.data.iter_mut().enumerate() {
@@ -150,6 +163,8 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
             let amax = glmae_infer::fast::conv::abs_max(&x, 0, ci);
             let qx = QVol::quantize(&x, amax, max_level(qw.k()), Vec::new());
             qconv(QIsa::detect().unwrap_or(QIsa::Scalar), &qx, &qw, out, 0);
+        } else if winograd {
+            glmae_infer::fast::winograd::conv_winograd(Isa::detect(), &x, &ww, out, 0);
         } else {
             conv(Isa::detect(), &x, &cw, out, 0);
         }
@@ -163,7 +178,8 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     let (wall, cpu) = (t0.elapsed().as_secs_f64() / reps as f64, (cpu_seconds() - c0) / reps as f64);
     let flop = 2.0 * (27 * ci * co * edge * edge * edge) as f64;
     println!(
-        "RESULT conv int8={int8} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
+        "RESULT conv int8={int8} winograd={} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
+        winograd && !int8,
         wall * 1e3,
         flop / wall / 1e9,
         flop / cpu / 1e9

@@ -1,10 +1,12 @@
 //! The fast forward pass against glmae-core's reference `Unetr::forward`, the single definition
 //! of the model, on random tiny UNETRs: f32 and int8 weights, cubic and non-cubic windows, a
-//! learned position table with two input channels and no qkv bias, every kernel ISA this CPU has.
+//! learned position table with two input channels and no qkv bias, every kernel ISA this CPU has,
+//! 3x3x3 convolutions both by Winograd's F(2x2x2, 3x3x3) and as direct sums.
 //!
 //! Tolerance: the largest logit difference must stay below 1e-4 of the reference logits' range
 //! (max - min over the window), and at least 99.9% of voxels must get the same label. Both passes
-//! use the same (dequantised) weights in f32, so only summation order differs.
+//! use the same (dequantised) weights in f32, so only summation order (and Winograd's transforms)
+//! differ.
 
 use glmae_core::format::Precision;
 use glmae_core::synthetic::random_model;
@@ -35,19 +37,16 @@ fn argmax(logits: &[f32], classes: usize) -> Vec<u8> {
     labels
 }
 
-/// Returns (max |diff| / range, label agreement) with the f32 kernels (int8 weights dequantised).
-fn compare(cfg: &UnetrConfig, precision: Precision, window: [usize; 3], seed: u64, isa: Isa) -> (f64, f64) {
-    compare_with(cfg, precision, window, seed, isa, None)
-}
-
-fn compare_with(
-    cfg: &UnetrConfig,
-    precision: Precision,
-    window: [usize; 3],
-    seed: u64,
+/// The engine variant a comparison runs.
+#[derive(Clone, Copy, Debug)]
+struct Kernels {
     isa: Isa,
     qisa: Option<QIsa>,
-) -> (f64, f64) {
+    winograd: bool,
+}
+
+/// Returns (max |diff| / range, label agreement) of the fast pass against the reference.
+fn compare(cfg: &UnetrConfig, precision: Precision, window: [usize; 3], seed: u64, k: Kernels) -> (f64, f64) {
     let bytes = random_model(cfg, seed, precision).unwrap();
     let file = ModelFile::parse(&bytes).unwrap();
     let reference = Unetr::new(&file).unwrap();
@@ -56,8 +55,21 @@ fn compare_with(
     let mut scratch = vec![0.0; reference.scratch_len(window).unwrap()];
     reference.forward(&x, window, &mut expected, &mut scratch).unwrap();
 
-    let fast = FastUnetr::new(&file).unwrap().with_isa(isa).unwrap().with_int8_kernels(qisa).unwrap();
-    let got = fast.forward(&x, window).unwrap();
+    let fast = FastUnetr::new(&file)
+        .unwrap()
+        .with_isa(k.isa)
+        .unwrap()
+        .with_int8_kernels(k.qisa)
+        .unwrap()
+        .with_winograd(k.winograd);
+    let (got, stats) = fast.forward_with_stats(&x, window).unwrap();
+    // The tiny configs have 3x3x3 layers with 8+ input channels on even sizes: Winograd must run.
+    assert_eq!(
+        stats.winograd_convs > 0,
+        k.winograd && k.qisa.is_none(),
+        "{k:?}: {} Winograd convolutions",
+        stats.winograd_convs
+    );
     assert_eq!(got.len(), expected.len());
     let (lo, hi) = expected.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     let range = (hi - lo) as f64;
@@ -79,10 +91,13 @@ fn isas() -> Vec<Isa> {
 
 fn check(name: &str, cfg: &UnetrConfig, precision: Precision, window: [usize; 3]) {
     for isa in isas() {
-        let (rel, same) = compare(cfg, precision, window, 7, isa);
-        println!("{name} {precision:?} {window:?} {isa:?}: max diff {rel:.2e} of range, labels {same:.5}");
-        assert!(rel < REL_TOL, "{name} {isa:?}: logits differ by {rel:e} of their range");
-        assert!(same >= LABEL_AGREEMENT, "{name} {isa:?}: only {same} of labels agree");
+        for winograd in [true, false] {
+            let k = Kernels { isa, qisa: None, winograd };
+            let (rel, same) = compare(cfg, precision, window, 7, k);
+            println!("{name} {precision:?} {window:?} {k:?}: max diff {rel:.2e} of range, labels {same:.5}");
+            assert!(rel < REL_TOL, "{name} {k:?}: logits differ by {rel:e} of their range");
+            assert!(same >= LABEL_AGREEMENT, "{name} {k:?}: only {same} of labels agree");
+        }
     }
 }
 
@@ -116,7 +131,8 @@ fn int8_kernels_stay_close_to_reference_int8() {
             continue;
         }
         for (seed, window) in [(7, [32, 48, 32]), (8, [32, 32, 32])] {
-            let (rel, same) = compare_with(&cfg, Precision::Int8, window, seed, Isa::detect(), Some(qisa));
+            let k = Kernels { isa: Isa::detect(), qisa: Some(qisa), winograd: true };
+            let (rel, same) = compare(&cfg, Precision::Int8, window, seed, k);
             println!("int8 kernels {qisa:?} {window:?}: max diff {rel:.2e} of range, labels {same:.5}");
             // Measured 1.4e-4 to 1.5e-4 of the range and 0.9996 of labels.
             assert!(rel < INT8_KERNEL_REL_TOL, "{qisa:?}: logits differ by {rel:e} of their range");

@@ -327,17 +327,9 @@ pub fn gemm(
 
 #[cfg(test)]
 mod tests {
+    use super::super::lcg;
     use super::*;
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     /// Every ISA against an f64 product, over ragged sizes, taps, bias and accumulation.
     #[test]

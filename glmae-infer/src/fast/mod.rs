@@ -18,6 +18,7 @@ pub mod conv;
 pub mod gemm;
 pub mod qconv;
 mod vit;
+pub mod winograd;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -36,18 +37,28 @@ pub use gemm::Isa;
 use glmae_core::tensor::Tensor;
 pub use qconv::QIsa;
 use qconv::{QConvWeights, QVol, max_level, qconv};
+use winograd::{WinogradWeights, conv_winograd};
 
-/// A 3x3x3 or 1x1x1 convolution: packed f32 weights always (dequantised for int8 files), and
-/// the int8 packing too when the file stores the layer as int8.
+/// A 3x3x3 or 1x1x1 convolution: packed f32 weights always (dequantised for int8 files), the
+/// Winograd-transformed ones for 3x3x3 layers with enough input channels, and the int8 packing
+/// when the file stores the layer as int8.
 #[derive(Clone, Debug)]
 struct Layer {
     f: ConvWeights,
+    w: Option<WinogradWeights>,
     q: Option<QConvWeights>,
 }
 
 impl Layer {
     fn new(w: &Tensor<'_>, bias: Option<&Tensor<'_>>) -> Self {
-        Self { f: ConvWeights::new(w, bias), q: QConvWeights::new(w, bias) }
+        let shape = w.shape();
+        let d = shape.dims();
+        let (out_ch, in_ch, kernel) = (d[0] as usize, d[1] as usize, d[2] as usize);
+        let wino = (kernel == 3 && in_ch >= WinogradWeights::MIN_IN_CH).then(|| {
+            let b: Option<Vec<f32>> = bias.map(|b| (0..out_ch).map(|i| b.get(i)).collect());
+            WinogradWeights::from_fn(out_ch, in_ch, |i| w.get(i), b.as_deref())
+        });
+        Self { f: ConvWeights::new(w, bias), w: wino, q: QConvWeights::new(w, bias) }
     }
 
     fn out_ch(&self) -> usize {
@@ -55,7 +66,9 @@ impl Layer {
     }
 
     fn bytes(&self) -> usize {
-        self.f.bytes() + self.q.as_ref().map_or(0, QConvWeights::bytes)
+        self.f.bytes()
+            + self.w.as_ref().map_or(0, WinogradWeights::bytes)
+            + self.q.as_ref().map_or(0, QConvWeights::bytes)
     }
 }
 
@@ -194,6 +207,8 @@ pub struct Stats {
     pub conv_macs: u64,
     /// Seconds spent in them.
     pub conv_seconds: f64,
+    /// How many 3x3x3 convolutions ran by Winograd's algorithm.
+    pub winograd_convs: u32,
     /// Seconds in instance norms, activations and residual adds.
     pub norm_seconds: f64,
     /// Seconds in the encoder.
@@ -207,6 +222,7 @@ pub struct Stats {
 struct Ctx {
     isa: Isa,
     qisa: Option<QIsa>,
+    winograd: bool,
     stats: Stats,
     pool: Pools,
 }
@@ -277,7 +293,13 @@ impl Ctx {
         let t = Instant::now();
         match (self.qisa, &layer.q, qx) {
             (Some(qisa), Some(q), Some(qx)) => qconv(qisa, qx, q, out, off),
-            _ => conv(self.isa, x, &layer.f, out, off),
+            _ => match &layer.w {
+                Some(w) if self.winograd && w.fits(x.dims) => {
+                    conv_winograd(self.isa, x, w, out, off);
+                    self.stats.winograd_convs += 1;
+                }
+                _ => conv(self.isa, x, &layer.f, out, off),
+            },
         }
         self.stats.conv_seconds += t.elapsed().as_secs_f64();
         self.stats.conv_macs += (layer.f.macs_per_voxel() * x.dims.iter().product::<usize>()) as u64;
@@ -303,6 +325,8 @@ pub struct FastUnetr {
     out: Layer,
     /// int8 kernels for the decoder's int8 convolutions; `None` runs them on dequantised f32.
     qisa: Option<QIsa>,
+    /// f32 3x3x3 convolutions by Winograd F(2x2x2, 3x3x3) where they fit.
+    winograd: bool,
     /// Activation buffers kept between windows.
     pool: Arc<Mutex<Pools>>,
 }
@@ -326,6 +350,7 @@ impl FastUnetr {
             out: Layer::new(&w.out_weight, Some(&w.out_bias)),
             // Opt-in: quantising activations costs accuracy (docs/performance.md).
             qisa: None,
+            winograd: true,
             pool: Arc::default(),
         }
     }
@@ -347,6 +372,18 @@ impl FastUnetr {
         Ok(self)
     }
 
+    /// Runs the f32 3x3x3 convolutions by Winograd's F(2x2x2, 3x3x3) (the default) or
+    /// (`false`) as direct implicit GEMMs.
+    pub fn with_winograd(mut self, on: bool) -> Self {
+        self.winograd = on;
+        self
+    }
+
+    /// Whether f32 3x3x3 convolutions run by Winograd's algorithm.
+    pub fn winograd(&self) -> bool {
+        self.winograd
+    }
+
     /// The f32 kernels in use.
     pub fn isa(&self) -> Isa {
         self.isa
@@ -366,7 +403,7 @@ impl FastUnetr {
         &self.config
     }
 
-    /// Bytes of packed weights held (f32 for both precisions).
+    /// Bytes of packed weights held (f32 for both precisions, Winograd-transformed ones too).
     pub fn weight_bytes(&self) -> usize {
         let skips: usize = self
             .skips
@@ -394,7 +431,8 @@ impl FastUnetr {
         }
         let start = Instant::now();
         let pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut cx = Ctx { isa: self.isa, qisa: self.qisa, stats: Stats::default(), pool };
+        let mut cx =
+            Ctx { isa: self.isa, qisa: self.qisa, winograd: self.winograd, stats: Stats::default(), pool };
         let p = self.config.vit.patch_size as usize;
         let grid = window.map(|w| w / p);
         let e = self.config.vit.hidden_size as usize;
@@ -423,4 +461,16 @@ impl FastUnetr {
         *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = cx.pool;
         Ok((out, stats))
     }
+}
+
+/// Test data: `n` pseudo-random values in [-1, 1).
+#[cfg(test)]
+fn lcg(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
 }
