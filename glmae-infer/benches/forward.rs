@@ -8,7 +8,7 @@
 //!     cargo bench -p glmae-infer --bench forward -- conv=32,16,96,1   # one 3x3x3 layer (CI,CO,EDGE,THREADS)
 //!
 //! The layer runs by Winograd F(2x2x2, 3x3x3); `CONV_DIRECT=1` runs the direct implicit GEMM,
-//! `CONV_INT8=1` the int8 x int16 kernel. Its GFLOP/s count the direct algorithm's 27 multiply-adds
+//! `CONV_INT8=1` the integer kernels (both algorithms). Its GFLOP/s count the direct algorithm's 27 multiply-adds
 //! per input channel and output (effective rate).
 //!
 //! `CONV_DIRECT=1` runs the f32 3x3x3 convolutions as direct implicit GEMMs instead of by
@@ -158,8 +158,13 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     }
     let mut out = Vol::zeros(d, co);
     let pool = pool(threads)?;
+    let qww = glmae_infer::fast::winograd::QWinogradWeights::from_fn(co, ci, |i| q[i] as f32 * 0.01, None);
     let run = |out: &mut Vol| {
-        if int8 {
+        if let (true, true, Some(qww)) = (int8, winograd, &qww) {
+            let amax = glmae_infer::fast::conv::abs_max(&x, 0, ci);
+            let qisa = QIsa::detect().unwrap_or(QIsa::Scalar);
+            glmae_infer::fast::winograd::conv_qwinograd(qisa, &x, amax, qww, out, 0);
+        } else if int8 {
             let amax = glmae_infer::fast::conv::abs_max(&x, 0, ci);
             let qx = QVol::quantize(&x, amax, max_level(qw.k()), Vec::new());
             qconv(QIsa::detect().unwrap_or(QIsa::Scalar), &qx, &qw, out, 0);
@@ -179,7 +184,7 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     let flop = 2.0 * (27 * ci * co * edge * edge * edge) as f64;
     println!(
         "RESULT conv int8={int8} winograd={} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
-        winograd && !int8,
+        winograd && (!int8 || qww.is_some()),
         wall * 1e3,
         flop / wall / 1e9,
         flop / cpu / 1e9

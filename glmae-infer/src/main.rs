@@ -42,7 +42,7 @@ enum Command {
         /// Run glmae-core's reference kernels instead of the fast forward pass.
         #[arg(long, conflicts_with = "int8_kernels")]
         reference: bool,
-        /// int8 models: run the decoder's int8 convolutions on int8 x int16 integer kernels,
+        /// int8 models: run the decoder's int8 3x3x3 convolutions on integer kernels,
         /// quantising activations too (faster, slightly less exact) instead of on dequantised
         /// f32 weights.
         #[arg(long)]

@@ -18,6 +18,10 @@ const LABEL_AGREEMENT: f64 = 0.999;
 /// The opt-in int8 kernels also quantise activations (to 11-15 bits): 1e-3 of the logit range.
 const INT8_KERNEL_REL_TOL: f64 = 1e-3;
 const INT8_KERNEL_LABELS: f64 = 0.999;
+/// By Winograd, the int8 kernels quantise the transformed inputs, which reach 8 times the
+/// inputs' range, at 12 bits (and the transformed weights at 10-12): about 5x the error.
+const INT8_WINOGRAD_REL_TOL: f64 = 3e-3;
+const INT8_WINOGRAD_LABELS: f64 = 0.995;
 
 fn input(n: usize, seed: u64) -> Vec<f32> {
     // Smooth structure plus noise, in the [0, 1] range of preprocessed CT.
@@ -64,12 +68,7 @@ fn compare(cfg: &UnetrConfig, precision: Precision, window: [usize; 3], seed: u6
         .with_winograd(k.winograd);
     let (got, stats) = fast.forward_with_stats(&x, window).unwrap();
     // The tiny configs have 3x3x3 layers with 8+ input channels on even sizes: Winograd must run.
-    assert_eq!(
-        stats.winograd_convs > 0,
-        k.winograd && k.qisa.is_none(),
-        "{k:?}: {} Winograd convolutions",
-        stats.winograd_convs
-    );
+    assert_eq!(stats.winograd_convs > 0, k.winograd, "{k:?}: {} Winograd convolutions", stats.winograd_convs);
     assert_eq!(got.len(), expected.len());
     let (lo, hi) = expected.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     let range = (hi - lo) as f64;
@@ -120,7 +119,7 @@ fn int8_matches_reference_int8() {
     check("int8", &cfg, Precision::Int8, [32, 48, 32]);
 }
 
-/// The integer kernels quantise activations too, so they get their own, looser tolerance.
+/// The integer kernels quantise activations too, so they get their own, looser tolerances.
 #[test]
 fn int8_kernels_stay_close_to_reference_int8() {
     let mut cfg = glmae_core::testing_config();
@@ -131,12 +130,20 @@ fn int8_kernels_stay_close_to_reference_int8() {
             continue;
         }
         for (seed, window) in [(7, [32, 48, 32]), (8, [32, 32, 32])] {
-            let k = Kernels { isa: Isa::detect(), qisa: Some(qisa), winograd: true };
-            let (rel, same) = compare(&cfg, Precision::Int8, window, seed, k);
-            println!("int8 kernels {qisa:?} {window:?}: max diff {rel:.2e} of range, labels {same:.5}");
-            // Measured 1.4e-4 to 1.5e-4 of the range and 0.9996 of labels.
-            assert!(rel < INT8_KERNEL_REL_TOL, "{qisa:?}: logits differ by {rel:e} of their range");
-            assert!(same >= INT8_KERNEL_LABELS, "{qisa:?}: only {same} of labels agree");
+            for winograd in [true, false] {
+                let k = Kernels { isa: Isa::detect(), qisa: Some(qisa), winograd };
+                let (rel, same) = compare(&cfg, Precision::Int8, window, seed, k);
+                println!("int8 kernels {window:?} {k:?}: max diff {rel:.2e} of range, labels {same:.5}");
+                // Measured: direct 1.4e-4 to 1.5e-4 of the range and 0.9996 of labels;
+                // Winograd 7e-4 to 9e-4 and 0.9985.
+                let (tol, labels) = if winograd {
+                    (INT8_WINOGRAD_REL_TOL, INT8_WINOGRAD_LABELS)
+                } else {
+                    (INT8_KERNEL_REL_TOL, INT8_KERNEL_LABELS)
+                };
+                assert!(rel < tol, "{k:?}: logits differ by {rel:e} of their range");
+                assert!(same >= labels, "{k:?}: only {same} of labels agree");
+            }
         }
     }
 }

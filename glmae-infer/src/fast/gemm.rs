@@ -330,7 +330,6 @@ mod tests {
     use super::super::lcg;
     use super::*;
 
-
     /// Every ISA against an f64 product, over ragged sizes, taps, bias and accumulation.
     #[test]
     fn gemm_matches_f64_on_every_isa() {

@@ -1,6 +1,8 @@
-//! Integer convolutions for int8 weight files: the decoder's 3x3x3 and 1x1x1 layers with the
-//! file's int8 weights (per-output-channel scales) and activations quantised per tensor to
-//! int16 on the fly, accumulated exactly in i32.
+//! Direct integer convolutions for int8 weight files (a 3x3x3 or 1x1x1 layer; the engine uses it
+//! for 3x3x3 layers that Winograd does not cover), with the file's int8 weights
+//! (per-output-channel scales) and activations quantised per tensor to int16 on the fly,
+//! accumulated exactly in i32. Its micro-kernel (`QTile`) also runs the integer Winograd
+//! products ([`super::winograd`]).
 //!
 //! `y[co] = s_x * s_w[co] * sum q_x * q_w (+ bias)` with `q_x = round(x / s_x)`, symmetric, so the
 //! zero border stays exactly 0. `s_x = max|x| / A`, where `A` is the largest level for which no
@@ -188,23 +190,26 @@ impl QConvWeights {
     }
 }
 
-/// One `M x NR` tile: per row `i`, `sum_t sum_g dot2(a[offs[t] + i * lda + 2g..], b[..])`.
-struct QTile<'a> {
-    a: &'a [i16],
-    a_offs: &'a [usize],
-    lda: usize,
-    pairs: usize,
-    b: &'a [i16],
+/// One `M x NR` tile: per row `i`, `sum_t sum_g dot2(a[offs[t] + i * lda + 2g..], b[..])`,
+/// converted to f32 as `acc * scale[j] (+ bias[j])`.
+pub(super) struct QTile<'a> {
+    pub a: &'a [i16],
+    pub a_offs: &'a [usize],
+    pub lda: usize,
+    pub pairs: usize,
+    /// Per tap, per pair of reduction rows, `NR x 2` values.
+    pub b: &'a [i16],
     /// `s_x * s_w[j]`.
-    scale: &'a [f32; NR],
-    bias: Option<&'a [f32]>,
-    ldc: usize,
-    mr: usize,
-    nc: usize,
+    pub scale: &'a [f32; NR],
+    pub bias: Option<&'a [f32]>,
+    pub ldc: usize,
+    pub mr: usize,
+    pub nc: usize,
 }
 
 impl QTile<'_> {
-    fn run(&self, isa: QIsa, c: &mut [f32]) {
+    /// Runs the tile into `c` (element `(i, j)` at `i * ldc + j`); panics if a slice is too short.
+    pub fn run(&self, isa: QIsa, c: &mut [f32]) {
         let taps = self.a_offs.len();
         assert!(self.mr >= 1 && self.mr <= MR && self.nc >= 1 && self.nc <= NR);
         assert!(self.b.len() >= taps * self.pairs * NR * 2);
@@ -288,6 +293,9 @@ mod vnni {
             // two kernels agree exactly.
             let mut tmp = [0.0f32; NR];
             for (i, a) in acc.iter().enumerate() {
+                // Whole panels store straight into C (a `copy_from_slice` of a run-time length
+                // is a libc call per row).
+                let dst = if t.nc == NR { c.as_mut_ptr().add(i * t.ldc) } else { tmp.as_mut_ptr() };
                 for (h, &acc_h) in a.iter().enumerate() {
                     let mut y = _mm256_mul_ps(
                         _mm256_cvtepi32_ps(acc_h),
@@ -296,9 +304,11 @@ mod vnni {
                     if let Some(b) = t.bias {
                         y = _mm256_add_ps(y, _mm256_loadu_ps(b.as_ptr().add(8 * h)));
                     }
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * h), y);
+                    _mm256_storeu_ps(dst.add(8 * h), y);
                 }
-                c[i * t.ldc..][..t.nc].copy_from_slice(&tmp[..t.nc]);
+                if t.nc < NR {
+                    c[i * t.ldc..][..t.nc].copy_from_slice(&tmp[..t.nc]);
+                }
             }
         }
     }
