@@ -114,8 +114,10 @@ pub fn pad_bias(values: impl Iterator<Item = f32>, n: usize) -> Vec<f32> {
     v
 }
 
-/// One micro-tile: `C[i][j] (+)= bias[j] + sum_t sum_k A[offs[t] + i * lda + k] * B_t[k][j]` for
-/// `i < mr <= MR`, `j < nc <= NR`, where `B_t` is rows `t * kc .. (t + 1) * kc` of the panel `b`.
+/// Micro-tiles: `C[i][j] (+)= bias[j] + sum_t sum_k A[offs[t] + i * lda + k] * B_t[k][j]` for
+/// `i < mr`, `j < nc <= NR`, where `B_t` is rows `t * kc .. (t + 1) * kc` of the panel `b`; the
+/// rows run as consecutive `MR`-row tiles.
+#[derive(Clone, Copy)]
 pub struct Tile<'a> {
     /// A, read from offsets `a_offs[t] + i * lda + k`.
     pub a: &'a [f32],
@@ -133,18 +135,25 @@ pub struct Tile<'a> {
     pub accumulate: bool,
     /// C's row stride.
     pub ldc: usize,
-    /// Rows to compute.
+    /// Rows to compute (any number: one call runs them all, saving a call and the checks per
+    /// `MR` rows).
     pub mr: usize,
     /// Columns to store.
     pub nc: usize,
 }
 
-impl Tile<'_> {
+impl<'a> Tile<'a> {
+    /// The `MR`-row tiles: the first row of each and the tile.
+    fn tiles(&self) -> impl Iterator<Item = (usize, Tile<'a>)> {
+        let t = *self;
+        (0..t.mr).step_by(MR).map(move |i| (i, Tile { a: &t.a[i * t.lda..], mr: (t.mr - i).min(MR), ..t }))
+    }
+
     /// Runs the tile into `c` (element `(i, j)` at `i * ldc + j`). Panics if a slice is too short:
     /// the callers size every buffer, so that would be a bug, and it keeps the SIMD reads in bounds.
     pub fn run(&self, isa: Isa, c: &mut [f32]) {
         let taps = self.a_offs.len();
-        assert!(self.mr >= 1 && self.mr <= MR && self.nc >= 1 && self.nc <= NR);
+        assert!(self.mr >= 1 && self.nc >= 1 && self.nc <= NR);
         assert!(self.b.len() >= taps * self.kc * NR, "B panel too short");
         assert!(self.bias.is_none_or(|b| b.len() >= NR), "bias too short");
         let a_last = self.a_offs.iter().copied().max().unwrap_or(0) + (self.mr - 1) * self.lda + self.kc;
@@ -155,25 +164,21 @@ impl Tile<'_> {
             Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
                 // SAFETY: the CPU has AVX2 and FMA (checked just above, cached by std), and the
                 // asserts above bound every A, B, bias and C access the kernel makes.
-                unsafe {
-                    match self.mr {
-                        1 => avx2::tile::<1>(self, c),
-                        2 => avx2::tile::<2>(self, c),
-                        3 => avx2::tile::<3>(self, c),
-                        4 => avx2::tile::<4>(self, c),
-                        5 => avx2::tile::<5>(self, c),
-                        _ => avx2::tile::<6>(self, c),
+                unsafe { avx2::tiles(self, c) }
+            }
+            _ => {
+                for (i, t) in self.tiles() {
+                    let c = &mut c[i * t.ldc..];
+                    match t.mr {
+                        1 => scalar_tile::<1>(&t, c),
+                        2 => scalar_tile::<2>(&t, c),
+                        3 => scalar_tile::<3>(&t, c),
+                        4 => scalar_tile::<4>(&t, c),
+                        5 => scalar_tile::<5>(&t, c),
+                        _ => scalar_tile::<6>(&t, c),
                     }
                 }
             }
-            _ => match self.mr {
-                1 => scalar_tile::<1>(self, c),
-                2 => scalar_tile::<2>(self, c),
-                3 => scalar_tile::<3>(self, c),
-                4 => scalar_tile::<4>(self, c),
-                5 => scalar_tile::<5>(self, c),
-                _ => scalar_tile::<6>(self, c),
-            },
         }
     }
 }
@@ -213,6 +218,28 @@ fn scalar_tile<const M: usize>(t: &Tile<'_>, c: &mut [f32]) {
 mod avx2 {
     use super::{NR, Tile};
     use core::arch::x86_64::*;
+
+    /// All of `t`'s rows, `MR` at a time.
+    ///
+    /// # Safety
+    /// As for [`tile`], for all `t.mr` rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tiles(t: &Tile<'_>, c: &mut [f32]) {
+        for (i, t) in t.tiles() {
+            let c = &mut c[i * t.ldc..];
+            // SAFETY: the caller's contract covers every row.
+            unsafe {
+                match t.mr {
+                    1 => tile::<1>(&t, c),
+                    2 => tile::<2>(&t, c),
+                    3 => tile::<3>(&t, c),
+                    4 => tile::<4>(&t, c),
+                    5 => tile::<5>(&t, c),
+                    _ => tile::<6>(&t, c),
+                }
+            }
+        }
+    }
 
     /// # Safety
     /// The CPU supports AVX2 and FMA, `M == t.mr`, and every access described by `t` is inside

@@ -190,8 +190,9 @@ impl QConvWeights {
     }
 }
 
-/// One `M x NR` tile: per row `i`, `sum_t sum_g dot2(a[offs[t] + i * lda + 2g..], b[..])`,
-/// converted to f32 as `acc * scale[j] (+ bias[j])`.
+/// Micro-tiles: per row `i < mr`, `sum_t sum_g dot2(a[offs[t] + i * lda + 2g..], b[..])`,
+/// converted to f32 as `acc * scale[j] (+ bias[j])`; the rows run as consecutive `MR`-row tiles.
+#[derive(Clone, Copy)]
 pub(super) struct QTile<'a> {
     pub a: &'a [i16],
     pub a_offs: &'a [usize],
@@ -207,11 +208,32 @@ pub(super) struct QTile<'a> {
     pub nc: usize,
 }
 
-impl QTile<'_> {
-    /// Runs the tile into `c` (element `(i, j)` at `i * ldc + j`); panics if a slice is too short.
+impl<'a> QTile<'a> {
+    /// The `MR`-row tiles: the first row of each and the tile.
+    fn tiles(&self) -> impl Iterator<Item = (usize, QTile<'a>)> {
+        let t = *self;
+        // Every field spelled out: `..t` here hits a rustc ICE (1.95, array-length const in `scale`).
+        (0..t.mr).step_by(MR).map(move |i| {
+            let tile = QTile {
+                a: &t.a[i * t.lda..],
+                a_offs: t.a_offs,
+                lda: t.lda,
+                pairs: t.pairs,
+                b: t.b,
+                scale: t.scale,
+                bias: t.bias,
+                ldc: t.ldc,
+                mr: (t.mr - i).min(MR),
+                nc: t.nc,
+            };
+            (i, tile)
+        })
+    }
+
+    /// Runs the tiles into `c` (element `(i, j)` at `i * ldc + j`); panics if a slice is too short.
     pub fn run(&self, isa: QIsa, c: &mut [f32]) {
         let taps = self.a_offs.len();
-        assert!(self.mr >= 1 && self.mr <= MR && self.nc >= 1 && self.nc <= NR);
+        assert!(self.mr >= 1 && self.nc >= 1 && self.nc <= NR);
         assert!(self.b.len() >= taps * self.pairs * NR * 2);
         assert!(self.bias.is_none_or(|b| b.len() >= NR));
         let a_last =
@@ -223,18 +245,13 @@ impl QTile<'_> {
             QIsa::Vnni if QIsa::detect() == Some(QIsa::Vnni) => {
                 // SAFETY: the CPU has AVX2, AVX-512 VNNI and VL (checked just above), and the
                 // asserts above bound every access the kernel makes.
-                unsafe {
-                    match self.mr {
-                        1 => vnni::tile::<1>(self, c),
-                        2 => vnni::tile::<2>(self, c),
-                        3 => vnni::tile::<3>(self, c),
-                        4 => vnni::tile::<4>(self, c),
-                        5 => vnni::tile::<5>(self, c),
-                        _ => vnni::tile::<6>(self, c),
-                    }
+                unsafe { vnni::tiles(self, c) }
+            }
+            _ => {
+                for (i, t) in self.tiles() {
+                    t.scalar(&mut c[i * t.ldc..]);
                 }
             }
-            _ => self.scalar(c),
         }
     }
 
@@ -264,6 +281,28 @@ impl QTile<'_> {
 mod vnni {
     use super::{NR, QTile};
     use core::arch::x86_64::*;
+
+    /// All of `t`'s rows, `MR` at a time.
+    ///
+    /// # Safety
+    /// As for [`tile`], for all `t.mr` rows.
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    pub(super) unsafe fn tiles(t: &QTile<'_>, c: &mut [f32]) {
+        for (i, t) in t.tiles() {
+            let c = &mut c[i * t.ldc..];
+            // SAFETY: the caller's contract covers every row.
+            unsafe {
+                match t.mr {
+                    1 => tile::<1>(&t, c),
+                    2 => tile::<2>(&t, c),
+                    3 => tile::<3>(&t, c),
+                    4 => tile::<4>(&t, c),
+                    5 => tile::<5>(&t, c),
+                    _ => tile::<6>(&t, c),
+                }
+            }
+        }
+    }
 
     /// # Safety
     /// The CPU supports AVX2, AVX-512 VNNI and VL, `M == t.mr`, and every access described by `t`

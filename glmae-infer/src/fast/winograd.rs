@@ -20,7 +20,7 @@
 use rayon::prelude::*;
 
 use super::conv::Vol;
-use super::gemm::{Isa, MR, NR, PackedB, Tile, pad_bias};
+use super::gemm::{Isa, NR, PackedB, Tile, pad_bias};
 use super::qconv::{QIsa, QTile};
 
 /// The weight transform `G` of F(2, 3).
@@ -230,28 +230,21 @@ fn qproducts(isa: QIsa, w: &QWinogradWeights, sx: f32, v: &[i16], m: &mut [f32],
                 *s = sx * ws;
             }
             let nc = (co - pn * NR).min(NR);
-            for (t0, mr) in row_tiles(nt) {
-                let tile = QTile {
-                    a: &v[(t0 * 64 + p) * ci..],
-                    a_offs: &offs,
-                    lda: 64 * ci,
-                    pairs,
-                    b: &w.packed[k * panel_len..][..panel_len],
-                    scale: &scale,
-                    bias: None,
-                    ldc: 64 * co,
-                    mr,
-                    nc,
-                };
-                tile.run(isa, &mut m[(t0 * 64 + p) * co + pn * NR..]);
-            }
+            let tile = QTile {
+                a: &v[p * ci..],
+                a_offs: &offs,
+                lda: 64 * ci,
+                pairs,
+                b: &w.packed[k * panel_len..][..panel_len],
+                scale: &scale,
+                bias: None,
+                ldc: 64 * co,
+                mr: nt,
+                nc,
+            };
+            tile.run(isa, &mut m[p * co + pn * NR..]);
         }
     }
-}
-
-/// The micro-kernel's row tiles over `n` rows: `(first row, rows)`, `MR` rows but the last.
-fn row_tiles(n: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..n).step_by(MR).map(move |t0| (t0, (n - t0).min(MR)))
 }
 
 /// Geometry of one block of tiles: `rows` rows of `per_row` tiles starting at tile row `ty0` of
@@ -344,21 +337,19 @@ fn products(isa: Isa, w: &WinogradWeights, v: &[f32], m: &mut [f32], nt: usize) 
         for pn in 0..u.panels() {
             let panel = u.panel(pn);
             let nc = u.panel_cols(pn);
-            for (t0, mr) in row_tiles(nt) {
-                let tile = Tile {
-                    a: &v[(t0 * 64 + p) * ci..],
-                    a_offs: &offs,
-                    lda: 64 * ci,
-                    kc: ci,
-                    b: panel,
-                    bias: None,
-                    accumulate: false,
-                    ldc: 64 * co,
-                    mr,
-                    nc,
-                };
-                tile.run(isa, &mut m[(t0 * 64 + p) * co + pn * NR..]);
-            }
+            let tile = Tile {
+                a: &v[p * ci..],
+                a_offs: &offs,
+                lda: 64 * ci,
+                kc: ci,
+                b: panel,
+                bias: None,
+                accumulate: false,
+                ldc: 64 * co,
+                mr: nt,
+                nc,
+            };
+            tile.run(isa, &mut m[p * co + pn * NR..]);
         }
     }
 }
