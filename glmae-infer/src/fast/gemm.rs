@@ -11,6 +11,21 @@
 
 /// Rows of C per micro-tile (voxels along x, or tokens).
 pub const MR: usize = 6;
+
+/// `$kernel::<M>(args)` with the const `M` equal to the run-time row count `$mr` (1 to `MR`).
+macro_rules! with_rows {
+    ($mr:expr, $kernel:ident($($arg:expr),*)) => {
+        match $mr {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            _ => $kernel::<6>($($arg),*),
+        }
+    };
+}
+pub(crate) use with_rows;
 /// Columns of C per micro-tile (output channels or features): two AVX registers.
 pub const NR: usize = 16;
 
@@ -168,15 +183,7 @@ impl<'a> Tile<'a> {
             }
             _ => {
                 for (i, t) in self.tiles() {
-                    let c = &mut c[i * t.ldc..];
-                    match t.mr {
-                        1 => scalar_tile::<1>(&t, c),
-                        2 => scalar_tile::<2>(&t, c),
-                        3 => scalar_tile::<3>(&t, c),
-                        4 => scalar_tile::<4>(&t, c),
-                        5 => scalar_tile::<5>(&t, c),
-                        _ => scalar_tile::<6>(&t, c),
-                    }
+                    with_rows!(t.mr, scalar_tile(&t, &mut c[i * t.ldc..]));
                 }
             }
         }
@@ -226,18 +233,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tiles(t: &Tile<'_>, c: &mut [f32]) {
         for (i, t) in t.tiles() {
-            let c = &mut c[i * t.ldc..];
             // SAFETY: the caller's contract covers every row.
-            unsafe {
-                match t.mr {
-                    1 => tile::<1>(&t, c),
-                    2 => tile::<2>(&t, c),
-                    3 => tile::<3>(&t, c),
-                    4 => tile::<4>(&t, c),
-                    5 => tile::<5>(&t, c),
-                    _ => tile::<6>(&t, c),
-                }
-            }
+            unsafe { super::with_rows!(t.mr, tile(&t, &mut c[i * t.ldc..])) }
         }
     }
 

@@ -289,18 +289,8 @@ mod vnni {
     #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
     pub(super) unsafe fn tiles(t: &QTile<'_>, c: &mut [f32]) {
         for (i, t) in t.tiles() {
-            let c = &mut c[i * t.ldc..];
             // SAFETY: the caller's contract covers every row.
-            unsafe {
-                match t.mr {
-                    1 => tile::<1>(&t, c),
-                    2 => tile::<2>(&t, c),
-                    3 => tile::<3>(&t, c),
-                    4 => tile::<4>(&t, c),
-                    5 => tile::<5>(&t, c),
-                    _ => tile::<6>(&t, c),
-                }
-            }
+            unsafe { crate::fast::gemm::with_rows!(t.mr, tile(&t, &mut c[i * t.ldc..])) }
         }
     }
 
