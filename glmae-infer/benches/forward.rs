@@ -7,13 +7,13 @@
 //!     cargo bench -p glmae-infer --bench forward -- agreement    # fast vs reference labels on a phantom
 //!     cargo bench -p glmae-infer --bench forward -- conv=32,16,96,1   # one 3x3x3 layer (CI,CO,EDGE,THREADS)
 //!
-//! The layer runs by Winograd F(2x2x2, 3x3x3); `CONV_DIRECT=1` runs the direct implicit GEMM,
-//! `CONV_INT8=1` the integer kernels (both algorithms). Its GFLOP/s count the direct algorithm's 27 multiply-adds
-//! per input channel and output (effective rate).
+//! 3x3x3 convolutions run by Winograd F(2x2x2, 3x3x3) where they fit; `CONV_DIRECT=1` runs them
+//! as direct implicit GEMMs instead (windows, agreement and `conv=`). `CONV_INT8=1` makes `conv=`
+//! time the integer kernels. A layer's GFLOP/s count the direct algorithm's 27 multiply-adds per
+//! input channel and output (an effective rate for Winograd).
 //!
-//! `CONV_DIRECT=1` runs the f32 3x3x3 convolutions as direct implicit GEMMs instead of by
-//! Winograd. `only=f32` or `only=int8` restricts the precisions; `volume-only` skips the window runs.
-//! int8 runs twice: dequantised to f32 (the default engine) and on the int8 x int16 kernels
+//! `only=f32` or `only=int8` restricts the precisions; `volume-only` skips the window runs.
+//! int8 runs twice: dequantised to f32 (the default engine) and on the integer kernels
 //! (`int8_kernels=Some(Vnni)`, when the CPU has AVX-512 VNNI).
 //!
 //! Each measurement runs in a child process so that its peak resident memory (VmHWM) is its own.
@@ -257,7 +257,8 @@ fn child_agreement(p: Precision) -> Result<()> {
         variants.extend(glmae_infer::fast::QIsa::detect().map(Some));
     }
     for q in variants {
-        let fast = FastUnetr::new(&file)?.with_int8_kernels(q)?;
+        let fast =
+            FastUnetr::new(&file)?.with_int8_kernels(q)?.with_winograd(std::env::var("CONV_DIRECT").is_err());
         let got = pool(2)?.install(|| fast.forward(&input, WINDOW))?;
         let max_diff = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         let mut la = vec![0u8; n];
@@ -276,7 +277,8 @@ fn child_agreement(p: Precision) -> Result<()> {
             .filter_map(|(a, b)| Some((a.as_ref()? - b.as_ref()?).abs() * 100.0))
             .fold(0.0, f64::max);
         println!(
-            "RESULT agreement precision={p:?} int8_kernels={q:?} logit_range={:.3} max_diff={max_diff:.2e} rel={:.2e} labels_same={:.5} dice_fast_vs_ref_mean={mean:.2} dice_min={min:.2} classes_present={} max_dice_change_vs_truth_points={change:.3}",
+            "RESULT agreement precision={p:?} int8_kernels={q:?} winograd={} logit_range={:.3} max_diff={max_diff:.2e} rel={:.2e} labels_same={:.5} dice_fast_vs_ref_mean={mean:.2} dice_min={min:.2} classes_present={} max_dice_change_vs_truth_points={change:.3}",
+            fast.winograd(),
             hi - lo,
             max_diff / (hi - lo),
             same,

@@ -297,18 +297,22 @@ fn for_each_block<S: Default + Send>(out: &mut Vol, step: impl Fn(&mut S, Block,
     let per_row = wd / 2;
     let rows = (BLOCK_TILES / per_row).clamp(1, h / 2);
     let oplane = out.plane();
+    // Rayon calls `S::default` once per task it splits off: a few tasks per thread keep the
+    // balance without reallocating (and faulting in) the scratch for every slab.
+    let min_len = (d0 / 2 / (4 * rayon::current_num_threads())).max(1);
     // Output z-slab tz is padded planes 2tz + 1 and 2tz + 2: one chunk.
-    out.data[oplane..(d0 + 1) * oplane].par_chunks_mut(2 * oplane).enumerate().for_each_init(
-        S::default,
-        |scratch, (tz, slab)| {
+    out.data[oplane..(d0 + 1) * oplane]
+        .par_chunks_mut(2 * oplane)
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each_init(S::default, |scratch, (tz, slab)| {
             let mut ty0 = 0;
             while ty0 < h / 2 {
                 let b = Block { tz, ty0, rows: rows.min(h / 2 - ty0), per_row };
                 step(scratch, b, slab);
                 ty0 += b.rows;
             }
-        },
-    );
+        });
 }
 
 /// Where the output transform writes: the output's row and voxel strides and channel offset.
