@@ -40,7 +40,9 @@ pub struct WinogradWeights {
 }
 
 impl WinogradWeights {
-    /// Below this many input channels the transforms cost more than the products save.
+    /// The engine runs Winograd from this many input channels on (one AVX register of the
+    /// transforms). At 8 -> 16 channels on 96^3 it took 50 ms against 62 direct; at 4 (the
+    /// transforms' portable path) 111 against 33.
     pub const MIN_IN_CH: usize = 8;
 
     /// From `weight(i)`, element `i` of a row-major `(out, in, 3, 3, 3)` weight. The transform
