@@ -145,8 +145,13 @@ impl RunDir {
     pub fn save_checkpoint(&self, run: &Pretrainer) -> Result<()> {
         let mut out = Vec::new();
         out.extend_from_slice(CHECKPOINT_MAGIC);
-        let center: Vec<f32> =
-            run.center.to_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        // The centre is in the run's float type (bf16 on a bf16 device); the header keeps f32.
+        let center: Vec<f32> = run
+            .center
+            .to_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let header = serde_json::to_vec(&serde_json::json!({ "step": run.step, "center": center }))?;
         let student = run.student.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
         let teacher = run.teacher.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
