@@ -41,7 +41,7 @@ pub use gemm::Isa;
 use glmae_core::tensor::Tensor;
 pub use qconv::QIsa;
 use qconv::{QConvWeights, QVol, max_level, qconv};
-use winograd::{QWinogradWeights, WinogradWeights, conv_qwinograd, conv_winograd};
+use winograd::{QWinogradWeights, TransformedKernels, WinogradWeights, conv_qwinograd, conv_winograd};
 
 /// A 3x3x3 or 1x1x1 convolution: packed f32 weights always (dequantised for int8 files), the
 /// Winograd-transformed ones for 3x3x3 layers with enough input channels, and, when the file
@@ -62,14 +62,14 @@ impl Layer {
         let d = shape.dims();
         let (out_ch, in_ch, kernel) = (d[0] as usize, d[1] as usize, d[2] as usize);
         let b: Option<Vec<f32>> = bias.map(|b| (0..out_ch).map(|i| b.get(i)).collect());
-        let winograd = kernel == 3 && in_ch >= WinogradWeights::MIN_IN_CH;
-        let wino = winograd.then(|| WinogradWeights::from_fn(out_ch, in_ch, |i| w.get(i), b.as_deref()));
         let q = if kernel == 3 { QConvWeights::new(w, bias) } else { None };
-        let qw = if winograd && q.is_some() {
-            QWinogradWeights::from_fn(out_ch, in_ch, |i| w.get(i), b.as_deref())
-        } else {
-            None
-        };
+        let (mut wino, mut qw) = (None, None);
+        if kernel == 3 && in_ch >= WinogradWeights::MIN_IN_CH {
+            // One f64 transform for both packings.
+            let k = TransformedKernels::new(out_ch, in_ch, |i| w.get(i));
+            wino = Some(WinogradWeights::new(&k, b.as_deref()));
+            qw = q.as_ref().and_then(|_| QWinogradWeights::new(&k, b.as_deref()));
+        }
         Self { f: ConvWeights::new(w, bias), w: wino, q, qw }
     }
 
@@ -302,17 +302,16 @@ impl Ctx {
         off: usize,
     ) {
         let t = Instant::now();
+        let amax = || x_max.unwrap_or_else(|| abs_max(x, 0, x.c));
         match (self.qisa, &layer.q) {
             (Some(qisa), Some(q)) => match &layer.qw {
                 Some(qw) if self.winograd && qw.fits(x.dims) => {
-                    let amax = x_max.unwrap_or_else(|| abs_max(x, 0, x.c));
-                    conv_qwinograd(qisa, x, amax, qw, out, off);
+                    conv_qwinograd(qisa, x, amax(), qw, out, off);
                     self.stats.winograd_convs += 1;
                 }
                 _ => {
                     let qv = qx.get_or_insert_with(|| {
-                        let amax = x_max.unwrap_or_else(|| abs_max(x, 0, x.c));
-                        QVol::quantize(x, amax, max_level(q.k()), self.pool.i16.pop().unwrap_or_default())
+                        QVol::quantize(x, amax(), max_level(q.k()), self.pool.i16.pop().unwrap_or_default())
                     });
                     qconv(qisa, qv, q, out, off);
                 }

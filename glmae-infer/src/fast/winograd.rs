@@ -45,10 +45,14 @@ impl WinogradWeights {
     /// transforms' portable path) 111 against 33.
     pub const MIN_IN_CH: usize = 8;
 
-    /// From `weight(i)`, element `i` of a row-major `(out, in, 3, 3, 3)` weight. The transform
-    /// runs in f64 so that the only new rounding is the final f32 one.
+    /// From `weight(i)`, element `i` of a row-major `(out, in, 3, 3, 3)` weight.
     pub fn from_fn(out_ch: usize, in_ch: usize, weight: impl Fn(usize) -> f32, bias: Option<&[f32]>) -> Self {
-        let t = transform_weights(out_ch * in_ch, weight);
+        Self::new(&TransformedKernels::new(out_ch, in_ch, weight), bias)
+    }
+
+    /// From kernels already transformed (rounded to f32 here, once).
+    pub fn new(k: &TransformedKernels, bias: Option<&[f32]>) -> Self {
+        let (t, in_ch, out_ch) = (&k.t, k.in_ch, k.out_ch);
         let u = (0..64)
             .map(|p| PackedB::from_fn(in_ch, out_ch, |ci, co| t[(co * in_ch + ci) * 64 + p] as f32))
             .collect();
@@ -79,12 +83,30 @@ fn padded_bias(bias: Option<&[f32]>, n: usize) -> Vec<f32> {
     pad_bias(bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec).into_iter(), n)
 }
 
-/// `G g Gt` along all three axes for each of `kernels` 3x3x3 kernels (`weight(kernel * 27 +
-/// k)`), in f64 so that the only rounding is the caller's: element `kernel * 64 + position`.
+/// A 3x3x3 convolution's kernels transformed for F(2x2x2, 3x3x3), `G g Gt` along all three
+/// axes, in f64 so that the only rounding is that of the packing built from them: the f32 one
+/// ([`WinogradWeights::new`]) and the integer one ([`QWinogradWeights::new`]) share one transform.
+#[derive(Clone, Debug)]
+pub struct TransformedKernels {
+    /// Element `(co * in_ch + ci) * 64 + position`.
+    t: Vec<f64>,
+    in_ch: usize,
+    out_ch: usize,
+}
+
+impl TransformedKernels {
+    /// From `weight(i)`, element `i` of a row-major `(out, in, 3, 3, 3)` weight.
+    pub fn new(out_ch: usize, in_ch: usize, weight: impl Fn(usize) -> f32) -> Self {
+        Self { t: transform_weights(out_ch * in_ch, weight), in_ch, out_ch }
+    }
+}
+
+/// `G g Gt` for each of `kernels` 3x3x3 kernels (`weight(kernel * 27 + k)`): element
+/// `kernel * 64 + position`.
 fn transform_weights(kernels: usize, weight: impl Fn(usize) -> f32) -> Vec<f64> {
     let mut t = vec![0.0f64; kernels * 64];
     for (kernel, dst) in t.chunks_exact_mut(64).enumerate() {
-        let g: Vec<f64> = (0..27).map(|k| weight(kernel * 27 + k) as f64).collect();
+        let g: [f64; 27] = std::array::from_fn(|k| weight(kernel * 27 + k) as f64);
         // Separable: along x, then y, then z.
         let mut gx = [0.0f64; 3 * 3 * 4];
         for r in 0..9 {
@@ -135,10 +157,15 @@ impl QWinogradWeights {
         weight: impl Fn(usize) -> f32,
         bias: Option<&[f32]>,
     ) -> Option<Self> {
+        Self::new(&TransformedKernels::new(out_ch, in_ch, weight), bias)
+    }
+
+    /// From kernels already transformed; `None` unless their input channels are a multiple of 8.
+    pub fn new(k: &TransformedKernels, bias: Option<&[f32]>) -> Option<Self> {
+        let (t, in_ch, out_ch) = (&k.t, k.in_ch, k.out_ch);
         if in_ch == 0 || !in_ch.is_multiple_of(8) {
             return None;
         }
-        let t = transform_weights(out_ch * in_ch, weight);
         let levels = Levels::new(in_ch);
         let (panels, pairs) = (out_ch.div_ceil(NR), in_ch / 2);
         let panel_len = pairs * NR * 2;
