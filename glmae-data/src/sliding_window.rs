@@ -228,6 +228,26 @@ pub fn sliding_window(
     Ok(pass.finish())
 }
 
+/// [`sliding_window`] with `predict` writing each window's logits (`classes x roi` values) into
+/// one buffer reused for every window: for large windows a fresh output per window costs more
+/// in page faults than blending it.
+pub fn sliding_window_into(
+    image: &[f32],
+    channels: usize,
+    shape: [usize; 3],
+    spec: &WindowSpec,
+    classes: usize,
+    mut predict: impl FnMut(&[f32], &mut [f32]) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let mut pass = Pass::new(image, channels, shape, spec, classes)?;
+    let mut out = vec![0.0; classes * spec.roi.iter().product::<usize>()];
+    for start in pass.starts.clone() {
+        predict(&pass.gather(start), &mut out)?;
+        pass.scatter(start, &out)?;
+    }
+    Ok(pass.finish())
+}
+
 /// [`sliding_window`] with windows predicted on `threads` threads, `threads` at a time (so at most
 /// that many window outputs are held), blended in the same order as the sequential pass.
 /// `on_window` is called after each window (for progress).
@@ -340,18 +360,43 @@ mod tests {
         assert!(e.to_string().contains("expected 1024"), "{e}");
     }
 
-    #[test]
-    fn parallel_pass_equals_the_sequential_one() {
+    /// A volume and overlapping windows for [`negation`].
+    fn negation_pass() -> ([usize; 3], Vec<f32>, WindowSpec) {
         let shape = [30, 20, 17];
         let n: usize = shape.iter().product();
         let image: Vec<f32> = (0..n).map(|i| ((i * 31) % 97) as f32).collect();
-        let spec = WindowSpec { roi: [16, 16, 8], overlap: 0.5, blend: Blend::Gaussian };
-        // Two classes, channel-first: the window and its negation.
-        let model =
-            |w: &[f32]| -> Result<Vec<f32>> { Ok(w.iter().copied().chain(w.iter().map(|v| -v)).collect()) };
-        let seq = sliding_window(&image, 1, shape, &spec, 2, model).unwrap();
-        let par = sliding_window_parallel(&image, 1, shape, &spec, 2, 3, model, |_, _| {}).unwrap();
+        (shape, image, WindowSpec { roi: [16, 16, 8], overlap: 0.5, blend: Blend::Gaussian })
+    }
+
+    /// A two-class "model": the window and its negation (channel-first).
+    fn negation(w: &[f32]) -> Result<Vec<f32>> {
+        Ok(w.iter().copied().chain(w.iter().map(|v| -v)).collect())
+    }
+
+    #[test]
+    fn parallel_pass_equals_the_sequential_one() {
+        let (shape, image, spec) = negation_pass();
+        let seq = sliding_window(&image, 1, shape, &spec, 2, negation).unwrap();
+        let par = sliding_window_parallel(&image, 1, shape, &spec, 2, 3, negation, |_, _| {}).unwrap();
         assert_eq!(seq, par);
+    }
+
+    /// The buffer-reusing pass blends exactly as the allocating one, and hands every window the
+    /// same buffer (its reason to exist).
+    #[test]
+    fn reused_buffer_pass_equals_the_sequential_one() {
+        let (shape, image, spec) = negation_pass();
+        let seq = sliding_window(&image, 1, shape, &spec, 2, negation).unwrap();
+        let mut buffers = std::collections::HashSet::new();
+        let into = sliding_window_into(&image, 1, shape, &spec, 2, |w, out| {
+            buffers.insert(out.as_ptr() as usize);
+            assert_eq!(out.len(), 2 * w.len());
+            out.copy_from_slice(&negation(w)?);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seq, into);
+        assert_eq!(buffers.len(), 1);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use glmae_core::format::Precision;
 use glmae_core::{ModelFile, Unetr, UnetrConfig};
 use glmae_data::sliding_window::Blend;
-use glmae_infer::fast::FastUnetr;
+use glmae_infer::fast::{ConvAlgorithms, FastUnetr};
 use glmae_infer::{Engine, SegmentOptions, segment_volume};
 
 const WINDOW: [usize; 3] = [96, 96, 96];
@@ -78,11 +78,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The 3x3x3 convolution algorithms: all by default, `CONV_DIRECT=1` none, `CONV_F2=1` only
+/// Winograd F(2x2x2, 3x3x3).
+fn algorithms() -> ConvAlgorithms {
+    if std::env::var("CONV_DIRECT").is_ok() {
+        ConvAlgorithms::Direct
+    } else if std::env::var("CONV_F2").is_ok() {
+        ConvAlgorithms::WinogradF2
+    } else {
+        ConvAlgorithms::Winograd
+    }
+}
+
 /// Child: time windows of the fast pass.
 fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> {
     let bytes = model(p)?;
     let file = ModelFile::parse(&bytes)?;
-    let mut fast = FastUnetr::new(&file)?.with_winograd(std::env::var("CONV_DIRECT").is_err());
+    let mut fast = FastUnetr::new(&file)?.with_conv_algorithms(algorithms());
     if int8_kernels {
         fast = fast.with_int8_kernels(glmae_infer::fast::QIsa::detect())?;
     }
@@ -91,10 +103,12 @@ fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> 
     let mut times = Vec::new();
     let mut stats = Vec::new();
     let mut cpu = 0.0;
+    // One logits buffer for all windows, as the sliding window does.
+    let mut logits = vec![0.0; fast.logits_len(WINDOW)];
     for r in 0..=REPS {
         let c0 = cpu_seconds();
         let t = Instant::now();
-        let (_, s) = pool.install(|| fast.forward_with_stats(&input, WINDOW))?;
+        let s = pool.install(|| fast.forward_into(&input, WINDOW, &mut logits))?;
         times.push(t.elapsed().as_secs_f64());
         stats.push(s);
         if r > 0 {
@@ -108,9 +122,9 @@ fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> 
     let conv_s = median(stats.iter().map(|s| s.conv_seconds).collect());
     let norm_s = median(stats.iter().map(|s| s.norm_seconds).collect());
     println!(
-        "RESULT window precision={p:?} threads={threads} isa={:?} winograd={} int8_kernels={:?} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1}",
+        "RESULT window precision={p:?} threads={threads} isa={:?} algorithms={:?} int8_kernels={:?} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1}",
         fast.isa(),
-        fast.winograd(),
+        fast.conv_algorithms(),
         fast.int8_kernels(),
         1e3 * cpu / REPS as f64,
         1e3 * median(times.clone()),
@@ -140,12 +154,15 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     use glmae_infer::fast::conv::{ConvWeights, Vol, conv};
     use glmae_infer::fast::gemm::Isa;
     use glmae_infer::fast::qconv::{QConvWeights, QIsa, QVol, max_level, qconv};
+    use glmae_infer::fast::winograd::Variant;
     let cw = ConvWeights::from_fn(co, ci, 3, |i| ((i * 7919) % 13) as f32 * 0.01, None);
     let q: Vec<i8> = (0..co * ci * 27).map(|i| ((i * 7919) % 13) as i8).collect();
     let qw = QConvWeights::from_parts(co, ci, 3, &q, &vec![0.01; co], None);
     let int8 = std::env::var("CONV_INT8").is_ok();
     let winograd = std::env::var("CONV_DIRECT").is_err();
+    let variant = if std::env::var("CONV_F4").is_ok() { Variant::F4 } else { Variant::F2 };
     let ww = glmae_infer::fast::winograd::WinogradWeights::from_fn(
+        variant,
         co,
         ci,
         |i| ((i * 7919) % 13) as f32 * 0.01,
@@ -183,11 +200,38 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     let (wall, cpu) = (t0.elapsed().as_secs_f64() / reps as f64, (cpu_seconds() - c0) / reps as f64);
     let flop = 2.0 * (27 * ci * co * edge * edge * edge) as f64;
     println!(
-        "RESULT conv int8={int8} winograd={} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
+        "RESULT conv int8={int8} winograd={} variant={variant:?} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
         winograd && (!int8 || qww.is_some()),
         wall * 1e3,
         flop / wall / 1e9,
         flop / cpu / 1e9
+    );
+    Ok(())
+}
+
+/// Child: one 2x2x2 stride-2 transposed convolution from EDGE^3 to (2 EDGE)^3.
+fn child_up(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
+    use glmae_infer::fast::conv::{UpConvWeights, Vol, conv_transpose};
+    use glmae_infer::fast::gemm::Isa;
+    let w = UpConvWeights::from_fn(ci, co, |i| ((i * 7919) % 13) as f32 * 0.01);
+    let mut x = Vol::zeros([edge; 3], ci);
+    for (i, v) in x.data.iter_mut().enumerate() {
+        *v = (i % 17) as f32 * 0.1;
+    }
+    let mut out = Vol::zeros([2 * edge; 3], 2 * co);
+    let pool = pool(threads)?;
+    pool.install(|| conv_transpose(Isa::detect(), &x, &w, &mut out, 0));
+    let t0 = Instant::now();
+    let reps = 5;
+    for _ in 0..reps {
+        pool.install(|| conv_transpose(Isa::detect(), &x, &w, &mut out, 0));
+    }
+    let wall = t0.elapsed().as_secs_f64() / reps as f64;
+    let flop = 2.0 * (8 * ci * co * edge * edge * edge) as f64;
+    println!(
+        "RESULT up ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops={:.1}",
+        wall * 1e3,
+        flop / wall / 1e9
     );
     Ok(())
 }
@@ -257,8 +301,7 @@ fn child_agreement(p: Precision) -> Result<()> {
         variants.extend(glmae_infer::fast::QIsa::detect().map(Some));
     }
     for q in variants {
-        let fast =
-            FastUnetr::new(&file)?.with_int8_kernels(q)?.with_winograd(std::env::var("CONV_DIRECT").is_err());
+        let fast = FastUnetr::new(&file)?.with_int8_kernels(q)?.with_conv_algorithms(algorithms());
         let got = pool(2)?.install(|| fast.forward(&input, WINDOW))?;
         let max_diff = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         let mut la = vec![0u8; n];
@@ -277,8 +320,8 @@ fn child_agreement(p: Precision) -> Result<()> {
             .filter_map(|(a, b)| Some((a.as_ref()? - b.as_ref()?).abs() * 100.0))
             .fold(0.0, f64::max);
         println!(
-            "RESULT agreement precision={p:?} int8_kernels={q:?} winograd={} logit_range={:.3} max_diff={max_diff:.2e} rel={:.2e} labels_same={:.5} dice_fast_vs_ref_mean={mean:.2} dice_min={min:.2} classes_present={} max_dice_change_vs_truth_points={change:.3}",
-            fast.winograd(),
+            "RESULT agreement precision={p:?} int8_kernels={q:?} algorithms={:?} logit_range={:.3} max_diff={max_diff:.2e} rel={:.2e} labels_same={:.5} dice_fast_vs_ref_mean={mean:.2} dice_min={min:.2} classes_present={} max_dice_change_vs_truth_points={change:.3}",
+            fast.conv_algorithms(),
             hi - lo,
             max_diff / (hi - lo),
             same,
@@ -314,6 +357,10 @@ fn main() -> Result<()> {
             Some("volume-int8k") => child_volume(p, threads, Engine::FastInt8Kernels),
             Some("reference") => child_reference(p),
             Some("agreement") => child_agreement(p),
+            Some("up") => {
+                let n: Vec<usize> = args[2..].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+                child_up(n[0], n[1], n[2], n[3])
+            }
             Some("conv") => {
                 let n: Vec<usize> = args[2..].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
                 child_conv(n[0], n[1], n[2], n[3])

@@ -147,7 +147,7 @@ pub fn segment_volume(
     opts: &SegmentOptions,
     engine: Engine,
 ) -> Result<Vec<f32>> {
-    use glmae_data::sliding_window::{WindowSpec, sliding_window, sliding_window_parallel};
+    use glmae_data::sliding_window::{WindowSpec, sliding_window_into, sliding_window_parallel};
     let channels = model.config.vit.in_channels as usize;
     let roi = model.config.vit.img_size.map(|s| s as usize);
     let classes = model.config.out_channels as usize;
@@ -168,10 +168,10 @@ pub fn segment_volume(
             bar.set_length(total as u64);
             // One window at a time, all threads inside it: memory stays at one window's worth.
             pool.install(|| {
-                sliding_window(volume, channels, shape, &spec, classes, |w| {
-                    let out = fast.forward(w, roi);
+                sliding_window_into(volume, channels, shape, &spec, classes, |w, out| {
+                    fast.forward_into(w, roi, out)?;
                     bar.inc(1);
-                    out
+                    Ok(())
                 })
             })?
         }

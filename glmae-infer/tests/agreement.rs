@@ -11,7 +11,7 @@
 use glmae_core::format::Precision;
 use glmae_core::synthetic::random_model;
 use glmae_core::{ModelFile, PosEmbed, Unetr, UnetrConfig};
-use glmae_infer::fast::{FastUnetr, Isa, QIsa};
+use glmae_infer::fast::{ConvAlgorithms, FastUnetr, Isa, QIsa};
 
 const REL_TOL: f64 = 1e-4;
 const LABEL_AGREEMENT: f64 = 0.999;
@@ -46,7 +46,7 @@ fn argmax(logits: &[f32], classes: usize) -> Vec<u8> {
 struct Kernels {
     isa: Isa,
     qisa: Option<QIsa>,
-    winograd: bool,
+    algorithms: ConvAlgorithms,
 }
 
 /// Returns (max |diff| / range, label agreement) of the fast pass against the reference.
@@ -65,10 +65,14 @@ fn compare(cfg: &UnetrConfig, precision: Precision, window: [usize; 3], seed: u6
         .unwrap()
         .with_int8_kernels(k.qisa)
         .unwrap()
-        .with_winograd(k.winograd);
+        .with_conv_algorithms(k.algorithms);
     let (got, stats) = fast.forward_with_stats(&x, window).unwrap();
-    // The tiny configs have 3x3x3 layers with 8+ input channels on even sizes: Winograd must run.
-    assert_eq!(stats.winograd_convs > 0, k.winograd, "{k:?}: {} Winograd convolutions", stats.winograd_convs);
+    // The tiny configs have 3x3x3 layers with 8+ input channels on even sizes (Winograd must
+    // run), and F(4, 3) must run on windows of 24+ voxels per axis (their first level).
+    let winograd = k.algorithms != ConvAlgorithms::Direct;
+    assert_eq!(stats.winograd_convs > 0, winograd, "{k:?}: {} Winograd convolutions", stats.winograd_convs);
+    let f4 = k.algorithms == ConvAlgorithms::Winograd && window.iter().all(|&d| d >= 24);
+    assert_eq!(stats.f4_convs > 0, f4, "{k:?} {window:?}: {} F(4, 3) convolutions", stats.f4_convs);
     assert_eq!(got.len(), expected.len());
     let (lo, hi) = expected.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     let range = (hi - lo) as f64;
@@ -80,6 +84,9 @@ fn compare(cfg: &UnetrConfig, precision: Precision, window: [usize; 3], seed: u6
     (max_diff / range, same)
 }
 
+const ALGORITHMS: [ConvAlgorithms; 3] =
+    [ConvAlgorithms::Winograd, ConvAlgorithms::WinogradF2, ConvAlgorithms::Direct];
+
 fn isas() -> Vec<Isa> {
     let mut v = vec![Isa::Scalar];
     if Isa::detect() != Isa::Scalar {
@@ -90,8 +97,8 @@ fn isas() -> Vec<Isa> {
 
 fn check(name: &str, cfg: &UnetrConfig, precision: Precision, window: [usize; 3]) {
     for isa in isas() {
-        for winograd in [true, false] {
-            let k = Kernels { isa, qisa: None, winograd };
+        for algorithms in ALGORITHMS {
+            let k = Kernels { isa, qisa: None, algorithms };
             let (rel, same) = compare(cfg, precision, window, 7, k);
             println!("{name} {precision:?} {window:?} {k:?}: max diff {rel:.2e} of range, labels {same:.5}");
             assert!(rel < REL_TOL, "{name} {k:?}: logits differ by {rel:e} of their range");
@@ -130,13 +137,13 @@ fn int8_kernels_stay_close_to_reference_int8() {
             continue;
         }
         for (seed, window) in [(7, [32, 48, 32]), (8, [32, 32, 32])] {
-            for winograd in [true, false] {
-                let k = Kernels { isa: Isa::detect(), qisa: Some(qisa), winograd };
+            for algorithms in ALGORITHMS {
+                let k = Kernels { isa: Isa::detect(), qisa: Some(qisa), algorithms };
                 let (rel, same) = compare(&cfg, Precision::Int8, window, seed, k);
                 println!("int8 kernels {window:?} {k:?}: max diff {rel:.2e} of range, labels {same:.5}");
                 // Measured: direct 1.4e-4 to 1.5e-4 of the range and 0.9996 of labels;
                 // Winograd 7e-4 to 9e-4 and 0.9985.
-                let (tol, labels) = if winograd {
+                let (tol, labels) = if algorithms != ConvAlgorithms::Direct {
                     (INT8_WINOGRAD_REL_TOL, INT8_WINOGRAD_LABELS)
                 } else {
                     (INT8_KERNEL_REL_TOL, INT8_KERNEL_LABELS)
@@ -169,6 +176,9 @@ fn bad_input_is_an_error() {
     x[5] = f32::NAN;
     let e = fast.forward(&x, [32, 32, 32]).unwrap_err();
     assert!(e.to_string().contains("NaN"), "{e}");
+    x[5] = 0.5;
+    let e = fast.forward_into(&x, [32, 32, 32], &mut [0.0; 7]).unwrap_err();
+    assert!(e.to_string().contains("logits buffer has 7 values"), "{e}");
 }
 
 /// Whole-volume segmentation: both engines, through the sliding window, on a CT phantom.

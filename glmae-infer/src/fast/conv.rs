@@ -9,7 +9,7 @@ use glmae_core::kernels::{Dims3, INSTANCE_NORM_EPS, LEAKY_RELU_SLOPE};
 use glmae_core::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::gemm::{Isa, MR, NR, PackedB, Tile, pad_bias};
+use super::gemm::{Isa, NR, PackedB, Tile, pad_bias};
 
 /// A channel-last volume with a one-voxel zero border on every side.
 #[derive(Clone, Debug)]
@@ -103,9 +103,16 @@ impl Vol {
 
     /// Channels `off..off + n` as a channel-first array.
     pub fn to_channel_first(&self, off: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n * self.dims.iter().product::<usize>()];
+        self.write_channel_first(off, n, &mut out);
+        out
+    }
+
+    /// [`Self::to_channel_first`] into `out` (`n` times the interior's voxels).
+    pub fn write_channel_first(&self, off: usize, n: usize, out: &mut [f32]) {
         let d = self.dims;
         let pv = d[1] * d[2];
-        let mut out = vec![0.0; n * d[0] * pv];
+        assert_eq!(out.len(), n * d[0] * pv, "channel-first output size");
         // Plane z of channel ch is the contiguous segment ch * d0 + z: hand each z-plane task
         // its n segments, so one pass over the source writes n sequential streams.
         let mut by_z: Vec<Vec<&mut [f32]>> = (0..d[0]).map(|_| Vec::with_capacity(n)).collect();
@@ -122,7 +129,6 @@ impl Vol {
                 }
             }
         });
-        out
     }
 
     /// Interior planes `1..=d0` as mutable chunks, for parallel writes.
@@ -177,6 +183,11 @@ impl ConvWeights {
         self.out_ch
     }
 
+    /// Input channels.
+    pub fn in_ch(&self) -> usize {
+        self.in_ch
+    }
+
     /// Bytes of packed weights.
     pub fn bytes(&self) -> usize {
         self.packed.bytes()
@@ -209,27 +220,21 @@ pub fn conv(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
             let panel = w.packed.panel(p);
             let nc = w.packed.panel_cols(p);
             let bias = w.bias.as_ref().map(|b| &b[p * NR..][..NR]);
+            // One call per row (the micro-kernel walks it MR voxels at a time).
             for y in 0..h {
-                let mut x0 = 0;
-                while x0 < wd {
-                    let mr = (wd - x0).min(MR);
-                    let a0 = z * plane_in + (y * (wd + 2) + x0) * ci;
-                    let tile = Tile {
-                        a: &xw[a0..],
-                        a_offs: &taps,
-                        lda: ci,
-                        kc: ci,
-                        b: panel,
-                        bias,
-                        accumulate: false,
-                        ldc: oc,
-                        mr,
-                        nc,
-                    };
-                    let c0 = ((y + 1) * (wd + 2) + x0 + 1) * oc + off + p * NR;
-                    tile.run(isa, &mut oplane[c0..]);
-                    x0 += mr;
-                }
+                let tile = Tile {
+                    a: &xw[z * plane_in + y * (wd + 2) * ci..],
+                    a_offs: &taps,
+                    lda: ci,
+                    kc: ci,
+                    b: panel,
+                    bias,
+                    accumulate: false,
+                    ldc: oc,
+                    mr: wd,
+                    nc,
+                };
+                tile.run(isa, &mut oplane[((y + 1) * (wd + 2) + 1) * oc + off + p * NR..]);
             }
         }
     });
@@ -248,9 +253,13 @@ impl UpConvWeights {
     pub fn new(w: &Tensor<'_>) -> Self {
         let d = w.shape();
         let d = d.dims();
-        let (in_ch, out_ch) = (d[0] as usize, d[1] as usize);
+        Self::from_fn(d[0] as usize, d[1] as usize, |i| w.get(i))
+    }
+
+    /// From `weight(i)`, element `i` of a row-major `(in, out, 2, 2, 2)` weight.
+    pub fn from_fn(in_ch: usize, out_ch: usize, weight: impl Fn(usize) -> f32) -> Self {
         let taps = (0..8)
-            .map(|t| PackedB::from_fn(in_ch, out_ch, |ci, co| w.get((ci * out_ch + co) * 8 + t)))
+            .map(|t| PackedB::from_fn(in_ch, out_ch, |ci, co| weight((ci * out_ch + co) * 8 + t)))
             .collect();
         Self { taps, in_ch, out_ch }
     }
@@ -282,34 +291,32 @@ pub fn conv_transpose(isa: Isa, x: &Vol, w: &UpConvWeights, out: &mut Vol, off: 
     let xw = &x.data;
     let offs = [0usize];
     // Input plane z writes output planes 2z and 2z + 1 (padded 2z + 1, 2z + 2): one chunk.
+    // All eight taps of one input row run together, so the four output rows they write stay
+    // in L1 (tap by tap over whole planes, 32 -> 16 channels at 48^3 -> 96^3 took 32 ms: the
+    // two output planes, 1.2 MB, went through L3 eight times).
     out.data[oplane..(2 * d0 + 1) * oplane].par_chunks_mut(2 * oplane).enumerate().for_each(|(z, chunk)| {
-        for (t, packed) in w.taps.iter().enumerate() {
-            let (a, b, c) = (t / 4, t / 2 % 2, t % 2);
-            for p in 0..packed.panels() {
-                let panel = packed.panel(p);
-                let nc = packed.panel_cols(p);
-                for y in 0..h {
-                    let mut x0 = 0;
-                    while x0 < wd {
-                        let mr = (wd - x0).min(MR);
-                        let a0 = x.at(z + 1, y + 1, x0 + 1);
-                        let tile = Tile {
-                            a: &xw[a0..],
-                            a_offs: &offs,
-                            lda: ci,
-                            kc: ci,
-                            b: panel,
-                            bias: None,
-                            accumulate: false,
-                            // Neighbouring input voxels land two output voxels apart.
-                            ldc: 2 * oc,
-                            mr,
-                            nc,
-                        };
-                        let c0 = a * oplane + ((2 * y + b + 1) * ow + 2 * x0 + c + 1) * oc + off + p * NR;
-                        tile.run(isa, &mut chunk[c0..]);
-                        x0 += mr;
-                    }
+        for y in 0..h {
+            for (t, packed) in w.taps.iter().enumerate() {
+                let (a, b, c) = (t / 4, t / 2 % 2, t % 2);
+                for p in 0..packed.panels() {
+                    let panel = packed.panel(p);
+                    let nc = packed.panel_cols(p);
+                    // One call per row (the micro-kernel walks it MR voxels at a time).
+                    let tile = Tile {
+                        a: &xw[x.at(z + 1, y + 1, 1)..],
+                        a_offs: &offs,
+                        lda: ci,
+                        kc: ci,
+                        b: panel,
+                        bias: None,
+                        accumulate: false,
+                        // Neighbouring input voxels land two output voxels apart.
+                        ldc: 2 * oc,
+                        mr: wd,
+                        nc,
+                    };
+                    let c0 = a * oplane + ((2 * y + b + 1) * ow + c + 1) * oc + off + p * NR;
+                    tile.run(isa, &mut chunk[c0..]);
                 }
             }
         }
@@ -334,7 +341,7 @@ impl NormStats {
 }
 
 /// Running count, mean and sum of squared deviations, merged with Chan et al.'s formula.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Moments {
     n: f64,
     mean: f64,
@@ -352,45 +359,97 @@ impl Moments {
     }
 }
 
-/// InstanceNorm statistics of channels `off..off + n` of `x`, in one pass over memory: each
-/// x-row's mean and squared deviations are computed in f32 while the row sits in L1 (two short
-/// passes, so no cancellation), then rows and planes are merged in f64.
+/// Per-channel moments of a channel range, gathered x-row by x-row: each row's mean and squared
+/// deviations are computed in f32 while the row sits in L1 (two short passes, so no
+/// cancellation), then merged into f64 totals.
+#[derive(Clone, Debug)]
+pub struct RowMoments {
+    acc: Vec<Moments>,
+}
+
+impl RowMoments {
+    /// No rows yet, `n` channels.
+    pub fn new(n: usize) -> Self {
+        Self { acc: vec![Moments::default(); n] }
+    }
+
+    /// Adds the row of `voxels` voxels (stride `c` values) starting at `row[0]`, channels `0..n`.
+    pub fn add_row(&mut self, row: &[f32], c: usize, voxels: usize) {
+        let n = self.acc.len();
+        let row = &row[..(voxels - 1) * c + n];
+        let mut g = 0;
+        while g + 8 <= n {
+            self.add_channels::<8>(row, c, voxels, g);
+            g += 8;
+        }
+        for g in g..n {
+            self.add_channels::<1>(row, c, voxels, g);
+        }
+    }
+
+    /// [`Self::add_row`] for channels `g..g + W`, with the sums in registers (four per lane, so
+    /// consecutive voxels do not wait on one another's additions).
+    fn add_channels<const W: usize>(&mut self, row: &[f32], c: usize, voxels: usize, g: usize) {
+        let lane = |v: &[f32]| -> [f32; W] { *<&[f32; W]>::try_from(&v[g..g + W]).expect("W channels") };
+        let mut s = [[0.0f32; W]; 4];
+        for (i, v) in row.chunks(c).enumerate() {
+            let (x, si) = (lane(v), &mut s[i % 4]);
+            for k in 0..W {
+                si[k] += x[k];
+            }
+        }
+        let inv = 1.0 / voxels as f32;
+        let mean: [f32; W] = std::array::from_fn(|k| (s[0][k] + s[1][k] + s[2][k] + s[3][k]) * inv);
+        let mut d = [[0.0f32; W]; 4];
+        for (i, v) in row.chunks(c).enumerate() {
+            let (x, di) = (lane(v), &mut d[i % 4]);
+            for k in 0..W {
+                di[k] += (x[k] - mean[k]) * (x[k] - mean[k]);
+            }
+        }
+        for k in 0..W {
+            let m2 = (d[0][k] + d[1][k] + d[2][k] + d[3][k]) as f64;
+            let a = &mut self.acc[g + k];
+            *a = a.merge(Moments { n: voxels as f64, mean: mean[k] as f64, m2 });
+        }
+    }
+
+    /// Both sets of rows.
+    pub fn merge(mut self, o: &Self) -> Self {
+        for (a, b) in self.acc.iter_mut().zip(&o.acc) {
+            *a = a.merge(*b);
+        }
+        self
+    }
+
+    /// The InstanceNorm these moments call for.
+    pub fn norm_stats(&self) -> NormStats {
+        let scale: Vec<f32> = self
+            .acc
+            .iter()
+            .map(|m| 1.0 / ((m.m2 / m.n.max(1.0)) as f32 + INSTANCE_NORM_EPS).sqrt())
+            .collect();
+        let shift = self.acc.iter().zip(&scale).map(|(m, &s)| -(m.mean as f32) * s).collect();
+        NormStats { scale, shift }
+    }
+}
+
+/// InstanceNorm statistics of channels `off..off + n` of `x`, in one pass over memory
+/// ([`RowMoments`]).
 pub fn instance_stats(x: &Vol, off: usize, n: usize) -> NormStats {
     let [d0, h, wd] = x.dims;
     let (plane, c) = (x.plane(), x.c);
-    let total = x.data[plane..(d0 + 1) * plane]
+    x.data[plane..(d0 + 1) * plane]
         .par_chunks(plane)
         .map(|pl| {
-            let mut acc = vec![Moments::default(); n];
-            let (mut sum, mut dev) = (vec![0.0f32; n], vec![0.0f32; n]);
+            let mut m = RowMoments::new(n);
             for y in 0..h {
-                let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
-                let row = &pl[r0..r0 + (wd - 1) * c + n];
-                sum.fill(0.0);
-                for v in row.chunks(c) {
-                    for (s, &val) in sum.iter_mut().zip(&v[..n]) {
-                        *s += val;
-                    }
-                }
-                let inv = 1.0 / wd as f32;
-                sum.iter_mut().for_each(|s| *s *= inv);
-                dev.fill(0.0);
-                for v in row.chunks(c) {
-                    for ((d, &val), &m) in dev.iter_mut().zip(&v[..n]).zip(&sum) {
-                        *d += (val - m) * (val - m);
-                    }
-                }
-                for ((a, &m), &d) in acc.iter_mut().zip(&sum).zip(&dev) {
-                    *a = a.merge(Moments { n: wd as f64, mean: m as f64, m2: d as f64 });
-                }
+                m.add_row(&pl[((y + 1) * (wd + 2) + 1) * c + off..], c, wd);
             }
-            acc
+            m
         })
-        .reduce(|| vec![Moments::default(); n], |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect());
-    let scale: Vec<f32> =
-        total.iter().map(|m| 1.0 / ((m.m2 / m.n.max(1.0)) as f32 + INSTANCE_NORM_EPS).sqrt()).collect();
-    let shift = total.iter().zip(&scale).map(|(m, &s)| -(m.mean as f32) * s).collect();
-    NormStats { scale, shift }
+        .reduce(|| RowMoments::new(n), |a, b| a.merge(&b))
+        .norm_stats()
 }
 
 #[inline]
@@ -425,33 +484,27 @@ pub fn abs_max(x: &Vol, off: usize, n: usize) -> f32 {
         .reduce(|| 0.0, bigger)
 }
 
-/// Normalises channels `off..off + stats.scale.len()` of `x` in place, then LeakyReLU; returns
-/// the largest `|result|` (which the int8 kernels' quantisation needs, free in this pass).
-pub fn norm_lrelu(x: &mut Vol, off: usize, stats: &NormStats) -> f32 {
+/// Normalises channels `off..off + stats.scale.len()` of `x` in place, then LeakyReLU.
+pub fn norm_lrelu(x: &mut Vol, off: usize, stats: &NormStats) {
     let [_, h, wd] = x.dims;
     let (c, n) = (x.c, stats.scale.len());
     let (scale, shift) = (&stats.scale[..n], &stats.shift[..n]);
-    x.interior_planes_mut()
-        .map(|(_, pl)| {
-            let mut m = vec![0.0f32; n];
-            for y in 0..h {
-                let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
-                for v in pl[r0..r0 + (wd - 1) * c + n].chunks_mut(c) {
-                    for (((val, &s), &b), mm) in v[..n].iter_mut().zip(scale).zip(shift).zip(m.iter_mut()) {
-                        *val = lrelu(*val * s + b);
-                        *mm = bigger(*mm, val.abs());
-                    }
+    x.interior_planes_mut().for_each(|(_, pl)| {
+        for y in 0..h {
+            let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
+            for v in pl[r0..r0 + (wd - 1) * c + n].chunks_mut(c) {
+                for ((val, &s), &b) in v[..n].iter_mut().zip(scale).zip(shift) {
+                    *val = lrelu(*val * s + b);
                 }
             }
-            m.into_iter().fold(0.0, bigger)
-        })
-        .reduce(|| 0.0, bigger)
+        }
+    });
 }
 
 /// The end of a residual block: `out = lrelu(norm(out) + norm_r(r))` over channels `off..` of
 /// `out`, where `r` is channels `0..` of `res` and `norm_r` its statistics (identity when the
-/// residual is the block's input); returns the largest `|result|`.
-pub fn norm_add_lrelu(out: &mut Vol, off: usize, stats: &NormStats, res: &Vol, res_stats: &NormStats) -> f32 {
+/// residual is the block's input).
+pub fn norm_add_lrelu(out: &mut Vol, off: usize, stats: &NormStats, res: &Vol, res_stats: &NormStats) {
     assert_eq!(out.dims, res.dims);
     let [_, h, wd] = out.dims;
     let (c, rc, n) = (out.c, res.c, stats.scale.len());
@@ -459,32 +512,22 @@ pub fn norm_add_lrelu(out: &mut Vol, off: usize, stats: &NormStats, res: &Vol, r
     let (scale, shift) = (&stats.scale[..n], &stats.shift[..n]);
     let (rscale, rshift) = (&res_stats.scale[..n], &res_stats.shift[..n]);
     let rplane = res.plane();
-    out.interior_planes_mut()
-        .map(|(z, pl)| {
-            let rpl = &res.data[(z + 1) * rplane..][..rplane];
-            let mut m = vec![0.0f32; n];
-            for y in 0..h {
-                let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
-                let q0 = ((y + 1) * (wd + 2) + 1) * rc;
-                let rows = pl[r0..r0 + (wd - 1) * c + n]
-                    .chunks_mut(c)
-                    .zip(rpl[q0..q0 + (wd - 1) * rc + n].chunks(rc));
-                for (v, r) in rows {
-                    for ((((val, &rv), (&s, &b)), (&rs, &rb)), mm) in v[..n]
-                        .iter_mut()
-                        .zip(&r[..n])
-                        .zip(scale.iter().zip(shift))
-                        .zip(rscale.iter().zip(rshift))
-                        .zip(m.iter_mut())
-                    {
-                        *val = lrelu(*val * s + b + (rv * rs + rb));
-                        *mm = bigger(*mm, val.abs());
-                    }
+    out.interior_planes_mut().for_each(|(z, pl)| {
+        let rpl = &res.data[(z + 1) * rplane..][..rplane];
+        for y in 0..h {
+            let r0 = ((y + 1) * (wd + 2) + 1) * c + off;
+            let q0 = ((y + 1) * (wd + 2) + 1) * rc;
+            let rows =
+                pl[r0..r0 + (wd - 1) * c + n].chunks_mut(c).zip(rpl[q0..q0 + (wd - 1) * rc + n].chunks(rc));
+            for (v, r) in rows {
+                for (((val, &rv), (&s, &b)), (&rs, &rb)) in
+                    v[..n].iter_mut().zip(&r[..n]).zip(scale.iter().zip(shift)).zip(rscale.iter().zip(rshift))
+                {
+                    *val = lrelu(*val * s + b + (rv * rs + rb));
                 }
             }
-            m.into_iter().fold(0.0, bigger)
-        })
-        .reduce(|| 0.0, bigger)
+        }
+    });
 }
 
 #[cfg(test)]

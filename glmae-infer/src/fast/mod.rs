@@ -20,6 +20,7 @@
 
 pub mod conv;
 pub mod gemm;
+mod math;
 pub mod qconv;
 mod vit;
 pub mod winograd;
@@ -41,36 +42,59 @@ pub use gemm::Isa;
 use glmae_core::tensor::Tensor;
 pub use qconv::QIsa;
 use qconv::{QConvWeights, QVol, max_level, qconv};
-use winograd::{QWinogradWeights, TransformedKernels, WinogradWeights, conv_qwinograd, conv_winograd};
+use winograd::{
+    QWinogradWeights, TransformedKernels, Variant, WinogradWeights, conv_qwinograd, conv_winograd,
+};
 
 /// A 3x3x3 or 1x1x1 convolution: packed f32 weights always (dequantised for int8 files), the
-/// Winograd-transformed ones for 3x3x3 layers with enough input channels, and, when the file
-/// stores a 3x3x3 layer as int8, the integer packings for the int8 kernels (direct, and
-/// Winograd where the input channels are a multiple of 8). 1x1x1 layers stay f32: quantising
-/// their input cost more than their integer products saved.
+/// Winograd-transformed ones for 3x3x3 layers with enough input channels (F(4, 3) only up to
+/// [`Layer::F4_MAX_IN_CH`]), and, when the file stores a 3x3x3 layer as int8, the integer
+/// packings for the int8 kernels (direct, and F(2, 3) Winograd where the input channels are a
+/// multiple of 8). 1x1x1 layers stay f32: quantising their input cost more than their integer
+/// products saved.
 #[derive(Clone, Debug)]
 struct Layer {
     f: ConvWeights,
-    w: Option<WinogradWeights>,
+    w2: Option<WinogradWeights>,
+    w4: Option<WinogradWeights>,
     q: Option<QConvWeights>,
     qw: Option<QWinogradWeights>,
 }
 
 impl Layer {
+    /// F(4, 3) weights are built up to this many input channels. One layer at 1 thread
+    /// (docs/performance.md), F(4, 3) / F(2, 3) / integer F(2, 3) ms: 32 -> 16 at 96^3
+    /// 88 / 151 / 131, 64 -> 32 at 48^3 31 / 55 / 44, 128 -> 64 at 24^3 13 / 24 / 15,
+    /// 256 -> 128 at 12^3 14 / 12 / 6: with many channels on few tiles, streaming 216
+    /// transformed weight matrices per block of tiles costs more than the products save.
+    const F4_MAX_IN_CH: usize = 128;
+
+    /// F(4, 3) runs on volumes of at least this many voxels along each axis (6 tiles; at
+    /// 128 -> 128 on 12^3 it is no faster than F(2, 3), 5.3 against 5.5 ms).
+    const F4_MIN_EDGE: usize = 24;
+
     fn new(w: &Tensor<'_>, bias: Option<&Tensor<'_>>) -> Self {
         let shape = w.shape();
         let d = shape.dims();
         let (out_ch, in_ch, kernel) = (d[0] as usize, d[1] as usize, d[2] as usize);
         let b: Option<Vec<f32>> = bias.map(|b| (0..out_ch).map(|i| b.get(i)).collect());
         let q = if kernel == 3 { QConvWeights::new(w, bias) } else { None };
-        let (mut wino, mut qw) = (None, None);
+        let (mut w2, mut w4, mut qw) = (None, None, None);
         if kernel == 3 && in_ch >= WinogradWeights::MIN_IN_CH {
-            // One f64 transform for both packings.
-            let k = TransformedKernels::new(out_ch, in_ch, |i| w.get(i));
-            wino = Some(WinogradWeights::new(&k, b.as_deref()));
+            // One f64 transform for both F(2, 3) packings.
+            let k = TransformedKernels::new(Variant::F2, out_ch, in_ch, |i| w.get(i));
+            w2 = Some(WinogradWeights::new(&k, b.as_deref()));
             qw = q.as_ref().and_then(|_| QWinogradWeights::new(&k, b.as_deref()));
+            if in_ch <= Self::F4_MAX_IN_CH {
+                w4 = Some(WinogradWeights::from_fn(Variant::F4, out_ch, in_ch, |i| w.get(i), b.as_deref()));
+            }
         }
-        Self { f: ConvWeights::new(w, bias), w: wino, q, qw }
+        Self { f: ConvWeights::new(w, bias), w2, w4, q, qw }
+    }
+
+    /// The F(4, 3) weights, if they exist and suit a volume of size `dims`.
+    fn f4_for(&self, dims: Dims3) -> Option<&WinogradWeights> {
+        self.w4.as_ref().filter(|w| w.fits(dims) && dims.iter().all(|&d| d >= Self::F4_MIN_EDGE))
     }
 
     fn out_ch(&self) -> usize {
@@ -79,7 +103,8 @@ impl Layer {
 
     fn bytes(&self) -> usize {
         self.f.bytes()
-            + self.w.as_ref().map_or(0, WinogradWeights::bytes)
+            + self.w2.as_ref().map_or(0, WinogradWeights::bytes)
+            + self.w4.as_ref().map_or(0, WinogradWeights::bytes)
             + self.q.as_ref().map_or(0, QConvWeights::bytes)
             + self.qw.as_ref().map_or(0, QWinogradWeights::bytes)
     }
@@ -107,37 +132,28 @@ impl Res {
 
     /// MONAI's `UnetResBlock` on `x` into channels `off..` of `out`:
     /// `lrelu(norm(conv2(lrelu(norm(conv1 x)))) + residual)`, the residual being `x` or
-    /// `norm(conv3 x)`. `x_max` is `x`'s largest `|value|` when known (the int8 kernels need it);
-    /// returns the output's.
-    fn run(&self, x: &Vol, x_max: Option<f32>, out: &mut Vol, off: usize, cx: &mut Ctx) -> f32 {
+    /// `norm(conv3 x)`. `x_max` is `x`'s largest `|value|` when known (the int8 kernels need it,
+    /// and measure it otherwise).
+    fn run(&self, x: &Vol, x_max: Option<f32>, out: &mut Vol, off: usize, cx: &mut Ctx) {
         let o = self.conv2.out_ch();
         let mut a = cx.vol(x.dims, o);
         // conv1 and conv3 read the same input: quantise it at most once.
         let mut qx = None;
-        cx.conv(x, x_max, &mut qx, &self.conv1, &mut a, 0);
-        let t = Instant::now();
-        let s1 = instance_stats(&a, 0, o);
-        let a_max = norm_lrelu(&mut a, 0, &s1);
-        cx.stats.norm_seconds += t.elapsed().as_secs_f64();
+        let s1 = cx.conv_stats(x, x_max, &mut qx, &self.conv1, &mut a, 0);
+        cx.timed(|| norm_lrelu(&mut a, 0, &s1));
         let mut qa = None;
-        cx.conv(&a, Some(a_max), &mut qa, &self.conv2, out, off);
+        let s2 = cx.conv_stats(&a, None, &mut qa, &self.conv2, out, off);
         cx.recycle_q(qa);
-        let s2 = cx.timed(|| instance_stats(out, off, o));
-        let out_max = match &self.conv3 {
+        match &self.conv3 {
             Some(proj) => {
                 // `a` is spent: reuse it for the projected residual (every interior value is rewritten).
-                cx.conv(x, x_max, &mut qx, proj, &mut a, 0);
-                let t = Instant::now();
-                let s3 = instance_stats(&a, 0, o);
-                let m = norm_add_lrelu(out, off, &s2, &a, &s3);
-                cx.stats.norm_seconds += t.elapsed().as_secs_f64();
-                m
+                let s3 = cx.conv_stats(x, x_max, &mut qx, proj, &mut a, 0);
+                cx.timed(|| norm_add_lrelu(out, off, &s2, &a, &s3));
             }
             None => cx.timed(|| norm_add_lrelu(out, off, &s2, x, &NormStats::identity(o))),
-        };
+        }
         cx.recycle_q(qx);
         cx.recycle(a);
-        out_max
     }
 }
 
@@ -155,12 +171,11 @@ impl Skip {
         }
     }
 
-    /// MONAI's `UnetrPrUpBlock` from the hidden-state volume `z` into channels `off..` of `dst`;
-    /// returns their largest `|value|` when the int8 kernels need it (else 0).
-    fn run(&self, z: &Vol, dst: &mut Vol, off: usize, cx: &mut Ctx) -> f32 {
+    /// MONAI's `UnetrPrUpBlock` from the hidden-state volume `z` into channels `off..` of `dst`.
+    fn run(&self, z: &Vol, dst: &mut Vol, off: usize, cx: &mut Ctx) {
         if self.stages.is_empty() {
             cx.up(z, &self.init, dst, off);
-            return cx.abs_max(dst, off, self.init.out_ch());
+            return;
         }
         let mut cur = cx.vol(z.dims.map(|d| 2 * d), self.init.out_ch());
         cx.up(z, &self.init, &mut cur, 0);
@@ -169,14 +184,13 @@ impl Skip {
             let mut up = cx.vol(cur.dims.map(|d| 2 * d), transp.out_ch());
             cx.up(&cur, transp, &mut up, 0);
             cx.recycle(cur);
-            let up_max = cx.abs_max(&up, 0, up.c);
             if j == last {
-                let m = res.run(&up, Some(up_max), dst, off, cx);
+                res.run(&up, None, dst, off, cx);
                 cx.recycle(up);
-                return m;
+                return;
             }
             let mut next = cx.vol(up.dims, transp.out_ch());
-            res.run(&up, Some(up_max), &mut next, 0, cx);
+            res.run(&up, None, &mut next, 0, cx);
             cx.recycle(up);
             cur = next;
         }
@@ -197,20 +211,39 @@ impl Up {
 
     /// MONAI's `UnetrUpBlock`: upsample `x`, concatenate (channels-last, so the skip writes the
     /// second half of each voxel's channels directly), residual block.
-    /// `skip` writes channels `o..2o` of the concatenation and returns their largest `|value|`;
-    /// so does this for its output.
-    fn run(&self, x: &Vol, skip: impl FnOnce(&mut Vol, usize, &mut Ctx) -> f32, cx: &mut Ctx) -> (Vol, f32) {
+    /// `skip` writes channels `o..2o` of the concatenation.
+    fn run(&self, x: &Vol, skip: impl FnOnce(&mut Vol, usize, &mut Ctx), cx: &mut Ctx) -> Vol {
         let o = self.transp.out_ch();
         let dims = x.dims.map(|d| 2 * d);
         let mut cat = cx.vol(dims, 2 * o);
-        let skip_max = skip(&mut cat, o, cx);
+        skip(&mut cat, o, cx);
         cx.up(x, &self.transp, &mut cat, 0);
-        let cat_max = cx.abs_max(&cat, 0, o).max(skip_max);
         let mut out = cx.vol(dims, o);
-        let m = self.res.run(&cat, Some(cat_max), &mut out, 0, cx);
+        self.res.run(&cat, None, &mut out, 0, cx);
         cx.recycle(cat);
-        (out, m)
+        out
     }
+}
+
+/// The kernel one convolution runs on.
+enum Kernel<'l> {
+    Direct,
+    Winograd(&'l WinogradWeights),
+    QDirect(QIsa, &'l QConvWeights),
+    QWinograd(QIsa, &'l QWinogradWeights),
+}
+
+/// The algorithms 3x3x3 convolutions may run by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvAlgorithms {
+    /// Direct implicit GEMMs only.
+    Direct,
+    /// Winograd F(2x2x2, 3x3x3) where the volume's sizes are even (layers with 8+ input channels).
+    WinogradF2,
+    /// Also Winograd F(4x4x4, 3x3x3) for layers with 8 to 128 input channels on volumes of
+    /// 24+ voxels per axis divisible by 4 (the default: the fastest).
+    #[default]
+    Winograd,
 }
 
 /// Time and multiply-adds spent in the decoder's convolutions, for the benchmark's GFLOP/s.
@@ -220,8 +253,10 @@ pub struct Stats {
     pub conv_macs: u64,
     /// Seconds spent in them.
     pub conv_seconds: f64,
-    /// How many 3x3x3 convolutions ran by Winograd's algorithm.
+    /// How many 3x3x3 convolutions ran by Winograd's algorithm (either variant).
     pub winograd_convs: u32,
+    /// How many of those ran by F(4x4x4, 3x3x3).
+    pub f4_convs: u32,
     /// Seconds in instance norms, activations and residual adds.
     pub norm_seconds: f64,
     /// Seconds in the encoder.
@@ -235,7 +270,7 @@ pub struct Stats {
 struct Ctx {
     isa: Isa,
     qisa: Option<QIsa>,
-    winograd: bool,
+    algorithms: ConvAlgorithms,
     stats: Stats,
     pool: Pools,
 }
@@ -259,17 +294,6 @@ impl Ctx {
         }
     }
 
-    /// `abs_max` of a channel range when the int8 kernels are on (they need it), else 0.
-    fn abs_max(&mut self, x: &Vol, off: usize, n: usize) -> f32 {
-        if self.qisa.is_none() {
-            return 0.0;
-        }
-        let t = Instant::now();
-        let m = abs_max(x, off, n);
-        self.stats.conv_seconds += t.elapsed().as_secs_f64();
-        m
-    }
-
     fn recycle_q(&mut self, q: Option<QVol>) {
         if let Some(q) = q {
             self.pool.i16.push(q.into_buffer());
@@ -288,10 +312,11 @@ impl Ctx {
         self.pool.f32.push(v.data);
     }
 
-    /// `layer` on `x`, whose largest `|value|` is `x_max` when known. With the int8 kernels
-    /// and an int8 layer that is not run by Winograd, `x` is quantised into `qx` unless a
-    /// layer reading the same input already did: callers run the 3x3x3 layer before the 1x1x1
-    /// one, so a shared level is the lower, safe for both.
+    /// `layer` on `x`, whose largest `|value|` is `x_max` when known, by [`Self::kernel`]'s
+    /// choice; returns the output's InstanceNorm statistics when the kernel gathered them
+    /// (Winograd's do). For the direct int8 kernel `x` is quantised into `qx` unless a layer
+    /// reading the same input already did: callers run the 3x3x3 layer before the 1x1x1 one, so
+    /// a shared level is the lower, safe for both.
     fn conv(
         &mut self,
         x: &Vol,
@@ -300,33 +325,89 @@ impl Ctx {
         layer: &Layer,
         out: &mut Vol,
         off: usize,
-    ) {
+    ) -> Option<NormStats> {
         let t = Instant::now();
         let amax = || x_max.unwrap_or_else(|| abs_max(x, 0, x.c));
-        match (self.qisa, &layer.q) {
-            (Some(qisa), Some(q)) => match &layer.qw {
-                Some(qw) if self.winograd && qw.fits(x.dims) => {
-                    conv_qwinograd(qisa, x, amax(), qw, out, off);
-                    self.stats.winograd_convs += 1;
-                }
-                _ => {
-                    let qv = qx.get_or_insert_with(|| {
-                        QVol::quantize(x, amax(), max_level(q.k()), self.pool.i16.pop().unwrap_or_default())
-                    });
-                    qconv(qisa, qv, q, out, off);
-                }
-            },
-            _ => match &layer.w {
-                Some(w) if self.winograd && w.fits(x.dims) => {
-                    conv_winograd(self.isa, x, w, out, off);
-                    self.stats.winograd_convs += 1;
-                }
-                _ => conv(self.isa, x, &layer.f, out, off),
-            },
-        }
+        let stats = match self.kernel(layer, x.dims) {
+            Kernel::Winograd(w) => {
+                self.stats.winograd_convs += 1;
+                self.stats.f4_convs += u32::from(w.variant() == Variant::F4);
+                Some(conv_winograd(self.isa, x, w, out, off))
+            }
+            Kernel::QWinograd(qisa, qw) => {
+                self.stats.winograd_convs += 1;
+                Some(conv_qwinograd(qisa, x, amax(), qw, out, off))
+            }
+            Kernel::QDirect(qisa, q) => {
+                let qv = qx.get_or_insert_with(|| {
+                    QVol::quantize(x, amax(), max_level(q.k()), self.pool.i16.pop().unwrap_or_default())
+                });
+                qconv(qisa, qv, q, out, off);
+                None
+            }
+            Kernel::Direct => {
+                conv(self.isa, x, &layer.f, out, off);
+                None
+            }
+        };
         self.stats.conv_seconds += t.elapsed().as_secs_f64();
         self.stats.conv_macs += (layer.f.macs_per_voxel() * x.dims.iter().product::<usize>()) as u64;
+        stats
     }
+
+    /// `layer` as [`Self::conv`], then the InstanceNorm statistics of what it wrote (measured
+    /// here unless the kernel gathered them).
+    #[allow(clippy::too_many_arguments)]
+    fn conv_stats(
+        &mut self,
+        x: &Vol,
+        x_max: Option<f32>,
+        qx: &mut Option<QVol>,
+        layer: &Layer,
+        out: &mut Vol,
+        off: usize,
+    ) -> NormStats {
+        match self.conv(x, x_max, qx, layer, out, off) {
+            Some(s) => s,
+            None => self.timed(|| instance_stats(out, off, layer.out_ch())),
+        }
+    }
+
+    /// Which kernel runs `layer` on a volume of size `dims`: F(4, 3) where its weights exist
+    /// and suit the size (unless the integer F(2, 3) kernel is on and the layer has 128+ input
+    /// channels, where it was faster: 15 against 13-16 ms at 128 -> 64 on 24^3, 3 against 5 at
+    /// 128 -> 128 on 12^3); else the int8 kernels for int8 layers with 8+ input channels when
+    /// on; else F(2, 3) where the size is even; else the direct implicit GEMM.
+    fn kernel<'l>(&self, layer: &'l Layer, dims: Dims3) -> Kernel<'l> {
+        // Below 8 input channels the f32 direct kernel is faster than the integer one (1 -> 16
+        // channels on 96^3: 13 against 18 ms, quantising the input included).
+        let int8 = self.qisa.zip(layer.q.as_ref()).filter(|_| layer.f.in_ch() >= 8);
+        let qwinograd = match (self.algorithms, int8, &layer.qw) {
+            (ConvAlgorithms::Direct, ..) => None,
+            (_, Some((qisa, _)), Some(qw)) if qw.fits(dims) => Some(Kernel::QWinograd(qisa, qw)),
+            _ => None,
+        };
+        if self.algorithms == ConvAlgorithms::Winograd
+            && let Some(w4) = layer.f4_for(dims)
+            && (qwinograd.is_none() || layer.f.in_ch() < Self::QWINOGRAD_FROM_IN_CH)
+        {
+            return Kernel::Winograd(w4);
+        }
+        if let Some(k) = qwinograd {
+            return k;
+        }
+        if let Some((qisa, q)) = int8 {
+            return Kernel::QDirect(qisa, q);
+        }
+        match &layer.w2 {
+            Some(w2) if self.algorithms != ConvAlgorithms::Direct && w2.fits(dims) => Kernel::Winograd(w2),
+            _ => Kernel::Direct,
+        }
+    }
+
+    /// With the int8 kernels on, the integer F(2, 3) kernel takes layers from this many input
+    /// channels on even where F(4, 3) would run.
+    const QWINOGRAD_FROM_IN_CH: usize = 128;
 
     fn up(&mut self, x: &Vol, w: &UpConvWeights, out: &mut Vol, off: usize) {
         let t = Instant::now();
@@ -348,8 +429,8 @@ pub struct FastUnetr {
     out: Layer,
     /// int8 kernels for the decoder's int8 convolutions; `None` runs them on dequantised f32.
     qisa: Option<QIsa>,
-    /// f32 3x3x3 convolutions by Winograd F(2x2x2, 3x3x3) where they fit.
-    winograd: bool,
+    /// The algorithms 3x3x3 convolutions may run by.
+    algorithms: ConvAlgorithms,
     /// Activation buffers kept between windows.
     pool: Arc<Mutex<Pools>>,
 }
@@ -373,7 +454,7 @@ impl FastUnetr {
             out: Layer::new(&w.out_weight, Some(&w.out_bias)),
             // Opt-in: quantising activations costs accuracy (docs/performance.md).
             qisa: None,
-            winograd: true,
+            algorithms: ConvAlgorithms::default(),
             pool: Arc::default(),
         }
     }
@@ -395,16 +476,15 @@ impl FastUnetr {
         Ok(self)
     }
 
-    /// Runs the f32 3x3x3 convolutions by Winograd's F(2x2x2, 3x3x3) (the default) or
-    /// (`false`) as direct implicit GEMMs.
-    pub fn with_winograd(mut self, on: bool) -> Self {
-        self.winograd = on;
+    /// Restricts the algorithms of the 3x3x3 convolutions (all Winograd variants by default).
+    pub fn with_conv_algorithms(mut self, algorithms: ConvAlgorithms) -> Self {
+        self.algorithms = algorithms;
         self
     }
 
-    /// Whether f32 3x3x3 convolutions run by Winograd's algorithm.
-    pub fn winograd(&self) -> bool {
-        self.winograd
+    /// The algorithms 3x3x3 convolutions may run by.
+    pub fn conv_algorithms(&self) -> ConvAlgorithms {
+        self.algorithms
     }
 
     /// The f32 kernels in use.
@@ -445,17 +525,42 @@ impl FastUnetr {
 
     /// [`Self::forward`], also reporting where the time went.
     pub fn forward_with_stats(&self, input: &[f32], window: Dims3) -> Result<(Vec<f32>, Stats)> {
+        let mut out = vec![0.0; self.logits_len(window)];
+        let stats = self.forward_into(input, window, &mut out)?;
+        Ok((out, stats))
+    }
+
+    /// Values in one window's logits: output channels x window voxels.
+    pub fn logits_len(&self, window: Dims3) -> usize {
+        self.out.out_ch() * window.iter().product::<usize>()
+    }
+
+    /// [`Self::forward_with_stats`] into `out` ([`Self::logits_len`] values), for callers that
+    /// run many windows: a fresh buffer per window (50 MB at 96^3 and 14 classes, beyond
+    /// malloc's reuse) cost 58 ms of page faults at 1 thread, about 9% of the window.
+    pub fn forward_into(&self, input: &[f32], window: Dims3, out: &mut [f32]) -> Result<Stats> {
         self.config.check_window(window)?;
         let in_ch = self.config.vit.in_channels as usize;
         let expected = in_ch * window.iter().product::<usize>();
         ensure!(input.len() == expected, "input has {} values, the window needs {expected}", input.len());
+        ensure!(
+            out.len() == self.logits_len(window),
+            "the logits buffer has {} values, the window needs {}",
+            out.len(),
+            self.logits_len(window)
+        );
         if let Some(i) = input.iter().position(|v| !v.is_finite()) {
             anyhow::bail!("input value {i} is NaN or infinite");
         }
         let start = Instant::now();
         let pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut cx =
-            Ctx { isa: self.isa, qisa: self.qisa, winograd: self.winograd, stats: Stats::default(), pool };
+        let mut cx = Ctx {
+            isa: self.isa,
+            qisa: self.qisa,
+            algorithms: self.algorithms,
+            stats: Stats::default(),
+            pool,
+        };
         let p = self.config.vit.patch_size as usize;
         let grid = window.map(|w| w / p);
         let e = self.config.vit.hidden_size as usize;
@@ -463,26 +568,26 @@ impl FastUnetr {
             self.vit.encode(self.isa, input, window).map(|t| Vol::from_tokens(&t, grid, e));
         cx.stats.encoder_seconds = start.elapsed().as_secs_f64();
 
-        let (d3, _) = self.ups[0].run(&z12, |c, o, cx| self.skips[2].run(&z9, c, o, cx), &mut cx);
-        let (d2, _) = self.ups[1].run(&d3, |c, o, cx| self.skips[1].run(&z6, c, o, cx), &mut cx);
+        let d3 = self.ups[0].run(&z12, |c, o, cx| self.skips[2].run(&z9, c, o, cx), &mut cx);
+        let d2 = self.ups[1].run(&d3, |c, o, cx| self.skips[1].run(&z6, c, o, cx), &mut cx);
         cx.recycle(d3);
-        let (d1, _) = self.ups[2].run(&d2, |c, o, cx| self.skips[0].run(&z3, c, o, cx), &mut cx);
+        let d1 = self.ups[2].run(&d2, |c, o, cx| self.skips[0].run(&z3, c, o, cx), &mut cx);
         cx.recycle(d2);
         let x = Vol::from_channel_first(input, window, in_ch);
-        let (d0, d0_max) = self.ups[3].run(&d1, |c, o, cx| self.encoder1.run(&x, None, c, o, cx), &mut cx);
+        let d0 = self.ups[3].run(&d1, |c, o, cx| self.encoder1.run(&x, None, c, o, cx), &mut cx);
         cx.recycle(d1);
         let classes = self.out.out_ch();
         let mut logits = cx.vol(window, classes);
         let mut q0 = None;
-        cx.conv(&d0, Some(d0_max), &mut q0, &self.out, &mut logits, 0);
+        cx.conv(&d0, None, &mut q0, &self.out, &mut logits, 0);
         cx.recycle_q(q0);
         cx.recycle(d0);
-        let out = logits.to_channel_first(0, classes);
+        logits.write_channel_first(0, classes, out);
         cx.recycle(logits);
         let mut stats = cx.stats;
         stats.total_seconds = start.elapsed().as_secs_f64();
         *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = cx.pool;
-        Ok((out, stats))
+        Ok(stats)
     }
 }
 

@@ -2,12 +2,13 @@
 //! multi-head attention, final LayerNorm. Same arithmetic as glmae-core's `model::vit`.
 
 use glmae_core::config::{PosEmbed, UNETR_TAPS, VitConfig};
-use glmae_core::kernels::{Dims3, gelu, sincos_position_embedding, softmax_in_place};
+use glmae_core::kernels::{Dims3, sincos_position_embedding};
 use glmae_core::model::{BlockWeights, NormWeights, VitWeights};
 use glmae_core::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{Isa, PackedB, gemm, pad_bias};
+use super::math::{gelu_in_place, softmax_in_place};
 
 /// A Linear layer: `W^T` packed, bias padded.
 #[derive(Clone, Debug)]
@@ -98,7 +99,9 @@ impl Block {
 pub(crate) struct FastVit {
     cfg: VitConfig,
     patch: Linear,
-    position: Option<Vec<f32>>,
+    /// The learned table, or the sin-cos one of the configured grid (computed once: per window
+    /// it cost 2 ms).
+    position: Vec<f32>,
     blocks: Vec<Block>,
     norm: Norm,
 }
@@ -115,7 +118,10 @@ impl FastVit {
         Self {
             cfg: *cfg,
             patch,
-            position: w.position.map(|t| (0..t.len()).map(|i| t.get(i)).collect()),
+            position: match w.position {
+                Some(t) => (0..t.len()).map(|i| t.get(i)).collect(),
+                None => sincos_table(cfg.img_size.map(|s| (s / cfg.patch_size) as usize), hidden),
+            },
             blocks: w.blocks.iter().map(Block::new).collect(),
             norm: Norm::new(&w.norm),
         }
@@ -159,19 +165,15 @@ impl FastVit {
         let mut x = vec![0.0f32; tokens * e];
         self.patch.run(isa, &patches, tokens, &mut x, false);
         drop(patches);
-        match (&cfg.pos_embed, &self.position) {
-            (PosEmbed::Learned, Some(table)) => {
-                for (v, t) in x.iter_mut().zip(table) {
-                    *v += t;
-                }
-            }
-            _ => {
-                for (t, row) in x.chunks_exact_mut(e).enumerate() {
-                    for (f, v) in row.iter_mut().enumerate() {
-                        *v += sincos_position_embedding(grid, e, t, f);
-                    }
-                }
-            }
+        let configured = cfg.img_size.map(|s| (s / cfg.patch_size) as usize);
+        // The learned table only exists for the configured window; other windows take sin-cos.
+        let table = if cfg.pos_embed == PosEmbed::Learned || grid == configured {
+            std::borrow::Cow::Borrowed(&self.position)
+        } else {
+            std::borrow::Cow::Owned(sincos_table(grid, e))
+        };
+        for (v, t) in x.iter_mut().zip(table.iter()) {
+            *v += t;
         }
 
         let heads = cfg.num_heads as usize;
@@ -189,7 +191,7 @@ impl FastVit {
             b.proj.run(isa, &attn, tokens, &mut x, true);
             b.norm2.run(&x, cfg.layer_norm_eps, &mut ln);
             b.fc1.run(isa, &ln, tokens, &mut hidden, false);
-            hidden.par_chunks_mut(mlp).for_each(|r| r.iter_mut().for_each(|v| *v = gelu(*v)));
+            hidden.par_chunks_mut(mlp).for_each(gelu_in_place);
             b.fc2.run(isa, &hidden, tokens, &mut x, true);
             if let Some(k) = UNETR_TAPS.iter().position(|&t| t == i) {
                 taps[k] = x.clone();
@@ -199,6 +201,12 @@ impl FastVit {
         taps[3] = ln;
         taps
     }
+}
+
+/// The sin-cos position embedding of `grid`, `(tokens, hidden)`.
+fn sincos_table(grid: Dims3, hidden: usize) -> Vec<f32> {
+    let tokens = grid.iter().product::<usize>();
+    (0..tokens * hidden).map(|i| sincos_position_embedding(grid, hidden, i / hidden, i % hidden)).collect()
 }
 
 /// Multi-head attention over a fused `(tokens, 3 * hidden)` qkv (MONAI's (q|k|v, head, dim)
