@@ -6,11 +6,15 @@
 //!     cargo bench -p glmae-infer --bench forward -- reference    # + one reference-kernel window
 //!     cargo bench -p glmae-infer --bench forward -- agreement    # fast vs reference labels on a phantom
 //!     cargo bench -p glmae-infer --bench forward -- conv=32,16,96,1   # one 3x3x3 layer (CI,CO,EDGE,THREADS)
+//!     cargo bench -p glmae-infer --bench forward -- up=32,16,48,1     # one transposed conv, EDGE^3 -> (2 EDGE)^3
 //!
-//! 3x3x3 convolutions run by Winograd F(2x2x2, 3x3x3) where they fit; `CONV_DIRECT=1` runs them
-//! as direct implicit GEMMs instead (windows, agreement and `conv=`). `CONV_INT8=1` makes `conv=`
-//! time the integer kernels. A layer's GFLOP/s count the direct algorithm's 27 multiply-adds per
-//! input channel and output (an effective rate for Winograd).
+//! 3x3x3 convolutions run by Winograd F(4x4x4, 3x3x3) or F(2x2x2, 3x3x3) where they fit
+//! ([`ConvAlgorithms::Winograd`]); `CONV_F2=1` allows only F(2x2x2, 3x3x3), `CONV_DIRECT=1` only
+//! direct implicit GEMMs (windows and agreement). For `conv=`, `CONV_F4=1` times F(4x4x4, 3x3x3)
+//! (else F(2x2x2, 3x3x3)), `CONV_DIRECT=1` the direct kernel, `CONV_INT8=1` the integer kernels;
+//! `up=CI,CO,EDGE,THREADS` times one 2x2x2 transposed convolution. A layer's GFLOP/s count the
+//! direct algorithm's 27 multiply-adds per input channel and output (an effective rate for
+//! Winograd).
 //!
 //! `only=f32` or `only=int8` restricts the precisions; `volume-only` skips the window runs.
 //! int8 runs twice: dequantised to f32 (the default engine) and on the integer kernels
@@ -377,11 +381,14 @@ fn main() -> Result<()> {
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
     println!("ViT-T UNETR, feature size 16, 14 classes, window {WINDOW:?}");
-    if let Some(c) = args.iter().find_map(|a| a.strip_prefix("conv=")) {
-        // conv=CI,CO,EDGE,THREADS: one layer (kernel tuning).
-        let v: Vec<&str> = c.split(',').collect();
-        spawn(&["conv", v[0], v[1], v[2], v[3]])?;
-        return Ok(());
+    for kind in ["conv", "up"] {
+        if let Some(c) = args.iter().find_map(|a| a.strip_prefix(kind).and_then(|r| r.strip_prefix('='))) {
+            // conv=CI,CO,EDGE,THREADS or up=...: one layer (kernel tuning).
+            let v: Vec<&str> = c.split(',').collect();
+            anyhow::ensure!(v.len() == 4, "{kind}= takes CI,CO,EDGE,THREADS");
+            spawn(&[kind, v[0], v[1], v[2], v[3]])?;
+            return Ok(());
+        }
     }
     let only = args.iter().find_map(|a| a.strip_prefix("only="));
     for p in ["f32", "int8"] {

@@ -110,10 +110,11 @@ pub enum Engine {
     /// of the logit range).
     #[default]
     Fast,
-    /// [`fast::FastUnetr`] with the int8 3x3x3 decoder convolutions on integer kernels (AVX-512
-    /// VNNI, else portable integer code), by Winograd where it applies: activations are
-    /// quantised per tensor (12 bits after the Winograd transform), a further approximation
-    /// (labels 99.8% identical on the benchmark window; docs/performance.md), so it is opt-in.
+    /// [`fast::FastUnetr`] with the int8 3x3x3 decoder convolutions that have 128+ input
+    /// channels (or that Winograd F(4, 3) does not fit) on integer kernels (AVX-512 VNNI, else
+    /// portable integer code), where they are the fastest: activations are quantised per tensor
+    /// (12 bits after the F(2, 3) transform), a further approximation (labels 99.93% identical
+    /// on the benchmark window; docs/performance.md), so it is opt-in.
     FastInt8Kernels,
     /// glmae-core's allocation-free reference kernels, one window per thread.
     Reference,

@@ -240,6 +240,50 @@ pub fn conv(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
     });
 }
 
+/// Runs the 1x1x1 convolution `w` on `x` straight into a channel-first array `out` (`out_ch`
+/// planes of `x`'s interior), one x-row at a time through an L1 scratch row: the model's last
+/// layer, whose logits would otherwise be written channel-last and read back to transpose them
+/// (100 MB of traffic at 96^3 and 14 classes).
+pub fn conv1x1_channel_first(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut [f32]) {
+    assert_eq!((x.c, w.kernel), (w.in_ch, 1), "a 1x1x1 conv on its input channels");
+    let [d0, h, wd] = x.dims;
+    let (ci, co, pv) = (x.c, w.out_ch, h * wd);
+    assert_eq!(out.len(), co * d0 * pv, "channel-first output size");
+    let taps = [0usize];
+    let ldc = w.packed.panels() * NR;
+    // Plane z of class k is the contiguous segment k * d0 + z: hand each z-plane task its co
+    // segments (as `Vol::write_channel_first`).
+    let mut by_z: Vec<Vec<&mut [f32]>> = (0..d0).map(|_| Vec::with_capacity(co)).collect();
+    for (i, seg) in out.chunks_mut(pv).enumerate() {
+        by_z[i % d0].push(seg);
+    }
+    by_z.into_par_iter().enumerate().for_each_init(Vec::new, |row, (z, mut segs)| {
+        row.resize(wd * ldc, 0.0);
+        for y in 0..h {
+            for p in 0..w.packed.panels() {
+                let tile = Tile {
+                    a: &x.data[x.at(z + 1, y + 1, 1)..],
+                    a_offs: &taps,
+                    lda: ci,
+                    kc: ci,
+                    b: w.packed.panel(p),
+                    bias: w.bias.as_ref().map(|b| &b[p * NR..][..NR]),
+                    accumulate: false,
+                    ldc,
+                    mr: wd,
+                    nc: w.packed.panel_cols(p),
+                };
+                tile.run(isa, &mut row[p * NR..]);
+            }
+            for (k, seg) in segs.iter_mut().enumerate() {
+                for (o, v) in seg[y * wd..(y + 1) * wd].iter_mut().zip(row.chunks_exact(ldc)) {
+                    *o = v[k];
+                }
+            }
+        }
+    });
+}
+
 /// A 2x2x2 stride-2 transposed convolution (no bias), one packed `(in_ch, out_ch)` matrix per tap.
 #[derive(Clone, Debug)]
 pub struct UpConvWeights {
@@ -566,6 +610,25 @@ mod tests {
                 (s.shift[c] as f64 + mean * scale).abs() < 1e-4 * (1.0 + (mean * scale).abs()),
                 "channel {c}"
             );
+        }
+    }
+
+    /// The fused output layer equals a 1x1x1 convolution followed by the layout change, for
+    /// more classes than one 16-column panel, on every kernel ISA of this CPU.
+    #[test]
+    fn channel_first_1x1_matches_conv_then_transpose() {
+        let (ci, co, d) = (5, 21, [3, 4, 7]);
+        let w = super::super::lcg(co * ci, 1);
+        let bias = super::super::lcg(co, 2);
+        let cw = ConvWeights::from_fn(co, ci, 1, |i| w[i], Some(&bias));
+        let vals = super::super::lcg(ci * 84, 3);
+        let x = Vol::from_channel_first(&vals, d, ci);
+        for isa in [Isa::Scalar, Isa::Avx2Fma].into_iter().filter(|i| i.supported()) {
+            let mut want = Vol::zeros(d, co);
+            conv(isa, &x, &cw, &mut want, 0);
+            let mut got = vec![f32::NAN; co * 84];
+            conv1x1_channel_first(isa, &x, &cw, &mut got);
+            assert_eq!(got, want.to_channel_first(0, co), "{isa:?}");
         }
     }
 

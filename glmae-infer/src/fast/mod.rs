@@ -9,14 +9,16 @@
 //!   register-tiled GEMM micro-kernel ([`gemm`]) with AVX2 + FMA where the CPU has it;
 //! - decoder activations are channel-last with a zero border ([`conv::Vol`]), so a 3x3x3
 //!   convolution is an implicit GEMM over 27 shifted views of its input, or (by default, for
-//!   layers with 8+ input channels on even sizes) Winograd's F(2x2x2, 3x3x3) ([`winograd`]):
-//!   3.4x fewer multiply-adds, 1e-6 of the logit range from the reference;
+//!   layers with 8+ input channels) Winograd's F(4x4x4, 3x3x3) (up to 128 input channels on
+//!   volumes of 24+ voxels per axis, 8x fewer multiply-adds) or F(2x2x2, 3x3x3) (3.4x fewer)
+//!   ([`winograd`]), 1e-6 to 1e-5 of the logit range from the reference;
 //! - work inside one window is split across the current rayon pool (output planes for the
 //!   decoder, token rows for the encoder), so a single window uses every core;
-//! - optionally ([`FastUnetr::with_int8_kernels`]), int8 3x3x3 decoder convolutions run on
-//!   integer products (AVX-512 VNNI `vpdpwssd`) of per-tensor quantised activations: by
-//!   Winograd on i16 transformed inputs and weights ([`winograd::conv_qwinograd`]), else
-//!   directly on the file's int8 weights ([`mod@qconv`]).
+//! - optionally ([`FastUnetr::with_int8_kernels`]), int8 3x3x3 decoder convolutions with 128+
+//!   input channels run on integer products (AVX-512 VNNI `vpdpwssd`) of per-tensor quantised
+//!   activations, where they beat F(4, 3) in f32: by Winograd on i16 transformed inputs and
+//!   weights ([`winograd::conv_qwinograd`]), else directly on the file's int8 weights
+//!   ([`mod@qconv`]).
 
 pub mod conv;
 pub mod gemm;
@@ -35,8 +37,8 @@ use glmae_core::model::{PrUpWeights, ResBlockWeights, UnetrWeights, UpWeights};
 use glmae_core::{ModelFile, Unetr};
 
 use conv::{
-    ConvWeights, NormStats, UpConvWeights, Vol, abs_max, conv, conv_transpose, instance_stats,
-    norm_add_lrelu, norm_lrelu,
+    ConvWeights, NormStats, UpConvWeights, Vol, abs_max, conv, conv_transpose, conv1x1_channel_first,
+    instance_stats, norm_add_lrelu, norm_lrelu,
 };
 pub use gemm::Isa;
 use glmae_core::tensor::Tensor;
@@ -426,7 +428,8 @@ pub struct FastUnetr {
     encoder1: Res,
     skips: [Skip; 3],
     ups: [Up; 4],
-    out: Layer,
+    /// UNETR's output block: a 1x1x1 convolution.
+    out: ConvWeights,
     /// int8 kernels for the decoder's int8 convolutions; `None` runs them on dequantised f32.
     qisa: Option<QIsa>,
     /// The algorithms 3x3x3 convolutions may run by.
@@ -451,7 +454,7 @@ impl FastUnetr {
             encoder1: Res::new(&w.encoder1),
             skips: [Skip::new(&w.skips[0]), Skip::new(&w.skips[1]), Skip::new(&w.skips[2])],
             ups: [Up::new(&w.ups[0]), Up::new(&w.ups[1]), Up::new(&w.ups[2]), Up::new(&w.ups[3])],
-            out: Layer::new(&w.out_weight, Some(&w.out_bias)),
+            out: ConvWeights::new(&w.out_weight, Some(&w.out_bias)),
             // Opt-in: quantising activations costs accuracy (docs/performance.md).
             qisa: None,
             algorithms: ConvAlgorithms::default(),
@@ -576,14 +579,12 @@ impl FastUnetr {
         let x = Vol::from_channel_first(input, window, in_ch);
         let d0 = self.ups[3].run(&d1, |c, o, cx| self.encoder1.run(&x, None, c, o, cx), &mut cx);
         cx.recycle(d1);
-        let classes = self.out.out_ch();
-        let mut logits = cx.vol(window, classes);
-        let mut q0 = None;
-        cx.conv(&d0, None, &mut q0, &self.out, &mut logits, 0);
-        cx.recycle_q(q0);
+        // The output layer is 1x1x1 (UNETR's `out`), written channel-first directly.
+        let t = Instant::now();
+        conv1x1_channel_first(self.isa, &d0, &self.out, out);
+        cx.stats.conv_seconds += t.elapsed().as_secs_f64();
+        cx.stats.conv_macs += (self.out.macs_per_voxel() * window.iter().product::<usize>()) as u64;
         cx.recycle(d0);
-        logits.write_channel_first(0, classes, out);
-        cx.recycle(logits);
         let mut stats = cx.stats;
         stats.total_seconds = start.elapsed().as_secs_f64();
         *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = cx.pool;
