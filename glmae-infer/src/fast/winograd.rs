@@ -74,9 +74,10 @@ impl Variant {
 }
 
 /// Arithmetic of the transforms, on one f32 (the portable path) or eight (an AVX2 register).
+///
+/// Safety of every method: for AVX2 registers, the CPU supports AVX2 and FMA.
 trait Lanes: Copy {
-    /// # Safety
-    /// For AVX2 registers, the CPU supports AVX2 and FMA (so for all of these).
+    /// `self + o`.
     unsafe fn add(self, o: Self) -> Self;
     /// `self - o`.
     unsafe fn sub(self, o: Self) -> Self;
@@ -122,6 +123,7 @@ impl Lanes for core::arch::x86_64::__m256 {
 /// The three matrices of F(M, 3) on `A = M + 2` points: `G` (weights, applied at load time in
 /// f64), `Bt` (inputs) and `At` (outputs) as straight-line code.
 trait Points<const M: usize, const A: usize> {
+    /// `G`, the kernel transform (rows of weights for the 3 taps).
     const G: [[f64; 3]; A];
 
     /// `Bt d`.
