@@ -103,23 +103,10 @@ impl Vol {
 
     /// Channels `off..off + n` as a channel-first array.
     pub fn to_channel_first(&self, off: usize, n: usize) -> Vec<f32> {
-        let mut out = vec![0.0; n * self.dims.iter().product::<usize>()];
-        self.write_channel_first(off, n, &mut out);
-        out
-    }
-
-    /// [`Self::to_channel_first`] into `out` (`n` times the interior's voxels).
-    pub fn write_channel_first(&self, off: usize, n: usize, out: &mut [f32]) {
         let d = self.dims;
-        let pv = d[1] * d[2];
-        assert_eq!(out.len(), n * d[0] * pv, "channel-first output size");
-        // Plane z of channel ch is the contiguous segment ch * d0 + z: hand each z-plane task
-        // its n segments, so one pass over the source writes n sequential streams.
-        let mut by_z: Vec<Vec<&mut [f32]>> = (0..d[0]).map(|_| Vec::with_capacity(n)).collect();
-        for (i, seg) in out.chunks_mut(pv).enumerate() {
-            by_z[i % d[0]].push(seg);
-        }
-        by_z.into_par_iter().enumerate().for_each(|(z, mut segs)| {
+        let mut out = vec![0.0; n * d[0] * d[1] * d[2]];
+        // One pass over the source writes n sequential streams per z-plane.
+        planes_by_z(&mut out, d[0], d[1] * d[2]).into_par_iter().enumerate().for_each(|(z, mut segs)| {
             for y in 0..d[1] {
                 let src = &self.data[self.at(z + 1, y + 1, 1)..][..d[2] * self.c];
                 for (x, v) in src.chunks_exact(self.c).enumerate() {
@@ -129,6 +116,7 @@ impl Vol {
                 }
             }
         });
+        out
     }
 
     /// Interior planes `1..=d0` as mutable chunks, for parallel writes.
@@ -240,6 +228,17 @@ pub fn conv(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
     });
 }
 
+/// A channel-first array's planes (`plane` values each, `d0` per channel) grouped by z: plane z
+/// of channel k is segment `k * d0 + z`, so each z-plane task gets its channels' segments and
+/// writes them as sequential streams.
+fn planes_by_z(out: &mut [f32], d0: usize, plane: usize) -> Vec<Vec<&mut [f32]>> {
+    let mut by_z: Vec<Vec<&mut [f32]>> = (0..d0).map(|_| Vec::new()).collect();
+    for (i, seg) in out.chunks_mut(plane).enumerate() {
+        by_z[i % d0].push(seg);
+    }
+    by_z
+}
+
 /// Runs the 1x1x1 convolution `w` on `x` straight into a channel-first array `out` (`out_ch`
 /// planes of `x`'s interior), one x-row at a time through an L1 scratch row: the model's last
 /// layer, whose logits would otherwise be written channel-last and read back to transpose them
@@ -251,13 +250,7 @@ pub fn conv1x1_channel_first(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut [f32]
     assert_eq!(out.len(), co * d0 * pv, "channel-first output size");
     let taps = [0usize];
     let ldc = w.packed.panels() * NR;
-    // Plane z of class k is the contiguous segment k * d0 + z: hand each z-plane task its co
-    // segments (as `Vol::write_channel_first`).
-    let mut by_z: Vec<Vec<&mut [f32]>> = (0..d0).map(|_| Vec::with_capacity(co)).collect();
-    for (i, seg) in out.chunks_mut(pv).enumerate() {
-        by_z[i % d0].push(seg);
-    }
-    by_z.into_par_iter().enumerate().for_each_init(Vec::new, |row, (z, mut segs)| {
+    planes_by_z(out, d0, pv).into_par_iter().enumerate().for_each_init(Vec::new, |row, (z, mut segs)| {
         row.resize(wd * ldc, 0.0);
         for y in 0..h {
             for p in 0..w.packed.panels() {
@@ -434,7 +427,11 @@ impl RowMoments {
     /// [`Self::add_row`] for channels `g..g + W`, with the sums in registers (four per lane, so
     /// consecutive voxels do not wait on one another's additions).
     fn add_channels<const W: usize>(&mut self, row: &[f32], c: usize, voxels: usize, g: usize) {
-        let lane = |v: &[f32]| -> [f32; W] { *<&[f32; W]>::try_from(&v[g..g + W]).expect("W channels") };
+        let lane = |v: &[f32]| -> [f32; W] {
+            let mut x = [0.0; W];
+            x.copy_from_slice(&v[g..g + W]);
+            x
+        };
         let mut s = [[0.0f32; W]; 4];
         for (i, v) in row.chunks(c).enumerate() {
             let (x, si) = (lane(v), &mut s[i % 4]);

@@ -134,22 +134,21 @@ impl Res {
 
     /// MONAI's `UnetResBlock` on `x` into channels `off..` of `out`:
     /// `lrelu(norm(conv2(lrelu(norm(conv1 x)))) + residual)`, the residual being `x` or
-    /// `norm(conv3 x)`. `x_max` is `x`'s largest `|value|` when known (the int8 kernels need it,
-    /// and measure it otherwise).
-    fn run(&self, x: &Vol, x_max: Option<f32>, out: &mut Vol, off: usize, cx: &mut Ctx) {
+    /// `norm(conv3 x)`.
+    fn run(&self, x: &Vol, out: &mut Vol, off: usize, cx: &mut Ctx) {
         let o = self.conv2.out_ch();
         let mut a = cx.vol(x.dims, o);
         // conv1 and conv3 read the same input: quantise it at most once.
         let mut qx = None;
-        let s1 = cx.conv_stats(x, x_max, &mut qx, &self.conv1, &mut a, 0);
+        let s1 = cx.conv(x, &mut qx, &self.conv1, &mut a, 0);
         cx.timed(|| norm_lrelu(&mut a, 0, &s1));
         let mut qa = None;
-        let s2 = cx.conv_stats(&a, None, &mut qa, &self.conv2, out, off);
+        let s2 = cx.conv(&a, &mut qa, &self.conv2, out, off);
         cx.recycle_q(qa);
         match &self.conv3 {
             Some(proj) => {
                 // `a` is spent: reuse it for the projected residual (every interior value is rewritten).
-                let s3 = cx.conv_stats(x, x_max, &mut qx, proj, &mut a, 0);
+                let s3 = cx.conv(x, &mut qx, proj, &mut a, 0);
                 cx.timed(|| norm_add_lrelu(out, off, &s2, &a, &s3));
             }
             None => cx.timed(|| norm_add_lrelu(out, off, &s2, x, &NormStats::identity(o))),
@@ -187,12 +186,12 @@ impl Skip {
             cx.up(&cur, transp, &mut up, 0);
             cx.recycle(cur);
             if j == last {
-                res.run(&up, None, dst, off, cx);
+                res.run(&up, dst, off, cx);
                 cx.recycle(up);
                 return;
             }
             let mut next = cx.vol(up.dims, transp.out_ch());
-            res.run(&up, None, &mut next, 0, cx);
+            res.run(&up, &mut next, 0, cx);
             cx.recycle(up);
             cur = next;
         }
@@ -221,7 +220,7 @@ impl Up {
         skip(&mut cat, o, cx);
         cx.up(x, &self.transp, &mut cat, 0);
         let mut out = cx.vol(dims, o);
-        self.res.run(&cat, None, &mut out, 0, cx);
+        self.res.run(&cat, &mut out, 0, cx);
         cx.recycle(cat);
         out
     }
@@ -314,22 +313,21 @@ impl Ctx {
         self.pool.f32.push(v.data);
     }
 
-    /// `layer` on `x`, whose largest `|value|` is `x_max` when known, by [`Self::kernel`]'s
-    /// choice; returns the output's InstanceNorm statistics when the kernel gathered them
-    /// (Winograd's do). For the direct int8 kernel `x` is quantised into `qx` unless a layer
-    /// reading the same input already did: callers run the 3x3x3 layer before the 1x1x1 one, so
-    /// a shared level is the lower, safe for both.
+    /// `layer` on `x` by [`Self::kernel`]'s choice; returns the InstanceNorm statistics of what
+    /// it wrote (gathered by the Winograd kernels, measured here after the others). The integer
+    /// kernels measure `x`'s largest `|value|` for their quantisation; for the direct one `x` is
+    /// quantised into `qx` unless a layer reading the same input already did: callers run the
+    /// 3x3x3 layer before the 1x1x1 one, so a shared level is the lower, safe for both.
     fn conv(
         &mut self,
         x: &Vol,
-        x_max: Option<f32>,
         qx: &mut Option<QVol>,
         layer: &Layer,
         out: &mut Vol,
         off: usize,
-    ) -> Option<NormStats> {
+    ) -> NormStats {
         let t = Instant::now();
-        let amax = || x_max.unwrap_or_else(|| abs_max(x, 0, x.c));
+        let amax = || abs_max(x, 0, x.c);
         let stats = match self.kernel(layer, x.dims) {
             Kernel::Winograd(w) => {
                 self.stats.winograd_convs += 1;
@@ -354,25 +352,7 @@ impl Ctx {
         };
         self.stats.conv_seconds += t.elapsed().as_secs_f64();
         self.stats.conv_macs += (layer.f.macs_per_voxel() * x.dims.iter().product::<usize>()) as u64;
-        stats
-    }
-
-    /// `layer` as [`Self::conv`], then the InstanceNorm statistics of what it wrote (measured
-    /// here unless the kernel gathered them).
-    #[allow(clippy::too_many_arguments)]
-    fn conv_stats(
-        &mut self,
-        x: &Vol,
-        x_max: Option<f32>,
-        qx: &mut Option<QVol>,
-        layer: &Layer,
-        out: &mut Vol,
-        off: usize,
-    ) -> NormStats {
-        match self.conv(x, x_max, qx, layer, out, off) {
-            Some(s) => s,
-            None => self.timed(|| instance_stats(out, off, layer.out_ch())),
-        }
+        stats.unwrap_or_else(|| self.timed(|| instance_stats(out, off, layer.out_ch())))
     }
 
     /// Which kernel runs `layer` on a volume of size `dims`: F(4, 3) where its weights exist
@@ -577,7 +557,7 @@ impl FastUnetr {
         let d1 = self.ups[2].run(&d2, |c, o, cx| self.skips[0].run(&z3, c, o, cx), &mut cx);
         cx.recycle(d2);
         let x = Vol::from_channel_first(input, window, in_ch);
-        let d0 = self.ups[3].run(&d1, |c, o, cx| self.encoder1.run(&x, None, c, o, cx), &mut cx);
+        let d0 = self.ups[3].run(&d1, |c, o, cx| self.encoder1.run(&x, c, o, cx), &mut cx);
         cx.recycle(d1);
         // The output layer is 1x1x1 (UNETR's `out`), written channel-first directly.
         let t = Instant::now();

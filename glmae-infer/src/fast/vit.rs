@@ -2,7 +2,7 @@
 //! multi-head attention, final LayerNorm. Same arithmetic as glmae-core's `model::vit`.
 
 use glmae_core::config::{PosEmbed, UNETR_TAPS, VitConfig};
-use glmae_core::kernels::{Dims3, sincos_position_embedding};
+use glmae_core::kernels::{Dims3, add_sincos_position_embedding};
 use glmae_core::model::{BlockWeights, NormWeights, VitWeights};
 use glmae_core::tensor::Tensor;
 use rayon::prelude::*;
@@ -205,8 +205,9 @@ impl FastVit {
 
 /// The sin-cos position embedding of `grid`, `(tokens, hidden)`.
 fn sincos_table(grid: Dims3, hidden: usize) -> Vec<f32> {
-    let tokens = grid.iter().product::<usize>();
-    (0..tokens * hidden).map(|i| sincos_position_embedding(grid, hidden, i / hidden, i % hidden)).collect()
+    let mut table = vec![0.0; grid.iter().product::<usize>() * hidden];
+    add_sincos_position_embedding(&mut table, grid, hidden);
+    table
 }
 
 /// Multi-head attention over a fused `(tokens, 3 * hidden)` qkv (MONAI's (q|k|v, head, dim)
