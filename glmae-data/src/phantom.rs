@@ -1,14 +1,26 @@
 //! Synthetic abdominal CT phantom: the built-in data the project trains and tests on.
 //!
-//! [`generate`] builds one portal-venous-phase CT volume with the 13 BTCV organ labels from a
-//! seed. Anatomy is modelled in millimetres in a canonical patient frame (RAS+, origin at the
-//! centre of the field of view) and varied per seed: a global scale and shift, a smooth random
-//! displacement field, and per-organ position, size, rotation and shape jitter. Intensities
-//! overlap between classes (liver and spleen, pancreas and bowel wall, vessels and renal cortex)
-//! and get per-seed offsets, so a model has to learn shape and context rather than a HU window.
+//! [`generate`] builds one CT volume with the 13 BTCV organ labels from a seed. Anatomy is
+//! modelled in millimetres in a canonical patient frame (RAS+, origin at the centre of the field
+//! of view) and every seed is drawn as a different patient and scan:
+//!
+//! - habitus: the abdominal cavity's size and roundness, subcutaneous and visceral fat (lateral
+//!   body diameter about 250-390 mm, thin to obese);
+//! - anatomy: per-organ volume (e.g. liver 0.7-1.4x), position and rotation, and a smooth random
+//!   displacement field with a per-seed amplitude;
+//! - acquisition: contrast [`Phase`] (non-contrast, arterial, portal venous) with the tissue
+//!   enhancement of each, noise (sigma 5-25 HU), slice thickness (blur along the superior axis,
+//!   FWHM 1-5 mm) and field-of-view truncation (a body wider than the lateral field of view, or
+//!   air outside a reconstruction circle);
+//! - pathology: some seeds get 1-3 hypo- or hyperdense [`Lesion`]s in the liver, spleen or
+//!   kidneys, labelled as their organ (as BTCV does).
+//!
+//! Intensities overlap between classes (liver and spleen, pancreas and bowel wall, vessels and
+//! renal cortex) and shift with the phase, so a model has to learn shape and context rather than
+//! a HU window. Labels are exact: a voxel carries an organ's label only where that organ is drawn.
 //!
 //! Generation is deterministic in the seed. A volume with another shape or spacing shows the same
-//! anatomy resampled; only the white noise is drawn per voxel.
+//! anatomy resampled (cut to its own field of view); only the white noise is drawn per voxel.
 
 use std::f32::consts::TAU;
 use std::ops::Range;
@@ -30,6 +42,60 @@ impl Default for PhantomConfig {
     }
 }
 
+/// Contrast phase of a generated scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// No intravenous contrast: blood about 40 HU, liver brighter than spleen.
+    NonContrast,
+    /// Late arterial phase (about 35 s): bright aorta, renal cortex brighter than medulla,
+    /// heterogeneous spleen, little hepatic enhancement.
+    Arterial,
+    /// Portal venous phase (about 70 s): the phase of BTCV's scans.
+    PortalVenous,
+}
+
+impl Phase {
+    /// Short lower-case name, e.g. for captions.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::NonContrast => "non-contrast",
+            Phase::Arterial => "arterial",
+            Phase::PortalVenous => "portal venous",
+        }
+    }
+}
+
+/// How a lesion differs from its organ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LesionKind {
+    /// Simple cyst: water density in every phase.
+    Cyst,
+    /// Hypovascular solid lesion (e.g. a metastasis): darker than the organ.
+    Hypodense,
+    /// Hypervascular lesion (e.g. a haemangioma or HCC): brighter than the organ, most in the
+    /// arterial phase.
+    Hyperdense,
+}
+
+/// A lesion drawn into an organ. Its voxels keep the organ's label (BTCV labels lesions as the
+/// organ); only the intensity differs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lesion {
+    /// Label of the organ it lies in (an index into [`LABELS`]).
+    pub organ: u8,
+    /// Cyst, hypo- or hyperdense.
+    pub kind: LesionKind,
+    /// Radius before deformation, mm.
+    pub radius_mm: f32,
+    /// Intensity drawn inside it before texture, blur and noise, HU.
+    pub hu: f32,
+    /// Voxels it covers (all labelled `organ`).
+    pub voxels: usize,
+    /// Voxel (i, j, k) nearest its centre among those it covers.
+    pub centre: [usize; 3],
+}
+
 /// One generated volume.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Phantom {
@@ -42,6 +108,10 @@ pub struct Phantom {
     pub shape: [usize; 3],
     /// Voxel size in millimetres along (i, j, k), as used (see [`PhantomConfig::spacing`]).
     pub spacing: [f32; 3],
+    /// Contrast phase the intensities were drawn for.
+    pub phase: Phase,
+    /// Lesions visible in this volume (empty for most seeds).
+    pub lesions: Vec<Lesion>,
 }
 
 /// BTCV label names, index = label value (0 background .. 13): glmae-core's list.
@@ -53,11 +123,15 @@ pub const LABELS: [&str; 14] = glmae_core::preprocessing::BTCV_CLASSES;
 /// abdomen; structures outside it are simply cut off.
 #[must_use]
 pub fn generate(seed: u64, cfg: &PhantomConfig) -> Phantom {
-    let hu = Hu::draw(seed);
+    let patient = Patient::draw(seed);
+    let hu = Hu::draw(seed, patient.phase);
     let layout = Layout::draw(seed);
     let mut scene = Scene::new(seed, cfg);
 
-    body_and_background(&mut scene, seed, &hu);
+    body_and_background(&mut scene, seed, &patient, &hu);
+    if let Some(radius) = patient.recon_radius {
+        scene.cut_circle(radius);
+    }
     spine_and_back_muscles(&mut scene, seed, &hu);
     heart(&mut scene, &hu);
     colon(&mut scene, seed, &hu);
@@ -75,8 +149,9 @@ pub fn generate(seed: u64, cfg: &PhantomConfig) -> Phantom {
     portal_and_splenic_veins(&mut scene, &layout, &hu);
     inferior_vena_cava(&mut scene, &layout, &hu);
     aorta(&mut scene, &layout, &hu);
+    let lesions = lesions(&mut scene, seed, &layout, &hu);
 
-    scene.finish(seed, hu.noise_sigma)
+    scene.finish(seed, &patient, lesions)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -98,7 +173,7 @@ const PANCREAS: u8 = 11;
 const ADRENAL_R: u8 = 12;
 const ADRENAL_L: u8 = 13;
 
-// Nominal portal-venous-phase values; organ values get per-seed offsets in `Hu::draw`.
+// Phase-independent values; organ values get per-seed offsets in `Hu::draw`.
 const HU_AIR: f32 = -1000.0;
 const HU_LUNG: f32 = -860.0;
 const HU_GAS: f32 = -900.0;
@@ -110,35 +185,130 @@ const HU_CANCELLOUS_BONE: f32 = 250.0;
 const HU_THIN_BONE: f32 = 550.0;
 const HU_DISC: f32 = 90.0;
 const HU_CSF: f32 = 20.0;
-const HU_MYOCARDIUM: f32 = 55.0;
-const HU_BOWEL_WALL: f32 = 65.0;
 const HU_BOWEL_FLUID: f32 = 25.0;
 const HU_STOOL: f32 = -30.0;
-const HU_LIVER: f32 = 110.0;
-const HU_SPLEEN: f32 = 124.0;
-const HU_KIDNEY_CORTEX: f32 = 168.0;
-const HU_KIDNEY_MEDULLA: f32 = 118.0;
 const HU_URINE: f32 = 15.0;
 const HU_GALLBLADDER: f32 = 10.0;
-const HU_ESOPHAGUS: f32 = 56.0;
-const HU_STOMACH_WALL: f32 = 70.0;
 const HU_STOMACH_FLUID: f32 = 12.0;
-const HU_AORTA: f32 = 175.0;
-const HU_IVC: f32 = 132.0;
-const HU_PORTAL: f32 = 160.0;
-const HU_PANCREAS: f32 = 100.0;
-const HU_ADRENAL: f32 = 50.0;
+/// Simple cysts are water density in every phase.
+const HU_CYST: f32 = 8.0;
+
+/// Nominal values of the tissues that enhance with intravenous contrast, for one phase.
+struct Enhancement {
+    liver: f32,
+    spleen: f32,
+    /// Amplitude of the arciform (zebra) pattern of the arterial-phase spleen.
+    spleen_mottle: f32,
+    kidney_cortex: f32,
+    kidney_medulla: f32,
+    aorta: f32,
+    /// Range the aorta is drawn from when it varies more than the other vessels (arterial bolus
+    /// timing); `None`: `aorta` plus the usual jitter.
+    aorta_range: Option<[f32; 2]>,
+    ivc: f32,
+    /// Infrarenal IVC below `ivc`, and its streak amplitude (unenhanced blood from the legs).
+    infrarenal_drop: f32,
+    infrarenal_streak: f32,
+    hepatic_vein: f32,
+    renal_vein: f32,
+    cardiac_blood: f32,
+    myocardium: f32,
+    portal: f32,
+    pancreas: f32,
+    adrenal: f32,
+    bowel_wall: f32,
+    stomach_wall: f32,
+    esophagus: f32,
+}
+
+/// Unenhanced: blood 35-45 HU, liver 50-65 and about 10 HU above the spleen, kidneys 30-35 with no
+/// cortico-medullary difference, pancreas 40-50, adrenals 10-30 (clinical reference values).
+const NON_CONTRAST: Enhancement = Enhancement {
+    liver: 55.0,
+    spleen: 45.0,
+    spleen_mottle: 0.0,
+    kidney_cortex: 32.0,
+    kidney_medulla: 28.0,
+    aorta: 40.0,
+    aorta_range: None,
+    ivc: 38.0,
+    infrarenal_drop: 0.0,
+    infrarenal_streak: 0.0,
+    hepatic_vein: 38.0,
+    renal_vein: 38.0,
+    cardiac_blood: 40.0,
+    myocardium: 40.0,
+    portal: 38.0,
+    pancreas: 42.0,
+    adrenal: 20.0,
+    bowel_wall: 38.0,
+    stomach_wall: 40.0,
+    esophagus: 40.0,
+};
+
+/// Late arterial (about 35 s): aorta 250-350 HU, renal cortex 180-250 against a 80-100 HU medulla,
+/// the spleen mottled around 110, liver only 65-75 (most of its supply is portal), pancreas at its
+/// peak (110-130), hepatic veins and infrarenal IVC still unenhanced, renal veins already bright.
+const ARTERIAL: Enhancement = Enhancement {
+    liver: 70.0,
+    spleen: 110.0,
+    spleen_mottle: 35.0,
+    kidney_cortex: 215.0,
+    kidney_medulla: 90.0,
+    aorta: 300.0,
+    aorta_range: Some([250.0, 350.0]),
+    ivc: 85.0,
+    infrarenal_drop: 40.0,
+    infrarenal_streak: 6.0,
+    hepatic_vein: 55.0,
+    renal_vein: 160.0,
+    cardiac_blood: 230.0,
+    myocardium: 90.0,
+    portal: 130.0,
+    pancreas: 120.0,
+    adrenal: 60.0,
+    bowel_wall: 80.0,
+    stomach_wall: 85.0,
+    esophagus: 60.0,
+};
+
+/// Portal venous (about 70 s), BTCV's phase: liver 100-120, spleen about 120, vessels 130-180.
+const PORTAL_VENOUS: Enhancement = Enhancement {
+    liver: 110.0,
+    spleen: 124.0,
+    spleen_mottle: 0.0,
+    kidney_cortex: 168.0,
+    kidney_medulla: 118.0,
+    aorta: 175.0,
+    aorta_range: None,
+    ivc: 132.0,
+    infrarenal_drop: 20.0,
+    infrarenal_streak: 12.0,
+    hepatic_vein: 147.0,
+    renal_vein: 142.0,
+    cardiac_blood: 142.0,
+    myocardium: 55.0,
+    portal: 160.0,
+    pancreas: 100.0,
+    adrenal: 50.0,
+    bowel_wall: 65.0,
+    stomach_wall: 70.0,
+    esophagus: 56.0,
+};
+
+impl Phase {
+    fn enhancement(self) -> &'static Enhancement {
+        match self {
+            Phase::NonContrast => &NON_CONTRAST,
+            Phase::Arterial => &ARTERIAL,
+            Phase::PortalVenous => &PORTAL_VENOUS,
+        }
+    }
+}
 
 // Intensities derived from the ones above.
 /// Paraspinal muscles and psoas are a little denser than the thin abdominal wall.
 const BACK_MUSCLE_OVER_WALL: f32 = 5.0;
-/// Mixed blood in the cardiac chambers, hepatic veins and renal veins, relative to the IVC.
-const CARDIAC_BLOOD_OVER_IVC: f32 = 10.0;
-const HEPATIC_VEIN_OVER_IVC: f32 = 15.0;
-const RENAL_VEIN_OVER_IVC: f32 = 10.0;
-/// Below the renal veins unenhanced blood from the legs dilutes the IVC, unevenly.
-const INFRARENAL_IVC_DROP: f32 = 20.0;
-const INFRARENAL_IVC_STREAK: f32 = 12.0;
 /// The colon wall enhances less than small bowel.
 const COLON_WALL_BELOW_BOWEL: f32 = 15.0;
 /// Amplitudes of the mottling of stool and of small-bowel fluid.
@@ -149,8 +319,12 @@ const BOWEL_FLUID_MOTTLE: f32 = 20.0;
 const ORGAN_HU_JITTER: f32 = 10.0;
 /// Per-seed offset range for fat, muscle and bowel.
 const TISSUE_HU_JITTER: f32 = 6.0;
-/// Standard deviation range of the white noise, HU.
-const NOISE_SIGMA: [f32; 2] = [12.0, 20.0];
+/// Standard deviation range of the white noise, HU: low-noise thin patients to noisy obese ones
+/// (typical abdominal CT measures 5-25 HU in fat or liver).
+const NOISE_SIGMA: [f32; 2] = [5.0, 25.0];
+/// Reconstructed slice thickness (FWHM of the slice sensitivity profile), mm: 1-5 mm covers
+/// thin-slice to routine thick-slice abdominal reconstructions.
+const SLICE_FWHM_MM: [f32; 2] = [1.0, 5.0];
 /// Gaussian blur standing in for partial volume and the scanner's point spread, in voxels.
 const PARTIAL_VOLUME_SIGMA: f32 = 0.6;
 
@@ -159,7 +333,45 @@ const PARTIAL_VOLUME_SIGMA: f32 = 0.6;
 const TEXTURE_HU: [f32; 14] =
     [15.0, 12.0, 15.0, 15.0, 8.0, 12.0, 15.0, 15.0, 10.0, 15.0, 12.0, 30.0, 12.0, 12.0];
 
-/// This seed's intensities (nominal values plus per-seed offsets).
+/// Who is scanned and how: habitus, contrast phase and acquisition, per seed.
+struct Patient {
+    /// 0 = thin .. 1 = obese; drives fat thickness and noise.
+    habitus: f32,
+    phase: Phase,
+    noise_sigma: f32,
+    slice_fwhm_mm: f32,
+    /// Radius (mm) of the reconstruction circle outside which the scanner writes air, if any.
+    recon_radius: Option<f32>,
+}
+
+impl Patient {
+    fn draw(seed: u64) -> Self {
+        let mut r = Rng::stream(seed, 5);
+        // Skewed towards thin-to-average builds: a lateral diameter over 320 mm (cut by the
+        // default field of view) for about a quarter of the seeds.
+        let habitus = r.unit().powf(2.5);
+        // Portal venous is the commonest abdominal protocol (and BTCV's); the other two are common
+        // enough that a model must cope with them.
+        let u = r.unit();
+        let phase = if u < 0.25 {
+            Phase::NonContrast
+        } else if u < 0.55 {
+            Phase::Arterial
+        } else {
+            Phase::PortalVenous
+        };
+        // Larger patients attenuate more, so the same protocol gives a noisier image.
+        let noise_sigma = (r.range(NOISE_SIGMA[0], 0.7 * NOISE_SIGMA[1]) + 0.3 * NOISE_SIGMA[1] * habitus)
+            .min(NOISE_SIGMA[1]);
+        let slice_fwhm_mm = r.range(SLICE_FWHM_MM[0], SLICE_FWHM_MM[1]);
+        // A fifth of the scans are reconstructed on a 300-350 mm circle that cuts the corners and,
+        // in wide patients, the flanks.
+        let recon_radius = (r.unit() < 0.2).then(|| r.range(150.0, 175.0));
+        Self { habitus, phase, noise_sigma, slice_fwhm_mm, recon_radius }
+    }
+}
+
+/// This seed's intensities (nominal values of its phase plus per-seed offsets).
 struct Hu {
     subcutaneous_fat: f32,
     visceral_fat: f32,
@@ -168,50 +380,78 @@ struct Hu {
     bowel_fluid: f32,
     liver: f32,
     spleen: f32,
+    spleen_mottle: f32,
     kidney_cortex: f32,
     kidney_medulla: f32,
+    urine: f32,
     gallbladder: f32,
     esophagus: f32,
     stomach_wall: f32,
     stomach_fluid: f32,
     aorta: f32,
     ivc: f32,
+    infrarenal_drop: f32,
+    infrarenal_streak: f32,
+    hepatic_vein: f32,
+    renal_vein: f32,
+    cardiac_blood: f32,
+    myocardium: f32,
     portal: f32,
     pancreas: f32,
     adrenal: f32,
-    noise_sigma: f32,
+    phase: Phase,
 }
 
 impl Hu {
-    fn draw(seed: u64) -> Self {
+    fn draw(seed: u64, phase: Phase) -> Self {
+        let e = phase.enhancement();
         let mut r = Rng::stream(seed, 2);
         let kidney = r.sym(ORGAN_HU_JITTER);
+        let ivc = e.ivc + r.sym(ORGAN_HU_JITTER);
+        let aorta = match e.aorta_range {
+            Some([lo, hi]) => r.range(lo, hi),
+            None => e.aorta + r.sym(ORGAN_HU_JITTER),
+        };
         Self {
             subcutaneous_fat: HU_SUBCUTANEOUS_FAT + r.sym(TISSUE_HU_JITTER),
             visceral_fat: HU_VISCERAL_FAT + r.sym(TISSUE_HU_JITTER),
             muscle: HU_MUSCLE + r.sym(TISSUE_HU_JITTER),
-            bowel_wall: HU_BOWEL_WALL + r.sym(TISSUE_HU_JITTER),
+            bowel_wall: e.bowel_wall + r.sym(TISSUE_HU_JITTER),
             bowel_fluid: HU_BOWEL_FLUID + r.sym(TISSUE_HU_JITTER),
-            liver: HU_LIVER + r.sym(ORGAN_HU_JITTER),
-            spleen: HU_SPLEEN + r.sym(ORGAN_HU_JITTER),
-            kidney_cortex: HU_KIDNEY_CORTEX + kidney,
-            kidney_medulla: HU_KIDNEY_MEDULLA + kidney,
+            liver: e.liver + r.sym(ORGAN_HU_JITTER),
+            spleen: e.spleen + r.sym(ORGAN_HU_JITTER),
+            spleen_mottle: e.spleen_mottle,
+            kidney_cortex: e.kidney_cortex + kidney,
+            kidney_medulla: e.kidney_medulla + kidney,
+            urine: HU_URINE + r.sym(TISSUE_HU_JITTER),
             gallbladder: HU_GALLBLADDER + r.sym(ORGAN_HU_JITTER),
-            esophagus: HU_ESOPHAGUS + r.sym(ORGAN_HU_JITTER),
-            stomach_wall: HU_STOMACH_WALL + r.sym(ORGAN_HU_JITTER),
+            esophagus: e.esophagus + r.sym(ORGAN_HU_JITTER),
+            stomach_wall: e.stomach_wall + r.sym(ORGAN_HU_JITTER),
             stomach_fluid: HU_STOMACH_FLUID + r.sym(ORGAN_HU_JITTER),
-            aorta: HU_AORTA + r.sym(ORGAN_HU_JITTER),
-            ivc: HU_IVC + r.sym(ORGAN_HU_JITTER),
-            portal: HU_PORTAL + r.sym(ORGAN_HU_JITTER),
-            pancreas: HU_PANCREAS + r.sym(ORGAN_HU_JITTER),
-            adrenal: HU_ADRENAL + r.sym(ORGAN_HU_JITTER),
-            noise_sigma: r.range(NOISE_SIGMA[0], NOISE_SIGMA[1]),
+            aorta,
+            ivc,
+            infrarenal_drop: e.infrarenal_drop,
+            infrarenal_streak: e.infrarenal_streak,
+            hepatic_vein: e.hepatic_vein + (ivc - e.ivc),
+            renal_vein: e.renal_vein + (ivc - e.ivc),
+            cardiac_blood: e.cardiac_blood + r.sym(ORGAN_HU_JITTER),
+            myocardium: e.myocardium + r.sym(TISSUE_HU_JITTER),
+            portal: e.portal + r.sym(ORGAN_HU_JITTER),
+            pancreas: e.pancreas + r.sym(ORGAN_HU_JITTER),
+            adrenal: e.adrenal + r.sym(ORGAN_HU_JITTER),
+            phase,
         }
     }
 }
 
-/// Per-seed displacements (mm) shared by structures that must move together, e.g. the pancreas
-/// and the splenic vein behind it.
+/// Nominal centres (mm) the liver and the kidneys are scaled about, so that structures attached to
+/// them (gallbladder, hepatic and portal veins, adrenals, renal veins) follow their size.
+const LIVER_CENTRE: V3 = [58.0, -2.0, 36.0];
+const KIDNEY_R_CENTRE: V3 = [68.0, -36.0, -18.0];
+const KIDNEY_L_CENTRE: V3 = [-68.0, -34.0, 0.0];
+
+/// Per-seed displacements (mm) and size factors shared by structures that must move together,
+/// e.g. the pancreas and the splenic vein behind it.
 struct Layout {
     liver: V3,
     spleen: V3,
@@ -221,21 +461,48 @@ struct Layout {
     pancreas: V3,
     aorta: V3,
     ivc: V3,
+    liver_size: V3,
+    spleen_size: V3,
+    kidney_r_size: V3,
+    kidney_l_size: V3,
 }
 
 impl Layout {
     fn draw(seed: u64) -> Self {
         let mut r = Rng::stream(seed, 3);
         Self {
-            liver: r.jitter([7.0, 6.0, 10.0]),
-            spleen: r.jitter([7.0, 8.0, 12.0]),
-            kidney_r: r.jitter([6.0, 5.0, 12.0]),
-            kidney_l: r.jitter([6.0, 5.0, 12.0]),
-            stomach: r.jitter([8.0, 8.0, 10.0]),
-            pancreas: r.jitter([6.0, 5.0, 8.0]),
-            aorta: r.jitter([3.0, 2.0, 0.0]),
-            ivc: r.jitter([3.0, 2.0, 0.0]),
+            // Organ positions vary by about a vertebral body between patients (more craniocaudally,
+            // with breathing and build).
+            liver: r.jitter([10.0, 8.0, 15.0]),
+            spleen: r.jitter([10.0, 10.0, 16.0]),
+            kidney_r: r.jitter([8.0, 6.0, 16.0]),
+            kidney_l: r.jitter([8.0, 6.0, 16.0]),
+            stomach: r.jitter([11.0, 10.0, 13.0]),
+            pancreas: r.jitter([8.0, 6.0, 11.0]),
+            aorta: r.jitter([5.0, 3.0, 0.0]),
+            ivc: r.jitter([4.0, 3.0, 0.0]),
+            // Adult volume ranges relative to the nominal organ: liver 0.7-1.4 (about 1.0-2.0 L),
+            // spleen 0.6-1.7 (about 120-340 mL), kidneys 0.75-1.3 (about 120-210 mL) each.
+            liver_size: r.volume_size(0.7, 1.4, 0.06),
+            spleen_size: r.volume_size(0.6, 1.7, 0.06),
+            kidney_r_size: r.volume_size(0.75, 1.3, 0.05),
+            kidney_l_size: r.volume_size(0.75, 1.3, 0.05),
         }
+    }
+
+    /// Where the nominal point `p` in or on the liver lies in this patient.
+    fn in_liver(&self, p: V3) -> V3 {
+        add(add(LIVER_CENTRE, mul(sub(p, LIVER_CENTRE), self.liver_size)), self.liver)
+    }
+
+    /// Where the nominal point `p` near a kidney (`right` or left) lies in this patient.
+    fn in_kidney(&self, right: bool, p: V3) -> V3 {
+        let (c, size, shift) = if right {
+            (KIDNEY_R_CENTRE, self.kidney_r_size, self.kidney_r)
+        } else {
+            (KIDNEY_L_CENTRE, self.kidney_l_size, self.kidney_l)
+        };
+        add(add(c, mul(sub(p, c), size)), shift)
     }
 }
 
@@ -243,49 +510,64 @@ impl Layout {
 // Body wall, ribs, lungs and the bowel-and-fat background
 // ------------------------------------------------------------------------------------------------
 
-/// Body outline: a superellipse cross-section, flatter at the back, varying along z.
+/// Body outline: the abdominal cavity (inside the wall muscles) is a superellipse cross-section,
+/// flatter at the back and varying along z; muscle and subcutaneous fat wrap it.
 struct Body {
+    /// Cavity half-axes, mm: lateral, anterior, posterior.
     half_width: f32,
     anterior: f32,
     posterior: f32,
+    /// Superellipse exponent of the anterior half: 2 is an ellipse, larger is boxier.
+    front_exp: f32,
     belly: f32,
     phase: f32,
+    /// Subcutaneous fat thickness anteriorly, mm, and laterally relative to that.
     fat: f32,
+    flank: f32,
     muscle: f32,
+    /// Visceral fat, 0 .. 1: widens the cavity and spreads the bowel loops apart.
+    visceral: f32,
 }
 
 impl Body {
-    fn draw(r: &mut Rng) -> Self {
+    fn draw(r: &mut Rng, habitus: f32) -> Self {
+        let visceral = clamp01(habitus * r.range(0.5, 1.5));
         Self {
-            half_width: 148.0 * (1.0 + r.sym(0.05)),
-            anterior: 104.0 * (1.0 + r.sym(0.06)),
-            posterior: 102.0,
+            half_width: 118.0 * (1.0 + r.sym(0.05)) + 8.0 * visceral,
+            anterior: 72.0 * (1.0 + r.sym(0.06)) + 22.0 * visceral,
+            posterior: 80.0 * (1.0 + r.sym(0.04)),
+            front_exp: r.range(1.8, 2.5),
             belly: r.range(0.0, 0.12),
             phase: r.range(0.0, TAU),
-            fat: r.range(16.0, 30.0),
+            // Subcutaneous fat 4-50 mm anteriorly (thin to obese); with the cavity this gives a
+            // lateral diameter of about 250-390 mm and an AP diameter of about 180-280 mm.
+            fat: (4.0 + 40.0 * habitus) * r.range(0.85, 1.15),
+            flank: r.range(0.6, 1.1),
             muscle: r.range(8.0, 12.0),
+            visceral,
         }
     }
 
-    /// Depth below the skin along the ray from the body axis, mm; negative outside the body.
-    fn depth(&self, q: V3) -> f32 {
+    /// Distance outside the cavity along the ray from the body axis, mm; negative inside.
+    fn outside(&self, q: V3) -> f32 {
         let [x, y, z] = q;
         let a = self.half_width * (1.0 + 0.04 * (z * 0.021 + self.phase).sin());
         let (b, e) = if y >= 0.0 {
-            (self.anterior * (1.0 + self.belly * clamp01((30.0 - z) / 150.0)), 2.0)
+            (self.anterior * (1.0 + self.belly * clamp01((30.0 - z) / 150.0)), self.front_exp)
         } else {
             (self.posterior, 2.6)
         };
         let rho = ((x / a).abs().powf(e) + (y / b).abs().powf(e)).powf(1.0 / e);
         let r = (x * x + y * y).sqrt();
-        if rho < 1e-6 { a.min(b) } else { r * (1.0 / rho - 1.0) }
+        if rho < 1e-6 { -a.min(b) } else { r * (1.0 - 1.0 / rho) }
     }
 
     /// Subcutaneous fat thickness at `q` (thinner at the back), mm.
     fn fat_at(&self, q: V3, n: f32) -> f32 {
         let r = (q[0] * q[0] + q[1] * q[1]).sqrt().max(1e-3);
-        let front = 0.5 * (1.0 + q[1] / r);
-        self.fat * (0.55 + 0.45 * front) * (1.0 + 0.3 * n)
+        let (c, s) = (q[1] / r, q[0] / r);
+        let weight = c.max(0.0).powi(2) + self.flank * s * s + 0.5 * c.min(0.0).powi(2);
+        self.fat * weight * (1.0 + 0.3 * n)
     }
 }
 
@@ -334,52 +616,64 @@ fn diaphragm_z(q: V3, right_dome: f32, left_dome: f32) -> f32 {
 
 /// Air, skin fat, wall muscle and ribs; inside the wall, lung bases above the diaphragm and a
 /// mixture of mesenteric fat and bowel loops below it. Organs are painted over this later.
-fn body_and_background(scene: &mut Scene, seed: u64, hu: &Hu) {
+fn body_and_background(scene: &mut Scene, seed: u64, patient: &Patient, hu: &Hu) {
     let mut r = Rng::stream(seed, 10);
-    let body = Body::draw(&mut r);
+    let body = Body::draw(&mut r, patient.habitus);
     let ribs = draw_ribs(&mut r);
     let right_dome = 106.0 + r.sym(6.0);
     let left_dome = 98.0 + r.sym(6.0);
     let gas_cut = r.range(0.28, 0.42);
-    let bowel_band = r.range(0.2, 0.28);
+    // Visceral fat pushes the loops apart: thinner bowel bands in more fat.
+    let bowel_band = r.range(0.2, 0.28) * (1.0 - 0.35 * body.visceral);
     let (lo, hi) = scene.canon_bounds();
     let wall_noise = Lattice::new(seed, 11, 40.0, lo, hi);
     let loops = Lattice::new(seed, 12, 21.0, lo, hi);
     let gas = Lattice::new(seed, 13, 14.0, lo, hi);
     let fluid = Lattice::new(seed, 14, 9.0, lo, hi);
+    let skin_max = 1.3 * (body.muscle + body.fat * body.flank.max(1.0));
 
     for ((&q, zone_out), hu_out) in scene.canon.iter().zip(&mut scene.zone).zip(&mut scene.hu) {
-        let depth = body.depth(q);
-        let (zone, value) = if depth < 0.0 {
-            (Zone::Outside, HU_AIR)
-        } else {
+        let out = body.outside(q);
+        // Ribs reach at most 8 mm into the cavity, and the wall noise changes a thickness by at most
+        // 30%: voxels deeper in or well outside skip the noise.
+        let wall = if out > skin_max {
+            Some((Zone::Outside, HU_AIR))
+        } else if out > -8.0 {
             let n = wall_noise.sample(q);
-            let fat = body.fat_at(q, n);
             let muscle = body.muscle * (1.0 + 0.3 * n);
-            if depth > fat + 0.3 * muscle && depth < fat + 0.3 * muscle + 8.0 && in_rib(&ribs, q) {
-                (Zone::Wall, HU_THIN_BONE)
-            } else if depth < fat {
-                (Zone::Wall, hu.subcutaneous_fat)
-            } else if depth < fat + muscle {
-                (Zone::Wall, hu.muscle)
-            } else if q[2] > diaphragm_z(q, right_dome, left_dome) {
-                (Zone::Cavity, HU_LUNG)
+            if out > muscle + body.fat_at(q, n) {
+                Some((Zone::Outside, HU_AIR))
+            } else if out < 0.7 * muscle && out > 0.7 * muscle - 8.0 && in_rib(&ribs, q) {
+                Some((Zone::Wall, HU_THIN_BONE))
+            } else if out > muscle {
+                Some((Zone::Wall, hu.subcutaneous_fat))
+            } else if out > 0.0 {
+                Some((Zone::Wall, hu.muscle))
             } else {
-                // Bowel is densest anteriorly and low down; the retroperitoneum is mostly fat.
-                let density = clamp01((q[1] + 45.0) / 50.0) * clamp01((75.0 - q[2]) / 50.0);
-                let band = bowel_band * density;
-                let n = loops.sample(q).abs();
-                let value = if n >= band {
-                    hu.visceral_fat
-                } else if n > 0.55 * band {
-                    hu.bowel_wall
-                } else if gas.sample(q) > gas_cut {
-                    HU_GAS
-                } else {
-                    hu.bowel_fluid + BOWEL_FLUID_MOTTLE * fluid.sample(q)
-                };
-                (Zone::Cavity, value)
+                None
             }
+        } else {
+            None
+        };
+        let (zone, value) = if let Some(w) = wall {
+            w
+        } else if q[2] > diaphragm_z(q, right_dome, left_dome) {
+            (Zone::Cavity, HU_LUNG)
+        } else {
+            // Bowel is densest anteriorly and low down; the retroperitoneum is mostly fat.
+            let density = clamp01((q[1] + 45.0) / 50.0) * clamp01((75.0 - q[2]) / 50.0);
+            let band = bowel_band * density;
+            let n = loops.sample(q).abs();
+            let value = if n >= band {
+                hu.visceral_fat
+            } else if n > 0.55 * band {
+                hu.bowel_wall
+            } else if gas.sample(q) > gas_cut {
+                HU_GAS
+            } else {
+                hu.bowel_fluid + BOWEL_FLUID_MOTTLE * fluid.sample(q)
+            };
+            (Zone::Cavity, value)
         };
         *zone_out = zone;
         *hu_out = value;
@@ -449,8 +743,7 @@ fn heart(scene: &mut Scene, hu: &Hu) {
     let (lo, hi) = blob.bounds();
     scene.paint(lo, hi, Mode::Viscera, |q, _| {
         let r2 = norm2(blob.local(q));
-        (r2 < 1.0)
-            .then_some((BACKGROUND, if r2 < 0.6 { hu.ivc + CARDIAC_BLOOD_OVER_IVC } else { HU_MYOCARDIUM }))
+        (r2 < 1.0).then_some((BACKGROUND, if r2 < 0.6 { hu.cardiac_blood } else { hu.myocardium }))
     });
 }
 
@@ -519,39 +812,40 @@ fn duodenum(scene: &mut Scene, layout: &Layout, hu: &Hu) {
 /// surface and enhancing hepatic veins converging on the IVC.
 fn liver(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
     let mut r = Rng::stream(seed, 40);
-    let o = layout.liver;
-    let s = r.size(0.07, 0.05);
+    let s = layout.liver_size;
     let right = Blob::new(
-        add([58.0, -2.0, 36.0], o),
+        layout.in_liver(LIVER_CENTRE),
         mul([80.0, 88.0, 88.0], s),
         r.tilt([0.0, 0.0, 1.0], 0.12),
         [1.0, 0.0, 0.0],
     )
     .wobbled(Wobble::draw(&mut r, 0.08, 2.2));
     let left = Blob::new(
-        add(add([0.0, 34.0, 74.0], o), r.jitter([6.0, 4.0, 5.0])),
+        add(layout.in_liver([0.0, 34.0, 74.0]), r.jitter([6.0, 4.0, 5.0])),
         mul([66.0, 37.0, 32.0], s),
         r.tilt([0.0, 0.0, 1.0], 0.15),
         [1.0, -0.25, 0.0],
     )
     .wobbled(Wobble::draw(&mut r, 0.1, 2.5));
-    let cut_z = o[2] - 18.0 + r.sym(6.0);
+    // The oblique inferior surface scales with the liver's height.
+    let cut_z = layout.in_liver([58.0, -2.0, -18.0])[2] + r.sym(6.0);
+    let cut_x = layout.in_liver([118.0, 0.0, 0.0])[0];
     let cut_slope = 0.35 + r.sym(0.08);
 
     let (lo, hi) = union_bounds(right.bounds(), left.bounds());
     scene.paint(lo, hi, Mode::Viscera, |q, _| {
         let r2 = norm2(right.local(q)).min(norm2(left.local(q)));
-        let above_cut = q[2] > cut_z - cut_slope * (q[0] - 60.0 - o[0]) - 0.15 * q[1];
+        let above_cut = q[2] > cut_z - cut_slope * (q[0] - cut_x) - 0.15 * q[1];
         (r2 < 1.0 && above_cut).then_some((LIVER, hu.liver))
     });
 
     let top = add([18.0, 0.0, 98.0], layout.ivc);
     for end in [[88.0, -15.0, 68.0], [48.0, 30.0, 62.0], [-12.0, 34.0, 78.0]] {
-        let end = add(add(end, o), r.jitter([6.0; 3]));
+        let end = add(layout.in_liver(end), r.jitter([6.0; 3]));
         let mid = add(scale(add(top, end), 0.5), r.jitter([5.0; 3]));
         let tube = Tube::new(&[(top, 5.5), (mid, 4.0), (end, 2.0)], [1.0; 3], Wobble::none());
         scene.paint_tube(&tube, Mode::Viscera, |_, current| {
-            (current == LIVER).then_some((LIVER, hu.ivc + HEPATIC_VEIN_OVER_IVC))
+            (current == LIVER).then_some((LIVER, hu.hepatic_vein))
         });
     }
 }
@@ -563,24 +857,30 @@ fn spleen(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
     // Thin axis points out of the body, long axis tilted forward-down like the 10th rib.
     let outward = normalize([centre[0], centre[1], 0.0]);
     let up = r.tilt([0.3 * -outward[1], 0.3 * outward[0], 1.0], 0.15);
-    let blob = Blob::new(centre, mul([22.0, 46.0, 54.0], r.size(0.12, 0.05)), up, outward)
+    let blob = Blob::new(centre, mul([22.0, 46.0, 54.0], layout.spleen_size), up, outward)
         .wobbled(Wobble::draw(&mut r, 0.08, 2.5))
         .bent([-0.45, -0.35]);
     let (lo, hi) = blob.bounds();
-    scene.paint(lo, hi, Mode::Viscera, |q, _| (norm2(blob.local(q)) < 1.0).then_some((SPLEEN, hu.spleen)));
+    // Arterial phase: arciform bands from the different flow of red and white pulp.
+    let (clo, chi) = scene.canon_bounds();
+    let mottle = (hu.spleen_mottle > 0.0).then(|| Lattice::new(seed, 15, 10.0, clo, chi));
+    scene.paint(lo, hi, Mode::Viscera, |q, _| {
+        let bands = mottle.as_ref().map_or(0.0, |m| (TAU * 1.3 * m.sample(q)).sin());
+        (norm2(blob.local(q)) < 1.0).then_some((SPLEEN, hu.spleen + hu.spleen_mottle * bands))
+    });
 }
 
 /// Kidneys: beans with cortex, darker medulla, a urine-filled pelvis and a fatty hilum facing
 /// anteromedially; long axes tilted so the upper poles are medial and posterior.
 fn kidneys(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
     let mut r = Rng::stream(seed, 60);
-    for (side, label, nominal, offset) in [
-        (1.0, KIDNEY_R, [68.0, -36.0, -18.0], layout.kidney_r),
-        (-1.0, KIDNEY_L, [-68.0, -34.0, 0.0], layout.kidney_l),
+    for (side, label, nominal, offset, size) in [
+        (1.0, KIDNEY_R, KIDNEY_R_CENTRE, layout.kidney_r, layout.kidney_r_size),
+        (-1.0, KIDNEY_L, KIDNEY_L_CENTRE, layout.kidney_l, layout.kidney_l_size),
     ] {
         let up = r.tilt([-0.25 * side, -0.15, 1.0], 0.1);
         let lateral = r.tilt([side, -0.45, 0.0], 0.1);
-        let blob = Blob::new(add(nominal, offset), mul([28.0, 26.0, 57.0], r.size(0.1, 0.05)), up, lateral)
+        let blob = Blob::new(add(nominal, offset), mul([28.0, 26.0, 57.0], size), up, lateral)
             .wobbled(Wobble::draw(&mut r, 0.05, 2.0))
             .bent([0.0, 0.3]);
         let (lo, hi) = blob.bounds();
@@ -595,7 +895,7 @@ fn kidneys(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
             }
             let pelvis = norm2(sub(u, [-0.4, 0.05, 0.0])) < 0.09;
             let value = if pelvis {
-                HU_URINE
+                hu.urine
             } else if r2 > 0.5 {
                 hu.kidney_cortex
             } else {
@@ -609,9 +909,12 @@ fn kidneys(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 /// Renal veins (unlabelled): the left one crosses between the aorta and the SMA.
 fn renal_veins(scene: &mut Scene, layout: &Layout, hu: &Hu) {
     let veins = [
-        vec![(add([46.0, -30.0, -14.0], layout.kidney_r), 4.5), (add([26.0, -14.0, -10.0], layout.ivc), 5.0)],
         vec![
-            (add([-46.0, -28.0, 0.0], layout.kidney_l), 4.5),
+            (layout.in_kidney(true, [46.0, -30.0, -14.0]), 4.5),
+            (add([26.0, -14.0, -10.0], layout.ivc), 5.0),
+        ],
+        vec![
+            (layout.in_kidney(false, [-46.0, -28.0, 0.0]), 4.5),
             ([-26.0, -4.0, -2.0], 4.5),
             ([-8.0, 4.0, -4.0], 4.0),
             (add([22.0, -8.0, -6.0], layout.ivc), 5.0),
@@ -620,7 +923,7 @@ fn renal_veins(scene: &mut Scene, layout: &Layout, hu: &Hu) {
     for ctrl in &veins {
         let tube = Tube::new(ctrl, [1.0; 3], Wobble::none());
         scene.paint_tube(&tube, Mode::Viscera, |_, current| {
-            (current != KIDNEY_R && current != KIDNEY_L).then_some((BACKGROUND, hu.ivc + RENAL_VEIN_OVER_IVC))
+            (current != KIDNEY_R && current != KIDNEY_L).then_some((BACKGROUND, hu.renal_vein))
         });
     }
 }
@@ -630,7 +933,8 @@ fn renal_veins(scene: &mut Scene, layout: &Layout, hu: &Hu) {
 fn stomach(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
     let mut r = Rng::stream(seed, 70);
     let o = layout.stomach;
-    let g = r.range(0.85, 1.15);
+    // Collapsed to distended.
+    let g = r.range(0.8, 1.25);
     let ctrl = [
         ([-48.0, -8.0, 88.0], 28.0),
         ([-58.0, 8.0, 62.0], 30.0),
@@ -679,10 +983,11 @@ fn esophagus(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 /// Gallbladder: a pear in the fossa on the liver's inferior surface, fundus anterior and low.
 fn gallbladder(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
     let mut r = Rng::stream(seed, 90);
-    let centre = add(add([62.0, 34.0, -4.0], layout.liver), r.jitter([5.0, 5.0, 5.0]));
+    let centre = add(layout.in_liver([62.0, 34.0, -4.0]), r.jitter([5.0, 5.0, 5.0]));
+    // Contracted after a meal to distended when fasting: 0.4-2.2 times the nominal volume.
     let blob = Blob::new(
         centre,
-        mul([14.0, 15.0, 30.0], r.size(0.12, 0.06)),
+        mul([14.0, 15.0, 30.0], r.volume_size(0.4, 2.2, 0.06)),
         r.tilt([0.15, -0.45, 1.0], 0.2),
         [1.0, 0.0, 0.0],
     )
@@ -701,7 +1006,8 @@ fn gallbladder(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 /// aorta and tail up to the splenic hilum; lobulated texture comes from `TEXTURE_HU`.
 fn pancreas(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
     let mut r = Rng::stream(seed, 100);
-    let g = r.range(0.88, 1.12);
+    // Thickness varies from atrophic (elderly) to full: about 0.8-1.15 of nominal.
+    let g = r.range(0.8, 1.15);
     let ctrl: Vec<(V3, f32)> =
         pancreas_path(layout).iter().map(|&(p, rad)| (add(p, r.jitter([3.0; 3])), rad * g)).collect();
     let tube = Tube::new(&ctrl, [1.0, 1.0, 0.8], Wobble::draw(&mut r, 2.5, TAU / 30.0));
@@ -724,11 +1030,13 @@ fn pancreas_path(layout: &Layout) -> [(V3, f32); 6] {
 /// Adrenals: thin inverted-Y plates above and medial to the upper pole of each kidney.
 fn adrenals(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
     let mut r = Rng::stream(seed, 110);
-    for (side, label, apex, kidney) in [
-        (1.0, ADRENAL_R, [40.0, -28.0, 62.0], layout.kidney_r),
-        (-1.0, ADRENAL_L, [-38.0, -22.0, 58.0], layout.kidney_l),
-    ] {
-        let apex = add(add(apex, [0.0, 0.0, kidney[2]]), r.jitter([3.0, 3.0, 4.0]));
+    for (right, label, apex) in
+        [(true, ADRENAL_R, [40.0, -28.0, 62.0]), (false, ADRENAL_L, [-38.0, -22.0, 58.0])]
+    {
+        let side = if right { 1.0 } else { -1.0 };
+        // Above the upper pole: follows the kidney's height and size, not its lateral shift.
+        let apex = [apex[0], apex[1], layout.in_kidney(right, apex)[2]];
+        let apex = add(apex, r.jitter([3.0, 3.0, 4.0]));
         let s = r.size(0.12, 0.05);
         let plate = [side * 0.2, 1.0, 0.0];
         let limbs = [[-0.25 * side, -0.35, -1.0], [0.45 * side, -0.45, -1.0]].map(|d| {
@@ -775,7 +1083,7 @@ fn portal_and_splenic_veins(scene: &mut Scene, layout: &Layout, hu: &Hu) {
     let p = layout.pancreas;
     let l = layout.liver;
     let confluence = add([6.0, 15.0, 2.0], p);
-    let hilum = add([46.0, 6.0, 48.0], l);
+    let hilum = layout.in_liver([46.0, 6.0, 48.0]);
     let splenic = vec![
         (add([-78.0, -24.0, 34.0], scale(add(p, layout.spleen), 0.5)), 5.0),
         (add([-56.0, -6.0, 24.0], p), 5.0),
@@ -785,11 +1093,19 @@ fn portal_and_splenic_veins(scene: &mut Scene, layout: &Layout, hu: &Hu) {
     let portal = vec![
         (confluence, 7.0),
         (add([22.0, 12.0, 20.0], scale(add(p, l), 0.5)), 7.5),
-        (add([36.0, 8.0, 38.0], l), 7.5),
+        (layout.in_liver([36.0, 8.0, 38.0]), 7.5),
         (hilum, 7.0),
     ];
-    let right = vec![(hilum, 6.0), (add([64.0, 0.0, 56.0], l), 4.5), (add([84.0, -6.0, 58.0], l), 3.0)];
-    let left = vec![(hilum, 5.0), (add([24.0, 24.0, 62.0], l), 4.0), (add([4.0, 34.0, 68.0], l), 2.5)];
+    let right = vec![
+        (hilum, 6.0),
+        (layout.in_liver([64.0, 0.0, 56.0]), 4.5),
+        (layout.in_liver([84.0, -6.0, 58.0]), 3.0),
+    ];
+    let left = vec![
+        (hilum, 5.0),
+        (layout.in_liver([24.0, 24.0, 62.0]), 4.0),
+        (layout.in_liver([4.0, 34.0, 68.0]), 2.5),
+    ];
     for ctrl in [splenic, portal, right, left] {
         let tube = Tube::new(&ctrl, [1.0; 3], Wobble::none());
         scene.paint_tube(&tube, Mode::Viscera, |_, _| Some((PORTAL_SPLENIC, hu.portal)));
@@ -813,7 +1129,7 @@ fn inferior_vena_cava(scene: &mut Scene, layout: &Layout, hu: &Hu) {
     let renal_z = v[2] - 8.0;
     scene.paint_tube(&tube, Mode::Viscera, |h, _| {
         let value = if h.q[2] < renal_z {
-            hu.ivc - INFRARENAL_IVC_DROP + INFRARENAL_IVC_STREAK * (h.q[0] * 0.4).sin()
+            hu.ivc - hu.infrarenal_drop + hu.infrarenal_streak * (h.q[0] * 0.4).sin()
         } else {
             hu.ivc
         };
@@ -834,6 +1150,69 @@ fn aorta(scene: &mut Scene, layout: &Layout, hu: &Hu) {
     let ctrl: Vec<(V3, f32)> = ctrl.iter().map(|&(p, rad)| (add(p, a), rad)).collect();
     let tube = Tube::new(&ctrl, [1.0; 3], Wobble::none());
     scene.paint_tube(&tube, Mode::Viscera, |_, _| Some((AORTA, hu.aorta)));
+}
+
+/// Lesions: about a third of the seeds get 1-3 cysts or hypo- or hyperdense solid lesions,
+/// 5-30 mm across, in the liver, spleen or kidneys. They only repaint voxels of their organ and keep
+/// its label, as BTCV's annotations do.
+fn lesions(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) -> Vec<Lesion> {
+    let mut r = Rng::stream(seed, 120);
+    if r.unit() >= 0.35 {
+        return Vec::new();
+    }
+    let count = 1 + usize::from(r.unit() < 0.5) + usize::from(r.unit() < 0.4);
+    let mut found = Vec::new();
+    for _ in 0..count {
+        let u = r.unit();
+        // Liver lesions are the commonest; kidney lesions are mostly cysts.
+        let (organ, centre, reach, base, p_cyst, p_hypo) = if u < 0.55 {
+            (
+                LIVER,
+                layout.in_liver(LIVER_CENTRE),
+                mul([32.0, 32.0, 26.0], layout.liver_size),
+                hu.liver,
+                0.3,
+                0.7,
+            )
+        } else if u < 0.7 {
+            (SPLEEN, add([-80.0, -36.0, 58.0], layout.spleen), [5.0, 12.0, 18.0], hu.spleen, 0.4, 1.0)
+        } else {
+            let right = u < 0.85;
+            let label = if right { KIDNEY_R } else { KIDNEY_L };
+            let c = if right { KIDNEY_R_CENTRE } else { KIDNEY_L_CENTRE };
+            (label, layout.in_kidney(right, c), [7.0, 7.0, 22.0], hu.kidney_cortex, 0.7, 0.85)
+        };
+        let v = r.unit();
+        let kind = if v < p_cyst {
+            LesionKind::Cyst
+        } else if v < p_hypo {
+            LesionKind::Hypodense
+        } else {
+            LesionKind::Hyperdense
+        };
+        // Hypovascular lesions enhance less than the organ around them; hypervascular ones most in
+        // the arterial phase and close to the organ (or washed out) unenhanced.
+        let value = match (kind, hu.phase) {
+            (LesionKind::Cyst, _) => HU_CYST + r.sym(8.0),
+            (LesionKind::Hypodense, Phase::NonContrast) => base - r.range(15.0, 25.0),
+            (LesionKind::Hypodense, _) => base - r.range(30.0, 60.0),
+            (LesionKind::Hyperdense, Phase::NonContrast) => base - r.range(0.0, 12.0),
+            (LesionKind::Hyperdense, Phase::Arterial) => base + r.range(60.0, 120.0),
+            (LesionKind::Hyperdense, Phase::PortalVenous) => base + r.range(20.0, 45.0),
+        };
+        let radius = r.range(2.5, 15.0);
+        let blob = Blob::new(
+            add(centre, r.jitter(reach)),
+            [0.85, 1.0, 1.15].map(|f| radius * f * r.range(0.9, 1.1)),
+            r.direction(),
+            r.direction(),
+        )
+        .wobbled(Wobble::draw(&mut r, 0.08, 2.0));
+        if let Some((voxels, centre)) = scene.paint_lesion(&blob, organ, value) {
+            found.push(Lesion { organ, kind, radius_mm: radius, hu: value, voxels, centre });
+        }
+    }
+    found
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -883,7 +1262,9 @@ impl Frame {
         let scale = [size * (1.0 + r.sym(0.04)), size * (1.0 + r.sym(0.04)), size * (1.0 + r.sym(0.04))];
         let shift = r.jitter([8.0, 6.0, 10.0]);
         let warp = [4, 5, 6].map(|s| Lattice::new(seed, s, 55.0, lo, hi));
-        Self { scale, shift, warp, warp_amp: 7.0 }
+        // How far the smooth deformation bends the anatomy: 3-14 mm, mild to strong.
+        let warp_amp = r.range(3.0, 14.0);
+        Self { scale, shift, warp, warp_amp }
     }
 
     fn canonical(&self, p: V3) -> V3 {
@@ -1055,8 +1436,59 @@ impl Scene {
         self.touched = touched;
     }
 
-    /// Texture, partial-volume blur and white noise; hands the volume over.
-    fn finish(mut self, seed: u64, sigma: f32) -> Phantom {
+    /// Repaints the voxels of `organ` inside `blob` with `value`, keeping the label. Returns how
+    /// many it painted and the voxel nearest the blob's centre, or `None` if it painted none.
+    fn paint_lesion(&mut self, blob: &Blob, organ: u8, value: f32) -> Option<(usize, [usize; 3])> {
+        let (lo, hi) = blob.bounds();
+        let [ri, rj, rk] = self.voxel_ranges(lo, hi);
+        let [_, n1, n2] = self.shape;
+        let mut painted = 0;
+        let mut nearest = (f32::INFINITY, [0usize; 3]);
+        for i in ri {
+            for j in rj.clone() {
+                for k in rk.clone() {
+                    let idx = (i * n1 + j) * n2 + k;
+                    if self.labels[idx] != organ {
+                        continue;
+                    }
+                    let r2 = norm2(blob.local(self.canon[idx]));
+                    if r2 < 1.0 {
+                        self.hu[idx] = value;
+                        painted += 1;
+                        if r2 < nearest.0 {
+                            nearest = (r2, [i, j, k]);
+                        }
+                    }
+                }
+            }
+        }
+        (painted > 0).then_some((painted, nearest.1))
+    }
+
+    /// Whether the voxel column (i, j) lies outside a centred circle of `radius` mm.
+    fn outside_circle(&self, i: usize, j: usize, radius: f32) -> bool {
+        let x = self.origin[0] + i as f32 * self.spacing[0];
+        let y = self.origin[1] + j as f32 * self.spacing[1];
+        x * x + y * y > radius * radius
+    }
+
+    /// The scanner reconstructs only inside a circle: nothing is drawn outside it.
+    fn cut_circle(&mut self, radius: f32) {
+        let [n0, n1, n2] = self.shape;
+        for i in 0..n0 {
+            for j in 0..n1 {
+                if self.outside_circle(i, j, radius) {
+                    let row = (i * n1 + j) * n2;
+                    self.zone[row..row + n2].fill(Zone::Outside);
+                    self.hu[row..row + n2].fill(HU_AIR);
+                }
+            }
+        }
+    }
+
+    /// Texture, partial-volume and slice-profile blur, white noise and the reconstruction circle;
+    /// hands the volume over.
+    fn finish(mut self, seed: u64, patient: &Patient, lesions: Vec<Lesion>) -> Phantom {
         let (lo, hi) = self.canon_bounds();
         let texture = Lattice::new(seed, 7, 5.0, lo, hi);
         for ((v, &label), &q) in self.hu.iter_mut().zip(&self.labels).zip(&self.canon) {
@@ -1065,14 +1497,38 @@ impl Scene {
             }
         }
         let kernel = gaussian_kernel(PARTIAL_VOLUME_SIGMA);
-        for axis in 0..3 {
+        for axis in 0..2 {
             blur_axis(&mut self.hu, self.shape, axis, &kernel);
         }
+        // Thick slices: the slice sensitivity profile (a Gaussian of the drawn FWHM) on top of the
+        // in-plane blur, still sampled on the same grid.
+        let slice_sigma = patient.slice_fwhm_mm / (8.0 * std::f32::consts::LN_2).sqrt() / self.spacing[2];
+        let kernel = gaussian_kernel(PARTIAL_VOLUME_SIGMA.hypot(slice_sigma));
+        blur_axis(&mut self.hu, self.shape, 2, &kernel);
         let mut r = Rng::stream(seed, 8);
         for v in &mut self.hu {
-            *v += sigma * r.normal();
+            *v += patient.noise_sigma * r.normal();
         }
-        Phantom { hu: self.hu, labels: self.labels, shape: self.shape, spacing: self.spacing }
+        // Outside the reconstruction circle the scanner writes a constant, noiseless value.
+        if let Some(radius) = patient.recon_radius {
+            let [n0, n1, n2] = self.shape;
+            for i in 0..n0 {
+                for j in 0..n1 {
+                    if self.outside_circle(i, j, radius) {
+                        let row = (i * n1 + j) * n2;
+                        self.hu[row..row + n2].fill(HU_AIR);
+                    }
+                }
+            }
+        }
+        Phantom {
+            hu: self.hu,
+            labels: self.labels,
+            shape: self.shape,
+            spacing: self.spacing,
+            phase: patient.phase,
+            lesions,
+        }
     }
 }
 
@@ -1348,6 +1804,13 @@ impl Rng {
     /// Per-axis size factors: a common factor within `+-iso` times independent `+-axis` factors.
     fn size(&mut self, iso: f32, axis: f32) -> V3 {
         let s = 1.0 + self.sym(iso);
+        [s * (1.0 + self.sym(axis)), s * (1.0 + self.sym(axis)), s * (1.0 + self.sym(axis))]
+    }
+
+    /// Per-axis size factors for a volume factor uniform in `[lo, hi)`, each axis then jittered
+    /// by `+-axis`.
+    fn volume_size(&mut self, lo: f32, hi: f32, axis: f32) -> V3 {
+        let s = self.range(lo, hi).cbrt();
         [s * (1.0 + self.sym(axis)), s * (1.0 + self.sym(axis)), s * (1.0 + self.sym(axis))]
     }
 

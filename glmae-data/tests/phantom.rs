@@ -1,10 +1,11 @@
-//! Tests of the synthetic CT phantom: determinism, organ volumes, anatomy, intensities, and that no
-//! HU threshold separates the organs.
+//! Tests of the synthetic CT phantom: determinism, organ volumes, anatomy, intensities per contrast
+//! phase, that no HU threshold separates the organs, and that seeds vary like patients (habitus,
+//! organ size, phase, noise, field of view, lesions).
 
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use glmae_data::phantom::{LABELS, Phantom, PhantomConfig, generate};
+use glmae_data::phantom::{LABELS, Phantom, PhantomConfig, Phase, generate};
 
 const BACKGROUND: u8 = 0;
 const SPLEEN: u8 = 1;
@@ -32,6 +33,22 @@ fn default_phantom() -> &'static Phantom {
         let p = generate(0, &PhantomConfig::default());
         eprintln!("default phantom (seed 0) generated in {:.3} s", start.elapsed().as_secs_f64());
         p
+    })
+}
+
+/// The first seed whose scan is in `phase` (found on a one-voxel grid: the phase does not depend on
+/// the grid).
+fn first_seed_with(phase: Phase) -> u64 {
+    let one = PhantomConfig { shape: [1, 1, 1], spacing: [1.0; 3] };
+    (0..1000).find(|&s| generate(s, &one).phase == phase).expect("every phase within 1000 seeds")
+}
+
+/// The first portal-venous seed on the default grid, generated once and shared.
+fn portal_venous_phantom() -> &'static Phantom {
+    static PHANTOM: OnceLock<Phantom> = OnceLock::new();
+    PHANTOM.get_or_init(|| {
+        let seed = first_seed_with(Phase::PortalVenous);
+        if seed == 0 { default_phantom().clone() } else { generate(seed, &PhantomConfig::default()) }
     })
 }
 
@@ -248,10 +265,13 @@ fn organs_sit_where_anatomy_puts_them() {
     assert!(liver_contacts >= 20, "gallbladder touches the liver at only {liver_contacts} faces");
 }
 
+/// Written for the portal venous phase (BTCV's): it checks the first portal-venous seed only; the
+/// other phases have their own test below.
 #[test]
 fn intensities_match_portal_venous_phase() {
     // Per-organ median HU in portal-venous ranges (widened for partial volume at thin organs).
-    let p = default_phantom();
+    let p = portal_venous_phantom();
+    assert_eq!(p.phase, Phase::PortalVenous);
     let ranges: [(u8, f32, f32); 13] = [
         (LIVER, 90.0, 130.0),
         (SPLEEN, 95.0, 140.0),
@@ -369,4 +389,220 @@ fn degenerate_grids_do_not_panic() {
         assert!(p.labels.iter().all(|&l| usize::from(l) < LABELS.len()));
         assert!(p.spacing.iter().all(|&s| s.is_finite() && s > 0.0), "spacing {:?}", p.spacing);
     }
+}
+
+/// A coarse grid covering the default field of view (324 x 258 x 240 mm at 6 mm): fast enough to
+/// generate a cohort of patients in a debug build.
+const COHORT_GRID: PhantomConfig = PhantomConfig { shape: [54, 43, 40], spacing: [6.0; 3] };
+const COHORT_SEEDS: u64 = 24;
+
+/// Seeds `0..COHORT_SEEDS` on `COHORT_GRID`, generated once and shared.
+fn cohort() -> &'static [Phantom] {
+    static COHORT: OnceLock<Vec<Phantom>> = OnceLock::new();
+    COHORT.get_or_init(|| {
+        let start = Instant::now();
+        let c: Vec<Phantom> = (0..COHORT_SEEDS).map(|s| generate(s, &COHORT_GRID)).collect();
+        eprintln!("{COHORT_SEEDS} cohort phantoms generated in {:.3} s", start.elapsed().as_secs_f64());
+        c
+    })
+}
+
+/// Coefficient of variation (standard deviation / mean).
+fn cv(v: &[f64]) -> f64 {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    var.sqrt() / mean.abs()
+}
+
+/// Body cross-section (cm^2): voxels above -500 HU in the middle axial slice.
+fn body_area_cm2(p: &Phantom) -> f64 {
+    let [n0, n1, n2] = p.shape;
+    let k = n2 / 2;
+    let n = (0..n0 * n1).filter(|&ij| p.hu[ij * n2 + k] > -500.0).count();
+    n as f64 * f64::from(p.spacing[0] * p.spacing[1]) / 100.0
+}
+
+#[test]
+fn seeds_vary_like_patients() {
+    // Across the cohort, body size (habitus and fat), liver volume and the aorta's enhancement
+    // spread far more than the old, nearly identical phantoms did (their coefficients of
+    // variation, on this grid, were 0.08, 0.12 and 0.05).
+    let c = cohort();
+    let area: Vec<f64> = c.iter().map(body_area_cm2).collect();
+    let liver: Vec<f64> = c.iter().map(|p| count(p, LIVER) as f64 * voxel_ml(p)).collect();
+    let aorta: Vec<f64> = c.iter().map(|p| f64::from(median(values(p, AORTA)))).collect();
+    eprintln!("body area cm2 {area:.0?}\nliver mL {liver:.0?}\naorta median HU {aorta:.0?}");
+    let (cv_area, cv_liver, cv_aorta) = (cv(&area), cv(&liver), cv(&aorta));
+    eprintln!("CV: body area {cv_area:.3}, liver volume {cv_liver:.3}, aorta HU {cv_aorta:.3}");
+    assert!(cv_area > 0.13, "body cross-section CV only {cv_area:.3}");
+    assert!(cv_liver > 0.16, "liver volume CV only {cv_liver:.3}");
+    assert!(cv_aorta > 0.3, "aorta median HU CV only {cv_aorta:.3}");
+    // Thin to obese: the largest cross-section is well over 1.4 times the smallest.
+    let (lo, hi) = area.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    assert!(hi > 1.4 * lo, "body areas only {lo:.0}..{hi:.0} cm2");
+}
+
+#[test]
+fn all_three_phases_occur_with_their_enhancement() {
+    // Every phase occurs, and the aorta's median HU says which one it is: about 40 unenhanced,
+    // 250-350 arterial, about 175 portal venous (lower here: at 6 mm the aorta is three voxels
+    // across, so partial volume with fat pulls its median down).
+    let c = cohort();
+    let mut seen = Vec::new();
+    for (seed, p) in c.iter().enumerate() {
+        let aorta = median(values(p, AORTA));
+        let range = match p.phase {
+            Phase::NonContrast => 10.0..70.0,
+            Phase::Arterial => 180.0..370.0,
+            Phase::PortalVenous => 100.0..180.0,
+        };
+        assert!(range.contains(&aorta), "seed {seed} ({:?}): aorta median {aorta:.0} HU", p.phase);
+        if !seen.contains(&p.phase) {
+            seen.push(p.phase);
+        }
+    }
+    assert_eq!(seen.len(), 3, "phases seen: {seen:?}");
+}
+
+/// The unenhanced and arterial phases, on the first seed of each (4 mm grid): the contrasts
+/// clinical CT shows in them.
+#[test]
+fn non_contrast_and_arterial_intensities() {
+    let p = generate(first_seed_with(Phase::NonContrast), &SMALL);
+    let m = |p: &Phantom, l: u8| median(values(p, l));
+    // Unenhanced: liver about 55 and brighter than the spleen (about 45), blood about 40,
+    // kidneys about 30.
+    let (liver, spleen) = (m(&p, LIVER), m(&p, SPLEEN));
+    assert!((40.0..75.0).contains(&liver), "non-contrast liver {liver:.0}");
+    assert!((25.0..65.0).contains(&spleen), "non-contrast spleen {spleen:.0}");
+    assert!(liver > spleen, "non-contrast liver {liver:.0} not above spleen {spleen:.0}");
+    for (l, lo, hi) in
+        [(AORTA, 20.0, 65.0), (IVC, 15.0, 65.0), (KIDNEY_R, 10.0, 55.0), (KIDNEY_L, 10.0, 55.0)]
+    {
+        let v = m(&p, l);
+        assert!((lo..hi).contains(&v), "non-contrast {}: {v:.0}", LABELS[usize::from(l)]);
+    }
+
+    // Arterial: bright aorta, cortex much brighter than medulla, liver barely enhanced, spleen
+    // heterogeneous (a wider spread than the liver's).
+    let p = generate(first_seed_with(Phase::Arterial), &SMALL);
+    let aorta = m(&p, AORTA);
+    assert!((220.0..370.0).contains(&aorta), "arterial aorta {aorta:.0}");
+    let liver = m(&p, LIVER);
+    assert!((50.0..95.0).contains(&liver), "arterial liver {liver:.0}");
+    let spread = |l: u8| {
+        let mut v = values(&p, l);
+        v.sort_by(f32::total_cmp);
+        (v[v.len() / 10], v[v.len() * 9 / 10])
+    };
+    let (k10, k90) = spread(KIDNEY_R);
+    assert!(
+        k90 > 160.0 && k90 - k10 > 70.0,
+        "arterial kidney p10 {k10:.0}, p90 {k90:.0}: no cortex-medulla contrast"
+    );
+    let (s10, s90) = spread(SPLEEN);
+    let (l10, l90) = spread(LIVER);
+    assert!(
+        s90 - s10 > 1.3 * (l90 - l10),
+        "arterial spleen spread {:.0} vs liver {:.0}",
+        s90 - s10,
+        l90 - l10
+    );
+}
+
+#[test]
+fn some_seeds_have_lesions_labelled_as_their_organ() {
+    // Lesions lie in the liver, spleen or kidneys, carry the organ's label and change its HU.
+    let c = cohort();
+    let mut checked = 0;
+    for (seed, p) in c.iter().enumerate() {
+        let [_, n1, n2] = p.shape;
+        for lesion in &p.lesions {
+            assert!([LIVER, SPLEEN, KIDNEY_R, KIDNEY_L].contains(&lesion.organ), "seed {seed}: {lesion:?}");
+            assert!((2.5..=15.0).contains(&lesion.radius_mm), "seed {seed}: {lesion:?}");
+            let [i, j, k] = lesion.centre;
+            let idx = (i * n1 + j) * n2 + k;
+            assert_eq!(p.labels[idx], lesion.organ, "seed {seed}: lesion centre not labelled as its organ");
+            // A lesion a few voxels across, clearly different from its organ: the HU at its centre
+            // moves from the organ's median towards the lesion's value.
+            let organ = median(values(p, lesion.organ));
+            if lesion.voxels >= 8 && (lesion.hu - organ).abs() > 30.0 {
+                let d = p.hu[idx] - organ;
+                assert!(
+                    d * (lesion.hu - organ).signum() > 10.0,
+                    "seed {seed}: centre {:.0} HU, organ {organ:.0}, lesion {:.0}",
+                    p.hu[idx],
+                    lesion.hu
+                );
+                checked += 1;
+            }
+        }
+    }
+    let with = c.iter().filter(|p| !p.lesions.is_empty()).count();
+    eprintln!("{with} of {} seeds have lesions; {checked} checked for contrast", c.len());
+    assert!(with >= 1 && with < c.len(), "{with} of {} seeds have lesions", c.len());
+    assert!(checked >= 1, "no lesion large and distinct enough to check");
+}
+
+#[test]
+fn cohort_seeds_regenerate_identically() {
+    // Determinism with all the variation on: same seed, same volume, phase and lesions.
+    let c = cohort();
+    let with_lesion = c.iter().position(|p| !p.lesions.is_empty()).unwrap_or(0) as u64;
+    for seed in [with_lesion, 7] {
+        assert!(generate(seed, &COHORT_GRID) == c[seed as usize], "seed {seed} changed on regeneration");
+    }
+}
+
+#[test]
+fn field_of_view_truncation_varies() {
+    // Some patients are wider than the lateral field of view (body cut at both edges), others fit;
+    // some scans have air outside a reconstruction circle: exact -1000 HU, no noise, no labels.
+    let c = cohort();
+    let [n0, n1, n2] = COHORT_GRID.shape;
+    let at_edge = |p: &Phantom| {
+        let side = |i: usize| (0..n1 * n2).filter(|&jk| p.hu[i * n1 * n2 + jk] > -500.0).count();
+        side(0).min(side(n0 - 1))
+    };
+    let edges: Vec<usize> = c.iter().map(at_edge).collect();
+    eprintln!("body voxels on the lateral borders: {edges:?}");
+    assert!(edges.iter().any(|&e| e >= 50), "no body wider than the field of view");
+    assert!(edges.contains(&0), "every body touches the lateral borders");
+
+    let corner = |p: &Phantom| {
+        let mut v = Vec::new();
+        for i in [0, n0 - 1] {
+            for j in [0, n1 - 1] {
+                let row = (i * n1 + j) * n2;
+                v.extend((row..row + n2).map(|idx| (p.hu[idx], p.labels[idx])));
+            }
+        }
+        v
+    };
+    let circled: Vec<bool> =
+        c.iter().map(|p| corner(p).iter().all(|&(v, l)| v == -1000.0 && l == 0)).collect();
+    assert!(circled.iter().any(|&x| x), "no seed has a reconstruction circle");
+    assert!(circled.iter().any(|&x| !x), "every seed has a reconstruction circle");
+}
+
+#[test]
+fn noise_level_varies() {
+    // White noise sigma, measured in the air at the corners of seeds without a reconstruction
+    // circle, spans thin low-dose-noise to noisy large patients (about 5-25 HU).
+    let c = cohort();
+    let [n0, n1, n2] = COHORT_GRID.shape;
+    let mut sigmas = Vec::new();
+    for p in c {
+        let row = ((n0 - 1) * n1) * n2;
+        let air: Vec<f64> = (row..row + n2).map(|idx| f64::from(p.hu[idx])).collect();
+        if air.iter().all(|&v| v == -1000.0) {
+            continue;
+        }
+        let mean = air.iter().sum::<f64>() / air.len() as f64;
+        sigmas.push((air.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / air.len() as f64).sqrt());
+    }
+    eprintln!("noise sigma per seed: {sigmas:.1?}");
+    let (lo, hi) = sigmas.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    assert!(lo < 10.0 && hi > 16.0, "noise sigma only {lo:.1}..{hi:.1} HU");
 }
