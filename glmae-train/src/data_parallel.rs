@@ -75,6 +75,7 @@ impl DataParallel {
         let mut terms = [0.0; 4];
         let mut multi = MultiGradientsParams::default();
         let mut teacher_sum: Option<Tensor<1>> = None;
+        let mut teacher_probs = Vec::new();
         let device = primary.device().clone();
         let replica_devices =
             std::iter::once(device.clone()).chain(self.replicas.iter().map(|r| r.device().clone()));
@@ -89,11 +90,12 @@ impl DataParallel {
                     None => m,
                 });
             }
+            teacher_probs.extend_from_slice(&part.teacher_probs);
             multi.grads.push((part.grads, part_device));
         }
         let grads = gather(&primary.student, multi, &device);
         let teacher_mean = teacher_sum.map(|s| s.mul_scalar(scale));
-        let metrics = primary.apply(grads, terms, teacher_mean);
+        let metrics = primary.apply(grads, terms, teacher_mean, &teacher_probs);
         sync(primary, &mut self.replicas);
         Ok(metrics)
     }

@@ -245,15 +245,54 @@ struct PretrainArgs {
     /// Optimisation steps.
     #[arg(long)]
     steps: Option<usize>,
+    /// Encoder width instead of the preset's: ViT-T's shape at another width, with a 2-block
+    /// decoder as wide and a 4x-wide head to 128 (the quickstart's and the experiment's model).
+    #[arg(long)]
+    hidden: Option<u32>,
+    /// Attention heads with --hidden.
+    #[arg(long, default_value_t = 3)]
+    heads: u32,
+    /// Global and local view edges in voxels with --hidden (GLOBAL,LOCAL).
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 32])]
+    views: Vec<usize>,
     /// Volumes per step.
     #[arg(long)]
     batch_size: Option<usize>,
     /// Linear warm-up steps.
     #[arg(long)]
     warmup_steps: Option<usize>,
-    /// Base learning rate (scaled by batch/256).
+    /// Base learning rate: the peak rate is base_lr x batch / 256 (default 1e-2, the paper's
+    /// rate read as MAE's base rate).
     #[arg(long)]
     base_lr: Option<f64>,
+    /// Absolute peak learning rate, instead of the base_lr rule.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// AdamW weight decay on weight matrices (biases, norms and the mask token get none).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Teacher temperature after the warm-up (0.04; DINO uses 0.04-0.07).
+    #[arg(long)]
+    teacher_temp: Option<f64>,
+    /// Steps of DINO's linear teacher-temperature warm-up from 0.04 to --teacher-temp.
+    #[arg(long)]
+    teacher_temp_warmup: Option<usize>,
+    /// Teacher EMA momentum at step 0 (0.996; it rises to 1 on a cosine).
+    #[arg(long)]
+    teacher_momentum: Option<f64>,
+    /// Momentum of the teacher-output centre (0.9).
+    #[arg(long)]
+    center_momentum: Option<f64>,
+    /// Start the teacher centre at the first batch's mean instead of 0.
+    #[arg(long)]
+    center_warm_start: bool,
+    /// Size K of the consistency distributions (the head's output).
+    #[arg(long)]
+    head_out: Option<usize>,
+    /// DINO's head: an L2-normalised bottleneck of this width and a weight-normalised last
+    /// layer (0: the paper's three-layer head).
+    #[arg(long)]
+    head_bottleneck: Option<usize>,
     /// Loss terms: full (GL-MAE), global-local (no consistency), local-only (MAE3D).
     #[arg(long, value_enum)]
     ablation: Option<glmae_train::pretrain::Ablation>,
@@ -314,6 +353,21 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
                 "tiny" => PretrainConfig::tiny(),
                 other => anyhow::bail!("unknown model {other:?}; expected vit-t, vit-b or tiny"),
             };
+            if let Some(hidden) = a.hidden {
+                anyhow::ensure!(a.views.len() == 2, "--views takes two sizes, GLOBAL,LOCAL");
+                anyhow::ensure!(
+                    hidden > 0 && a.heads > 0 && hidden.is_multiple_of(a.heads) && hidden.is_multiple_of(6),
+                    "--hidden {hidden} must be a multiple of --heads {} and of 6 (sin-cos positions)",
+                    a.heads
+                );
+                cfg = PretrainConfig::narrow(
+                    hidden,
+                    a.heads,
+                    (a.views[0], a.views[1]),
+                    cfg.steps,
+                    cfg.batch_size,
+                );
+            }
             macro_rules! set {
                 ($($field:ident).+ = $arg:expr) => {
                     if let Some(v) = $arg {
@@ -325,6 +379,14 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
             set!(batch_size = a.batch_size);
             set!(warmup_steps = a.warmup_steps);
             set!(base_lr = a.base_lr);
+            cfg.lr = a.lr.or(cfg.lr);
+            set!(weight_decay = a.weight_decay);
+            set!(consistency.tau_teacher = a.teacher_temp);
+            set!(consistency.tau_teacher_warmup_steps = a.teacher_temp_warmup);
+            set!(head.out = a.head_out);
+            set!(teacher_momentum = a.teacher_momentum);
+            set!(consistency.center_momentum = a.center_momentum);
+            set!(head.bottleneck = a.head_bottleneck);
             set!(ablation = a.ablation);
             set!(lambda = a.lambda);
             set!(views.n_global = a.n_global);
@@ -333,6 +395,16 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
             set!(seed = a.seed);
             set!(precision = a.precision);
             cfg.norm_pix_loss |= a.norm_pix_loss;
+            cfg.consistency.center_warm_start |= a.center_warm_start;
+            println!(
+                "peak learning rate {:.3e} ({})",
+                cfg.peak_lr(),
+                if cfg.lr.is_some() {
+                    "--lr".to_string()
+                } else {
+                    format!("base {:.1e} x batch {} / 256", cfg.base_lr, cfg.batch_size)
+                }
+            );
             let devices = training_devices(&a.device, cfg.precision)?;
             let dir = RunDir::create(out)?;
             dir.save_config(&cfg)?;

@@ -6,7 +6,7 @@
 //! the ndarray backend cannot do) and equals MONAI's Conv3d(kernel = stride = patch) embedding.
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use glmae_core::VitConfig;
@@ -66,15 +66,12 @@ impl Block {
         Self {
             norm1: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
             attn: Attention {
-                qkv: LinearConfig::new(dim, 3 * dim).with_bias(qkv_bias).init(device),
-                out_proj: LinearConfig::new(dim, dim).init(device),
+                qkv: linear(dim, 3 * dim, qkv_bias, device),
+                out_proj: linear(dim, dim, true, device),
                 heads,
             },
             norm2: LayerNormConfig::new(dim).with_epsilon(eps).init(device),
-            mlp: Mlp {
-                linear1: LinearConfig::new(dim, mlp).init(device),
-                linear2: LinearConfig::new(mlp, dim).init(device),
-            },
+            mlp: Mlp { linear1: linear(dim, mlp, true, device), linear2: linear(mlp, dim, true, device) },
         }
     }
 
@@ -112,7 +109,7 @@ impl Vit {
         let k = cfg.in_channels as usize * p * p * p;
         let eps = cfg.layer_norm_eps as f64;
         Self {
-            patch_embedding: PatchEmbedding { patch_embeddings: LinearConfig::new(k, e).init(device) },
+            patch_embedding: PatchEmbedding { patch_embeddings: linear(k, e, true, device) },
             blocks: (0..cfg.depth)
                 .map(|_| {
                     Block::new(e, cfg.num_heads as usize, cfg.mlp_dim as usize, cfg.qkv_bias, eps, device)
@@ -199,11 +196,11 @@ impl MaeDecoder {
         let w = cfg.width;
         let mask = Tensor::<3>::random([1, 1, w], Distribution::Normal(0.0, 0.02), device);
         Self {
-            embed: LinearConfig::new(hidden, w).init(device),
+            embed: linear(hidden, w, true, device),
             mask_token: Param::from_tensor(mask),
             blocks: (0..cfg.depth).map(|_| Block::new(w, cfg.heads, 4 * w, true, eps, device)).collect(),
             norm: LayerNormConfig::new(w).with_epsilon(eps).init(device),
-            pred: LinearConfig::new(w, patch_values).init(device),
+            pred: linear(w, patch_values, true, device),
         }
     }
 
@@ -228,36 +225,73 @@ impl MaeDecoder {
 pub struct HeadConfig {
     /// Hidden width.
     pub hidden: usize,
-    /// Output width (the distributions' size).
+    /// Output width (the distributions' size K).
     pub out: usize,
+    /// 0: the paper's head (three Linear layers, eq. 4). Otherwise DINO's head: the third layer
+    /// maps to this bottleneck width, the result is L2-normalised, and a weight-normalised
+    /// Linear without bias (each output's weight vector scaled to norm 1, DINO's
+    /// `norm_last_layer`) maps it to `out`.
+    #[serde(default)]
+    pub bottleneck: usize,
 }
 
-/// Three Linear layers with GELU between them (paper eq. 4), on the mean encoder token.
+/// The projection head on the mean encoder token: three Linear layers with GELU between them
+/// (paper eq. 4), or DINO's head when [`HeadConfig::bottleneck`] is set.
 #[derive(Module, Debug)]
 pub struct ProjectionHead {
     /// First layer.
     pub linear1: Linear,
     /// Second layer.
     pub linear2: Linear,
-    /// Output layer.
+    /// Output layer (to the bottleneck in DINO's head).
     pub linear3: Linear,
+    /// DINO's weight-normalised last layer, `[bottleneck, out]`, no bias.
+    pub last: Option<Linear>,
 }
 
 impl ProjectionHead {
     /// A head from encoder width `hidden`.
     pub fn new(cfg: &HeadConfig, hidden: usize, device: &Device) -> Self {
+        let third = if cfg.bottleneck > 0 { cfg.bottleneck } else { cfg.out };
         Self {
-            linear1: LinearConfig::new(hidden, cfg.hidden).init(device),
-            linear2: LinearConfig::new(cfg.hidden, cfg.hidden).init(device),
-            linear3: LinearConfig::new(cfg.hidden, cfg.out).init(device),
+            linear1: linear(hidden, cfg.hidden, true, device),
+            linear2: linear(cfg.hidden, cfg.hidden, true, device),
+            linear3: linear(cfg.hidden, third, true, device),
+            last: (cfg.bottleneck > 0).then(|| linear(cfg.bottleneck, cfg.out, false, device)),
         }
     }
 
-    /// Projects the mean of `tokens` (`(batch, tokens, hidden)`) to `(batch, out)`.
+    /// Projects the mean token to the head's output.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[N, L, D]`; returns `[N, K]`.
     pub fn forward(&self, tokens: Tensor<3>) -> Tensor<2> {
         let pooled: Tensor<2> = tokens.mean_dim(1).squeeze_dim(1);
-        self.linear3.forward(gelu(self.linear2.forward(gelu(self.linear1.forward(pooled)))))
+        let x = self.linear3.forward(gelu(self.linear2.forward(gelu(self.linear1.forward(pooled)))));
+        let Some(last) = &self.last else { return x };
+        // DINO: cosine similarity of the bottleneck code with K unit prototypes.
+        let x = x.clone().div(l2_norm(x, 1));
+        let w = last.weight.val();
+        x.matmul(w.clone().div(l2_norm(w, 0)))
     }
+}
+
+/// L2 norm along `dim`, kept as a size-1 axis and bounded below (`F.normalize`'s eps 1e-12).
+fn l2_norm(x: Tensor<2>, dim: usize) -> Tensor<2> {
+    x.powi_scalar(2).sum_dim(dim).sqrt().clamp_min(1e-12)
+}
+
+/// A Linear initialised as MAE's `_init_weights`: xavier-uniform weight, zero bias (burn's
+/// default, U(+-1/sqrt(fan_in)) on both, is not what MAE or MONAI use; method.md).
+pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    let mut l = LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::XavierUniform { gain: 1.0 })
+        .init(device);
+    if bias {
+        l.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
+    }
+    l
 }
 
 /// The student: encoder, MAE decoder and projection head, all trained.

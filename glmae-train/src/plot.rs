@@ -153,42 +153,160 @@ impl Canvas {
 pub const PALETTE: [[u8; 3]; 6] =
     [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [90, 90, 90]];
 
-/// Writes a line chart of `series` (name, values per step) to `path` atomically, with the y axis
-/// from 0 to the largest finite value, a legend and the x range in steps.
+/// Writes a line chart of `series` (name, values per step) to `path` atomically: one panel of
+/// [`panels_chart`] with the values against their index.
 pub fn line_chart(path: &Path, title: &str, series: &[(&str, Vec<f64>)]) -> Result<()> {
-    let (w, h, left, right, top, bottom) = (800usize, 480usize, 60i64, 20i64, 40i64, 40i64);
+    let n = series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    let x: Vec<f64> = (0..n).map(|i| i as f64).collect();
+    let series = series.iter().map(|(name, v)| (*name, v.clone())).collect();
+    panels_chart(path, &x, &[Panel { title, y_label: "", series }])
+}
+
+/// One chart of a [`panels_chart`] figure.
+pub struct Panel<'a> {
+    /// Title above the panel.
+    pub title: &'a str,
+    /// Label of the y axis (drawn above its tick labels).
+    pub y_label: &'a str,
+    /// Named series, one value per x.
+    pub series: Vec<(&'a str, Vec<f64>)>,
+}
+
+/// Writes panels stacked vertically, sharing the x axis `x` (steps), to `path` atomically. Each
+/// panel has a y axis from 0 to its largest finite value with ticks and labels, x ticks labelled
+/// in steps, an x-axis label, and a legend.
+pub fn panels_chart(path: &Path, x: &[f64], panels: &[Panel<'_>]) -> Result<()> {
+    let (w, ph_total) = (900usize, 380usize);
+    let h = ph_total * panels.len().max(1);
     let mut c = Canvas::new(w, h, [255, 255, 255]);
-    let (pw, ph) = (w as i64 - left - right, h as i64 - top - bottom);
-    let n = series.iter().map(|(_, v)| v.len()).max().unwrap_or(0).max(2);
-    let ymax = series
+    for (k, panel) in panels.iter().enumerate() {
+        draw_panel(&mut c, (0, (k * ph_total) as i64), (w as i64, ph_total as i64), x, panel);
+    }
+    glmae_data::io::atomic_write(path, &c.png()?)
+}
+
+/// A "nice" tick spacing (1, 2 or 5 times a power of ten) giving about `target` ticks over `span`.
+fn tick_step(span: f64, target: f64) -> f64 {
+    let raw = (span / target).max(1e-12);
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    mag * if f < 1.5 {
+        1.0
+    } else if f < 3.5 {
+        2.0
+    } else if f < 7.5 {
+        5.0
+    } else {
+        10.0
+    }
+}
+
+/// A tick label with as many decimals as the spacing needs.
+fn tick_label(v: f64, step: f64) -> String {
+    let decimals = (-step.log10().floor()).clamp(0.0, 6.0) as usize;
+    format!("{v:.decimals$}")
+}
+
+fn draw_panel(c: &mut Canvas, (ox, oy): (i64, i64), (w, h): (i64, i64), x: &[f64], panel: &Panel<'_>) {
+    let (left, right, top, bottom) = (80i64, 20i64, 44i64, 48i64);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let (x0, y0) = (ox + left, oy + top);
+    let axis = [0, 0, 0];
+    let grid = [225, 225, 225];
+    let finite = |v: &&f64| v.is_finite();
+    let xmin = x.iter().filter(finite).copied().fold(f64::INFINITY, f64::min);
+    let xmax = x.iter().filter(finite).copied().fold(f64::NEG_INFINITY, f64::max);
+    let (xmin, xmax) = if xmin.is_finite() && xmax > xmin { (xmin, xmax) } else { (0.0, 1.0) };
+    let ymax = panel
+        .series
         .iter()
         .flat_map(|(_, v)| v.iter().copied())
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max)
         .max(1e-12);
-    let axis = [0, 0, 0];
-    c.line((left, top), (left, top + ph), axis);
-    c.line((left, top + ph), (left + pw, top + ph), axis);
-    c.text(left, 10, title, 3, axis);
-    c.text(4, top - 2, &format!("{ymax:.3}"), 2, axis);
-    c.text(4, top + ph - 10, "0", 2, axis);
-    c.text(left, top + ph + 10, "0", 2, axis);
-    c.text(left + pw - 60, top + ph + 10, &format!("{} STEPS", n - 1), 2, axis);
-    for (k, (name, values)) in series.iter().enumerate() {
+    let px = |v: f64| x0 + ((v - xmin) / (xmax - xmin) * pw as f64).round() as i64;
+    let py = |v: f64| y0 + ph - (v.clamp(0.0, ymax) / ymax * ph as f64).round() as i64;
+    // Grid lines and ticks first, so the data is drawn over them.
+    let ys = tick_step(ymax, 5.0);
+    let mut t = 0.0;
+    while t <= ymax * (1.0 + 1e-9) {
+        let y = py(t);
+        c.line((x0 + 1, y), (x0 + pw, y), grid);
+        c.line((x0 - 5, y), (x0, y), axis);
+        let label = tick_label(t, ys);
+        c.text(x0 - 8 - 8 * label.len() as i64, y - 5, &label, 2, axis);
+        t += ys;
+    }
+    let xs = tick_step(xmax - xmin, 6.0);
+    let mut t = (xmin / xs).ceil() * xs;
+    while t <= xmax * (1.0 + 1e-9) {
+        let xp = px(t);
+        c.line((xp, y0 + ph), (xp, y0 + ph + 5), axis);
+        let label = tick_label(t, xs.max(1.0));
+        c.text(xp - 4 * label.len() as i64, y0 + ph + 9, &label, 2, axis);
+        t += xs;
+    }
+    c.line((x0, y0), (x0, y0 + ph), axis);
+    c.line((x0, y0 + ph), (x0 + pw, y0 + ph), axis);
+    c.text(x0, oy + 8, panel.title, 3, axis);
+    c.text(ox + 4, y0 - 20, panel.y_label, 2, axis);
+    c.text(x0 + pw / 2 - 16, y0 + ph + 28, "STEP", 2, axis);
+    for (k, (name, values)) in panel.series.iter().enumerate() {
         let color = PALETTE[k % PALETTE.len()];
-        let point = |i: usize, v: f64| {
-            let x = left + (i as f64 / (n - 1) as f64 * pw as f64) as i64;
-            let y = top + ph - (v.clamp(0.0, ymax) / ymax * ph as f64) as i64;
-            (x, y)
-        };
-        for i in 1..values.len() {
-            if values[i - 1].is_finite() && values[i].is_finite() {
-                c.line(point(i - 1, values[i - 1]), point(i, values[i]), color);
+        for i in 1..values.len().min(x.len()) {
+            let (a, b) = (values[i - 1], values[i]);
+            if a.is_finite() && b.is_finite() && x[i - 1].is_finite() && x[i].is_finite() {
+                c.line((px(x[i - 1]), py(a)), (px(x[i]), py(b)), color);
             }
         }
-        let ly = top + 8 + 14 * k as i64;
-        c.line((left + pw - 200, ly + 4), (left + pw - 180, ly + 4), color);
-        c.text(left + pw - 172, ly, name, 2, color);
+        let ly = y0 + 8 + 14 * k as i64;
+        c.line((x0 + pw - 200, ly + 4), (x0 + pw - 180, ly + 4), color);
+        c.text(x0 + pw - 172, ly, name, 2, color);
     }
-    glmae_data::io::atomic_write(path, &c.png()?)
+}
+
+/// A CSV file of numbers with a header row (the runs' `metrics.csv`, `validation.csv`).
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<f64>>,
+}
+
+/// Reads a CSV of numbers; cells that do not parse read as NaN.
+pub fn read_csv(path: &Path) -> Result<Table> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or("").split(',').map(|h| h.trim().to_string()).collect();
+    let rows = lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(',').map(|c| c.trim().parse().unwrap_or(f64::NAN)).collect())
+        .collect();
+    Ok(Table { header, rows })
+}
+
+impl Table {
+    /// The column named `name` (NaN where a row is short), or `None` if there is no such column.
+    pub fn column(&self, name: &str) -> Option<Vec<f64>> {
+        let k = self.header.iter().position(|h| h == name)?;
+        Some(self.rows.iter().map(|r| r.get(k).copied().unwrap_or(f64::NAN)).collect())
+    }
+
+    /// The column `name` as the x axis, or the row index when there is no such column.
+    pub fn x(&self, name: &str) -> Vec<f64> {
+        self.column(name).unwrap_or_else(|| (0..self.rows.len()).map(|i| i as f64).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_steps_are_round_numbers() {
+        assert_eq!(tick_step(4.85, 5.0), 1.0);
+        assert_eq!(tick_step(0.02, 5.0), 0.005);
+        assert_eq!(tick_step(800.0, 6.0), 100.0);
+        assert_eq!(tick_label(0.005, 0.005), "0.005");
+        assert_eq!(tick_label(300.0, 100.0), "300");
+    }
 }

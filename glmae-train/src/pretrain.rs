@@ -1,7 +1,7 @@
 //! One GL-MAE optimisation step and the state it updates: student, EMA teacher, AdamW, the
 //! teacher-output centre and the step counter (method.md, "Optimisation").
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use glmae_core::VitConfig;
@@ -9,7 +9,7 @@ use glmae_data::Volume;
 use glmae_data::transforms::{Rng, ViewSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::loss::{ConsistencyConfig, consistency, masked_mse, update_center};
+use crate::loss::{CollapseStats, ConsistencyConfig, consistency, masked_mse, teacher_probs, update_center};
 use crate::model::{DecoderConfig, HeadConfig, Student, Teacher, int_tensor, tensor};
 use crate::views::{ViewBatch, ViewConfig, concat, make_views, sincos_table};
 
@@ -49,11 +49,15 @@ pub struct PretrainConfig {
     pub steps: usize,
     /// Linear warm-up steps.
     pub warmup_steps: usize,
-    /// Base learning rate; the rate used is `base_lr * batch_size / 256` (MAE convention).
+    /// Base learning rate: the peak rate is `base_lr * batch_size / 256` (MAE's rule; the
+    /// paper's 1e-2 read as a base rate, method.md "Optimisation") unless `lr` is set.
     pub base_lr: f64,
+    /// Absolute peak learning rate, overriding the `base_lr` rule (`--lr`).
+    #[serde(default)]
+    pub lr: Option<f64>,
     /// Learning rate at the end of the cosine decay.
     pub min_lr: f64,
-    /// AdamW weight decay.
+    /// AdamW weight decay, applied to weight matrices only ([`decayed_params`]).
     pub weight_decay: f64,
     /// AdamW betas.
     pub betas: (f64, f64),
@@ -83,7 +87,7 @@ impl PretrainConfig {
         Self {
             encoder,
             decoder,
-            head: HeadConfig { hidden: 2048, out: 512 },
+            head: HeadConfig { hidden: 2048, out: 512, bottleneck: 0 },
             views: ViewConfig::default(),
             ablation: Ablation::Full,
             lambda: 1.0,
@@ -92,7 +96,8 @@ impl PretrainConfig {
             batch_size: 2,
             steps: 1000,
             warmup_steps: 40,
-            base_lr: 1.5e-4,
+            base_lr: 1e-2,
+            lr: None,
             min_lr: 0.0,
             weight_decay: 0.05,
             betas: (0.9, 0.95),
@@ -105,7 +110,6 @@ impl PretrainConfig {
 
     /// ViT-T's shape at another width, with view sizes `(global, local)`, a 2-layer decoder as
     /// wide as the encoder and a 4x-width head to 128: the quickstart's and the experiment's model.
-    /// A short run needs a larger step than 1.5e-4, hence `base_lr` 0.2 (x batch / 256).
     pub fn narrow(hidden: u32, heads: u32, views: (usize, usize), steps: usize, batch_size: usize) -> Self {
         let mut c = Self::vit_t();
         c.encoder.hidden_size = hidden;
@@ -113,13 +117,12 @@ impl PretrainConfig {
         c.encoder.mlp_dim = 4 * hidden;
         c.encoder.img_size = [views.0 as u32; 3];
         c.decoder = DecoderConfig { width: hidden as usize, depth: 2, heads: heads as usize };
-        c.head = HeadConfig { hidden: 4 * hidden as usize, out: 128 };
+        c.head = HeadConfig { hidden: 4 * hidden as usize, out: 128, bottleneck: 0 };
         c.views.global = ViewSpec { size: views.0, ..ViewSpec::GLOBAL };
         c.views.local = ViewSpec { size: views.1, ..ViewSpec::LOCAL };
         c.steps = steps;
         c.warmup_steps = steps / 10;
         c.batch_size = batch_size;
-        c.base_lr = 0.2;
         c
     }
 
@@ -133,7 +136,7 @@ impl PretrainConfig {
         encoder.depth = 2;
         encoder.img_size = [16; 3];
         let mut c = Self::with_encoder(encoder, DecoderConfig { width: 12, depth: 1, heads: 2 });
-        c.head = HeadConfig { hidden: 32, out: 16 };
+        c.head = HeadConfig { hidden: 32, out: 16, bottleneck: 0 };
         c.views.global = ViewSpec { size: 16, ..ViewSpec::GLOBAL };
         c.views.local = ViewSpec { size: 8, ..ViewSpec::LOCAL };
         c.steps = 40;
@@ -142,9 +145,14 @@ impl PretrainConfig {
         c
     }
 
-    /// Learning rate at `step`: linear warm-up to `base_lr * batch / 256`, then cosine to `min_lr`.
+    /// The peak learning rate: `lr` when set, otherwise `base_lr * batch_size / 256`.
+    pub fn peak_lr(&self) -> f64 {
+        self.lr.unwrap_or(self.base_lr * self.batch_size as f64 / 256.0)
+    }
+
+    /// Learning rate at `step`: linear warm-up to [`Self::peak_lr`], then cosine to `min_lr`.
     pub fn lr_at(&self, step: usize) -> f64 {
-        let peak = self.base_lr * self.batch_size as f64 / 256.0;
+        let peak = self.peak_lr();
         if step < self.warmup_steps {
             return peak * (step + 1) as f64 / self.warmup_steps as f64;
         }
@@ -198,6 +206,10 @@ pub struct StepMetrics {
     pub momentum: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Teacher temperature used.
+    pub tau_teacher: f64,
+    /// The collapse watch on the teacher's distributions (all 0 without consistency).
+    pub collapse: CollapseStats,
 }
 
 /// Tensors of one view size on the device.
@@ -211,7 +223,8 @@ struct ViewTensors {
 }
 
 /// One replica's share of a step: gradients, loss terms (total, rec global, rec local,
-/// consistency) and the mean teacher output (for the centre) when consistency is on.
+/// consistency) and, when consistency is on, the mean teacher output (for the centre) and the
+/// teacher's distributions (for the collapse watch).
 pub struct PartialStep {
     /// Gradients of the (scaled) loss.
     pub grads: GradientsParams,
@@ -219,6 +232,26 @@ pub struct PartialStep {
     pub terms: [f64; 4],
     /// Mean of the teacher outputs over this share of the batch.
     pub teacher_mean: Option<Tensor<1>>,
+    /// The teacher's distributions on the host, one row of `head.out` per global view (empty
+    /// without consistency).
+    pub teacher_probs: Vec<f32>,
+}
+
+/// The parameters AdamW decays: weight matrices, i.e. every parameter named `weight` (Linear
+/// and convolution weights). Biases, LayerNorm `gamma`/`beta` and the mask token get no decay,
+/// as in MAE and DINO (method.md "Optimisation").
+pub fn decayed_params() -> ParamGroup {
+    ParamGroup::from_regex(r"(^|\.)weight$").unwrap_or_else(|_| ParamGroup::from_ids(Vec::new()))
+}
+
+/// AdamW with `weight_decay` on [`decayed_params`] and none on the other parameters.
+pub fn adamw(betas: (f64, f64), weight_decay: f64) -> ModuleOptimizer {
+    let base = AdamWConfig::new().with_beta_1(betas.0 as f32).with_beta_2(betas.1 as f32).with_epsilon(1e-8);
+    ModuleOptimizer::from(base.clone().with_weight_decay(0.0).build()).with_group(
+        decayed_params(),
+        base.with_weight_decay(weight_decay as f32).build(),
+        None,
+    )
 }
 
 /// The model, its optimiser and everything else a step changes.
@@ -245,12 +278,7 @@ impl Pretrainer {
         device.seed(cfg.seed);
         let student = Student::new(&cfg.encoder, &cfg.decoder, &cfg.head, &device);
         let teacher = student.teacher();
-        let optimizer = AdamWConfig::new()
-            .with_beta_1(cfg.betas.0 as f32)
-            .with_beta_2(cfg.betas.1 as f32)
-            .with_epsilon(1e-8)
-            .with_weight_decay(cfg.weight_decay as f32)
-            .init();
+        let optimizer = adamw(cfg.betas, cfg.weight_decay);
         let center = Tensor::<1>::zeros([cfg.head.out], &device);
         Self { cfg, student, teacher, optimizer, center, step: 0, device, positions: Default::default() }
     }
@@ -283,9 +311,13 @@ impl Pretrainer {
             .clone()
     }
 
-    /// The loss terms for `samples` without changing any state: (total, rec global, rec local,
-    /// consistency, teacher outputs).
-    pub fn losses(&self, samples: &[Sample]) -> (Tensor<1>, [Option<Tensor<1>>; 3], Option<Tensor<2>>) {
+    /// The loss terms for `samples` without changing any state: (total, [rec global, rec local,
+    /// consistency], teacher outputs and the teacher's distributions `[volumes * n_global, K]`).
+    #[allow(clippy::type_complexity)]
+    pub fn losses(
+        &self,
+        samples: &[Sample],
+    ) -> (Tensor<1>, [Option<Tensor<1>>; 3], Option<(Tensor<2>, Tensor<2>)>) {
         let volumes = samples.len();
         let g = concat(samples.iter().map(|s| s.global.clone()).collect()).map(|b| self.upload(&b));
         let l = concat(samples.iter().map(|s| s.local.clone()).collect()).map(|b| self.upload(&b));
@@ -333,16 +365,22 @@ impl Pretrainer {
                 None => sg,
             };
             let [_, per, _] = student.dims();
+            let tau_t = self.cfg.consistency.tau_teacher_at(self.step);
+            let center = if self.step == 0 && self.cfg.consistency.center_warm_start {
+                t.clone().mean_dim(0).squeeze_dim::<1>(0)
+            } else {
+                self.center.clone()
+            };
+            let p_t = teacher_probs(t.clone(), center, tau_t).detach();
             let c = consistency(
-                t.clone(),
-                self.center.clone(),
+                p_t.clone(),
                 student.reshape([volumes * per, out]),
                 volumes,
-                &self.cfg.consistency,
+                self.cfg.consistency.tau_student,
             );
             add(&c, self.cfg.lambda);
             cons = Some(c);
-            teacher_out = Some(t);
+            teacher_out = Some((t, p_t));
         }
         let total = total.unwrap_or_else(|| Tensor::zeros([1], &self.device));
         (total, [global.map(|x| x.1), local.map(|x| x.1), cons], teacher_out)
@@ -351,7 +389,7 @@ impl Pretrainer {
     /// One optimisation step on `samples` (one per volume of the batch).
     pub fn step(&mut self, samples: &[Sample]) -> StepMetrics {
         let part = self.gradients(samples, 1.0);
-        self.apply(part.grads, part.terms, part.teacher_mean)
+        self.apply(part.grads, part.terms, part.teacher_mean, &part.teacher_probs)
     }
 
     /// Forward and backward on `samples` without changing any state. The loss is multiplied by
@@ -367,26 +405,41 @@ impl Pretrainer {
             scalar(&terms[2]),
         ];
         let grads = GradientsParams::from_grads(total.mul_scalar(scale).backward(), &self.student);
-        let teacher_mean = teacher_out.map(|t| t.mean_dim(0).squeeze_dim::<1>(0));
-        PartialStep { grads, terms, teacher_mean }
+        let (teacher_mean, teacher_probs) = match teacher_out {
+            Some((t, p)) => {
+                // One read a step: the watch needs every row (K values per global view).
+                let probs = p.to_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+                (Some(t.mean_dim(0).squeeze_dim::<1>(0)), probs)
+            }
+            None => (None, Vec::new()),
+        };
+        PartialStep { grads, terms, teacher_mean, teacher_probs }
     }
 
     /// Completes a step from the batch's gradients, loss terms (total, rec global, rec local,
-    /// consistency) and mean teacher output: clipping, AdamW, the teacher EMA and the centre.
+    /// consistency), mean teacher output and teacher distributions (rows of `head.out`):
+    /// clipping, AdamW, the teacher EMA, the centre and the collapse watch's statistics.
     pub fn apply(
         &mut self,
         mut grads: GradientsParams,
         terms: [f64; 4],
         teacher_mean: Option<Tensor<1>>,
+        teacher_probs: &[f32],
     ) -> StepMetrics {
+        let collapse = CollapseStats::from_probs(teacher_probs, self.cfg.head.out);
+        let tau_teacher = self.cfg.consistency.tau_teacher_at(self.step);
         let lr = self.cfg.lr_at(self.step);
         let momentum = self.cfg.momentum_at(self.step);
         let grad_norm = clip_global_norm(&self.student, &mut grads, self.cfg.grad_clip);
         self.student = self.optimizer.step(lr, self.student.clone(), grads);
         self.update_teacher(momentum);
         if let Some(mean) = teacher_mean {
-            self.center =
-                update_center(self.center.clone(), mean, self.cfg.consistency.center_momentum).detach();
+            let m = if self.step == 0 && self.cfg.consistency.center_warm_start {
+                0.0
+            } else {
+                self.cfg.consistency.center_momentum
+            };
+            self.center = update_center(self.center.clone(), mean, m).detach();
         }
         let m = StepMetrics {
             step: self.step,
@@ -397,6 +450,8 @@ impl Pretrainer {
             lr,
             momentum,
             grad_norm,
+            tau_teacher,
+            collapse,
         };
         self.step += 1;
         m

@@ -20,8 +20,10 @@ use crate::pretrain::{PretrainConfig, Pretrainer, StepMetrics};
 
 const CHECKPOINT_MAGIC: &[u8; 8] = b"GLMAECK1";
 /// Columns of `metrics.csv`.
+/// `h_cond`, `h_marg` and `mi` are the collapse watch (nats; 0 without consistency), `tau_t` the
+/// teacher temperature.
 pub const METRICS_HEADER: &str =
-    "step,loss,rec_global,rec_local,consistency,lr,momentum,grad_norm,views_per_s";
+    "step,loss,rec_global,rec_local,consistency,lr,momentum,grad_norm,views_per_s,h_cond,h_marg,mi,tau_t";
 
 /// Paths inside a run folder.
 #[derive(Clone, Debug)]
@@ -94,7 +96,7 @@ impl RunDir {
         }
         writeln!(
             f,
-            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{:.6},{:.4},{:.3}",
+            "{},{:.6},{:.6},{:.6},{:.6},{:.6e},{:.6},{:.4},{:.3},{:.5},{:.5},{:.5},{:.4}",
             m.step,
             m.loss,
             m.rec_global,
@@ -103,7 +105,11 @@ impl RunDir {
             m.lr,
             m.momentum,
             m.grad_norm,
-            views_per_s
+            views_per_s,
+            m.collapse.h_cond,
+            m.collapse.h_marg,
+            m.collapse.mi,
+            m.tau_teacher,
         )
         .with_context(|| format!("cannot write {}", p.display()))
     }
@@ -113,20 +119,30 @@ impl RunDir {
         self.root.join("loss.png")
     }
 
-    /// Draws every loss column of `metrics.csv` into `loss.png`.
+    /// Draws the loss columns of `metrics.csv` into `loss.png`, with a second panel for the
+    /// collapse watch (H_cond, H_marg, MI) when the run has a consistency term.
     pub fn plot_losses(&self) -> Result<()> {
         let p = self.metrics_path();
-        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        let names = ["loss", "rec_global", "rec_local", "consistency"];
-        let mut series: Vec<(&str, Vec<f64>)> = names.iter().map(|n| (*n, Vec::new())).collect();
-        for line in text.lines().skip(1) {
-            let cols: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
-            for (k, s) in series.iter_mut().enumerate() {
-                s.1.push(cols.get(k + 1).copied().unwrap_or(f64::NAN));
-            }
+        let table = crate::plot::read_csv(&p)?;
+        let pick = |names: &[&'static str]| -> Vec<(&'static str, Vec<f64>)> {
+            names
+                .iter()
+                .filter_map(|n| table.column(n).map(|v| (*n, v)))
+                .filter(|(_, v)| v.iter().any(|x| *x != 0.0))
+                .collect()
+        };
+        let losses = pick(&["loss", "rec_global", "rec_local", "consistency"]);
+        let watch = pick(&["h_cond", "h_marg", "mi"]);
+        let mut panels =
+            vec![crate::plot::Panel { title: "GL-MAE PRETRAINING LOSS", y_label: "LOSS", series: losses }];
+        if !watch.is_empty() {
+            panels.push(crate::plot::Panel {
+                title: "COLLAPSE WATCH: TEACHER ENTROPIES",
+                y_label: "NATS",
+                series: watch,
+            });
         }
-        series.retain(|(_, v)| v.iter().any(|x| *x != 0.0));
-        crate::plot::line_chart(&self.plot_path(), "GL-MAE PRETRAINING LOSS", &series)
+        crate::plot::panels_chart(&self.plot_path(), &table.x("step"), &panels)
     }
 
     /// Keeps only the metrics rows of steps before `step` (after resuming from a checkpoint
@@ -280,6 +296,8 @@ pub fn train_loop_on(
     };
     dir.truncate_metrics(start)?;
     let views_per_step = cfg.batch_size * (cfg.views.n_global + cfg.views.n_local);
+    let mut watch = crate::loss::CollapseWatch::default();
+    let watching = cfg.ablation == crate::pretrain::Ablation::Full;
     let mut out = Vec::with_capacity(remaining);
     for batch in samples {
         let batch = batch?;
@@ -296,9 +314,17 @@ pub fn train_loop_on(
             m.step
         );
         dir.append_metrics(&m, vps)?;
+        if let Some(warning) = watching.then(|| watch.observe(m.step, &m.collapse)).flatten() {
+            // Above the progress bar on a terminal; a plain line on stderr otherwise (logs).
+            if bar.is_hidden() {
+                eprintln!("{warning}");
+            } else {
+                bar.suspend(|| eprintln!("{warning}"));
+            }
+        }
         bar.set_message(format!(
-            "loss {:.4} (rec g {:.4} l {:.4} cons {:.4}) lr {:.2e} {:.1} views/s",
-            m.loss, m.rec_global, m.rec_local, m.consistency, m.lr, vps
+            "loss {:.4} (rec g {:.4} l {:.4} cons {:.4} mi {:.3}) lr {:.2e} {:.1} views/s",
+            m.loss, m.rec_global, m.rec_local, m.consistency, m.collapse.mi, m.lr, vps
         ));
         bar.inc(1);
         if run.step.is_multiple_of(opts.checkpoint_every.max(1)) || run.step == cfg.steps {
