@@ -14,6 +14,7 @@ pub mod model;
 pub mod plot;
 pub mod presets;
 pub mod pretrain;
+pub mod probe;
 pub mod progress;
 pub mod quickstart;
 pub mod run;

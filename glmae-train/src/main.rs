@@ -101,6 +101,9 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Measure a pretraining run's encoder in minutes: k-NN and linear probes of its frozen patch
+    /// tokens beside a random-initialised encoder's (probe.md, probe.json).
+    Probe(Box<ProbeArgs>),
     /// Convert a MONAI UNETR state dict or a GL-MAE authors' checkpoint (safetensors or PyTorch
     /// `.pt`/`.pth`) to `.glmae`.
     Import {
@@ -218,6 +221,62 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
     let ft = Finetuner::new(cfg, glmae_train::device::training_device(&a.device)?)?;
     let best = train(ft, &ds, &a.out, a.loader_threads)?;
     println!("best validation mean Dice {:.4}; models in {}", best, a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The pretraining run folder (config.json, checkpoint.bin).
+    run: PathBuf,
+    /// dataset.json with labels: fitted on `training`, scored on `validation`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder (default RUN/probe).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Neighbours of the k-NN classifier.
+    #[arg(long, default_value_t = 20)]
+    k: usize,
+    /// A patch is labelled when its majority class covers at least this fraction of it.
+    #[arg(long, default_value_t = 0.5)]
+    min_fraction: f64,
+    /// Also cut the volumes at offsets of half a patch (8 grids; `--shifts false` for one).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    shifts: bool,
+    /// At most this many fitting patches (a seeded subsample).
+    #[arg(long, default_value_t = 100_000)]
+    max_fit: usize,
+    /// Resample to this spacing in mm (default: the run's, else the first training image's).
+    #[arg(long, value_delimiter = ',')]
+    spacing: Option<Vec<f32>>,
+    /// Seed of the random control encoder and the subsample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu or ndarray (cuda with the feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn probe(a: ProbeArgs) -> anyhow::Result<()> {
+    use glmae_train::probe::{ProbeOptions, probe_run};
+    let opts = ProbeOptions {
+        k: a.k,
+        min_fraction: a.min_fraction,
+        shifts: a.shifts,
+        max_fit: a.max_fit,
+        seed: a.seed,
+        ..ProbeOptions::default()
+    };
+    let spacing = match a.spacing.as_deref() {
+        None => None,
+        Some(&[x, y, z]) => Some([x, y, z]),
+        Some(_) => anyhow::bail!("--spacing takes three values, e.g. 1.5,1.5,2"),
+    };
+    let out = a.out.unwrap_or_else(|| a.run.join("probe"));
+    let device = glmae_train::device::base_device(&a.device)?;
+    let r = probe_run(&a.run, &a.data, &out, &opts, spacing, &device)?;
+    print!("{}", r.markdown);
+    println!("written to {} and {}", r.markdown_path.display(), r.json_path.display());
     Ok(())
 }
 
@@ -518,6 +577,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(args) => pretrain(*args)?,
         Command::Experiment(cmd) => glmae_train::experiment::run_command(cmd)?,
         Command::Finetune(args) => finetune(*args)?,
+        Command::Probe(args) => probe(*args)?,
         Command::Evaluate { run, data, split, out, which, overlap, blend, device } => {
             let mut ft = glmae_train::finetune::Finetuner::load(
                 &run,
@@ -580,6 +640,7 @@ fn requested_device(cli: &Cli) -> Option<&str> {
         Command::Quickstart { device, .. } | Command::Evaluate { device, .. } => Some(device),
         Command::Pretrain(a) => Some(&a.device),
         Command::Finetune(a) => Some(&a.device),
+        Command::Probe(a) => Some(&a.device),
         Command::Experiment(glmae_train::experiment::Command::Ablation(a)) => Some(&a.device),
         _ => None,
     }
