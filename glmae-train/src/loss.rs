@@ -41,6 +41,24 @@ pub struct ConsistencyConfig {
     /// leaves in place for the first tens of steps).
     #[serde(default)]
     pub center_warm_start: bool,
+    /// How the teacher's outputs are kept from collapsing: DINO's running-mean centring or
+    /// DINOv2's Sinkhorn-Knopp normalisation over the step's teacher views.
+    #[serde(default)]
+    pub centering: Centering,
+}
+
+/// The teacher's anti-collapse normalisation.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Centering {
+    /// DINO: subtract a running mean of the teacher's outputs, then `softmax(. / tau_t)`.
+    #[default]
+    Mean,
+    /// DINOv2 / SwAV: three Sinkhorn-Knopp iterations on `exp(t / tau_t)` over the step's
+    /// teacher views, so that every output dimension gets an equal share of the batch.
+    Sinkhorn,
 }
 
 fn default_tau_teacher_start() -> f64 {
@@ -56,6 +74,7 @@ impl Default for ConsistencyConfig {
             tau_teacher_start: default_tau_teacher_start(),
             tau_teacher_warmup_steps: 0,
             center_warm_start: false,
+            centering: Centering::Mean,
         }
     }
 }
@@ -70,6 +89,26 @@ impl ConsistencyConfig {
         let t = step as f64 / self.tau_teacher_warmup_steps as f64;
         self.tau_teacher_start + (self.tau_teacher - self.tau_teacher_start) * t
     }
+}
+
+/// DINOv2's `sinkhorn_knopp_teacher`: starting from `exp(teacher / tau)`, alternately makes every
+/// output dimension's total over the rows equal (1 / K) and every row a distribution, `iters`
+/// times; returns the rows.
+///
+/// # Shapes
+/// - `teacher`: `[N, K]`; returns `[N, K]`, each row summing to 1.
+pub fn sinkhorn_probs(teacher: Tensor<2>, tau: f64, iters: usize) -> Tensor<2> {
+    let [n, k] = teacher.dims();
+    // Subtracting the global maximum keeps exp finite and cancels in the normalisations.
+    let logits = teacher.div_scalar(tau);
+    let max = logits.clone().max();
+    let mut q = logits.sub(max.unsqueeze_dim::<2>(0)).exp();
+    q = q.clone().div(q.clone().sum().unsqueeze_dim::<2>(0));
+    for _ in 0..iters {
+        q = q.clone().div(q.clone().sum_dim(0).clamp_min(1e-30)).div_scalar(k as f64);
+        q = q.clone().div(q.clone().sum_dim(1).clamp_min(1e-30)).div_scalar(n as f64);
+    }
+    q.mul_scalar(n as f64)
 }
 
 /// The teacher's distributions: `softmax((teacher - center) / tau_teacher)`.
@@ -122,7 +161,7 @@ pub struct CollapseStats {
 impl CollapseStats {
     /// The statistics of `probs`, rows of `k` probabilities each (a row per teacher view).
     pub fn from_probs(probs: &[f32], k: usize) -> Self {
-        let rows = if k == 0 { 0 } else { probs.len() / k };
+        let rows = probs.len().checked_div(k).unwrap_or(0);
         if rows == 0 {
             return Self::default();
         }
@@ -164,6 +203,11 @@ impl Default for CollapseWatch {
 }
 
 impl CollapseWatch {
+    /// A watch that warns after `patience` consecutive steps with MI below `floor` nats.
+    pub fn new(floor: f64, patience: usize) -> Self {
+        Self { floor, patience, streak: 0 }
+    }
+
     /// Feeds one step's statistics; returns the warning to show when the streak of collapsed
     /// steps reaches `patience` (and again every `patience` steps while it lasts).
     pub fn observe(&mut self, step: usize, s: &CollapseStats) -> Option<String> {
@@ -172,7 +216,7 @@ impl CollapseWatch {
             return None;
         }
         self.streak += 1;
-        (self.streak % self.patience.max(1) == 0).then(|| {
+        self.streak.is_multiple_of(self.patience.max(1)).then(|| {
             format!(
                 "warning: the consistency term looks collapsed: teacher MI {:.4} nats < {} for the last {} \
                  steps (step {step}; H_cond {:.3}, H_marg {:.3} nats). {} Its loss then carries no \
@@ -220,6 +264,29 @@ mod tests {
         assert!(w.observe(3, &low).is_none() && w.observe(4, &low).is_none());
         let msg = w.observe(5, &low).expect("third collapsed step in a row");
         assert!(msg.contains("uniform collapse"), "{msg}");
+    }
+
+    #[test]
+    fn sinkhorn_rows_are_distributions_and_columns_balance() {
+        let device = burn::tensor::Device::flex();
+        // Three rows that all prefer dimension 0: centring-free Sinkhorn spreads them.
+        let t = Tensor::<2>::from_data(
+            burn::tensor::TensorData::new(vec![1.0f32, 0.0, 0.0, 0.9, 0.1, 0.0, 0.8, 0.0, 0.2], [3, 3]),
+            &device,
+        );
+        let q =
+            sinkhorn_probs(t, 0.1, 20).into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        for r in 0..3 {
+            let row: f32 = q[3 * r..3 * r + 3].iter().sum();
+            assert!((row - 1.0).abs() < 1e-4, "row {r} sums to {row}");
+        }
+        for c in 0..3 {
+            let col: f32 = (0..3).map(|r| q[3 * r + c]).sum();
+            assert!((col - 1.0).abs() < 1e-2, "column {c} takes {col} of 3 rows");
+        }
+        // Each row's largest share differs: the batch is spread over the dimensions.
+        let argmax = |r: usize| (0..3).max_by(|&a, &b| q[3 * r + a].total_cmp(&q[3 * r + b])).unwrap_or(0);
+        assert_ne!(argmax(0), argmax(1));
     }
 
     #[test]

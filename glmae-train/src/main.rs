@@ -342,6 +342,13 @@ struct PretrainArgs {
     /// Momentum of the teacher-output centre (0.9).
     #[arg(long)]
     center_momentum: Option<f64>,
+    /// The teacher's anti-collapse normalisation: mean (DINO's running centre) or sinkhorn
+    /// (DINOv2's Sinkhorn-Knopp over each step's teacher views).
+    #[arg(long, value_enum)]
+    centering: Option<glmae_train::loss::Centering>,
+    /// Standardise the head's pooled input over each forward pass's views (DINO's `use_bn`).
+    #[arg(long)]
+    head_batch_norm: bool,
     /// Start the teacher centre at the first batch's mean instead of 0.
     #[arg(long)]
     center_warm_start: bool,
@@ -444,6 +451,7 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
             set!(consistency.tau_teacher_warmup_steps = a.teacher_temp_warmup);
             set!(head.out = a.head_out);
             set!(teacher_momentum = a.teacher_momentum);
+            set!(consistency.centering = a.centering);
             set!(consistency.center_momentum = a.center_momentum);
             set!(head.bottleneck = a.head_bottleneck);
             set!(ablation = a.ablation);
@@ -455,6 +463,7 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
             set!(precision = a.precision);
             cfg.norm_pix_loss |= a.norm_pix_loss;
             cfg.consistency.center_warm_start |= a.center_warm_start;
+            cfg.head.batch_norm |= a.head_batch_norm;
             println!(
                 "peak learning rate {:.3e} ({})",
                 cfg.peak_lr(),
@@ -464,6 +473,7 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
                     format!("base {:.1e} x batch {} / 256", cfg.base_lr, cfg.batch_size)
                 }
             );
+            cfg.validate()?;
             let devices = training_devices(&a.device, cfg.precision)?;
             let dir = RunDir::create(out)?;
             dir.save_config(&cfg)?;

@@ -233,6 +233,10 @@ pub struct HeadConfig {
     /// `norm_last_layer`) maps it to `out`.
     #[serde(default)]
     pub bottleneck: usize,
+    /// Standardise the pooled tokens over the views of a forward pass (batch normalisation
+    /// without affine parameters, as DINO's head option `use_bn`) before the first layer.
+    #[serde(default)]
+    pub batch_norm: bool,
 }
 
 /// The projection head on the mean encoder token: three Linear layers with GELU between them
@@ -247,6 +251,7 @@ pub struct ProjectionHead {
     pub linear3: Linear,
     /// DINO's weight-normalised last layer, `[bottleneck, out]`, no bias.
     pub last: Option<Linear>,
+    batch_norm: bool,
 }
 
 impl ProjectionHead {
@@ -258,6 +263,7 @@ impl ProjectionHead {
             linear2: linear(cfg.hidden, cfg.hidden, true, device),
             linear3: linear(cfg.hidden, third, true, device),
             last: (cfg.bottleneck > 0).then(|| linear(cfg.bottleneck, cfg.out, false, device)),
+            batch_norm: cfg.batch_norm,
         }
     }
 
@@ -266,7 +272,13 @@ impl ProjectionHead {
     /// # Shapes
     /// - `tokens`: `[N, L, D]`; returns `[N, K]`.
     pub fn forward(&self, tokens: Tensor<3>) -> Tensor<2> {
-        let pooled: Tensor<2> = tokens.mean_dim(1).squeeze_dim(1);
+        let mut pooled: Tensor<2> = tokens.mean_dim(1).squeeze_dim(1);
+        if self.batch_norm && pooled.dims()[0] > 1 {
+            let mean = pooled.clone().mean_dim(0);
+            let centred = pooled.sub(mean);
+            let var = centred.clone().powi_scalar(2).mean_dim(0);
+            pooled = centred.div(var.add_scalar(1e-5).sqrt());
+        }
         let x = self.linear3.forward(gelu(self.linear2.forward(gelu(self.linear1.forward(pooled)))));
         let Some(last) = &self.last else { return x };
         // DINO: cosine similarity of the bottleneck code with K unit prototypes.

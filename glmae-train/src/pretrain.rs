@@ -87,7 +87,7 @@ impl PretrainConfig {
         Self {
             encoder,
             decoder,
-            head: HeadConfig { hidden: 2048, out: 512, bottleneck: 0 },
+            head: HeadConfig { hidden: 2048, out: 512, bottleneck: 0, batch_norm: false },
             views: ViewConfig::default(),
             ablation: Ablation::Full,
             lambda: 1.0,
@@ -117,7 +117,7 @@ impl PretrainConfig {
         c.encoder.mlp_dim = 4 * hidden;
         c.encoder.img_size = [views.0 as u32; 3];
         c.decoder = DecoderConfig { width: hidden as usize, depth: 2, heads: heads as usize };
-        c.head = HeadConfig { hidden: 4 * hidden as usize, out: 128, bottleneck: 0 };
+        c.head = HeadConfig { hidden: 4 * hidden as usize, out: 128, bottleneck: 0, batch_norm: false };
         c.views.global = ViewSpec { size: views.0, ..ViewSpec::GLOBAL };
         c.views.local = ViewSpec { size: views.1, ..ViewSpec::LOCAL };
         c.steps = steps;
@@ -136,13 +136,44 @@ impl PretrainConfig {
         encoder.depth = 2;
         encoder.img_size = [16; 3];
         let mut c = Self::with_encoder(encoder, DecoderConfig { width: 12, depth: 1, heads: 2 });
-        c.head = HeadConfig { hidden: 32, out: 16, bottleneck: 0 };
+        c.head = HeadConfig { hidden: 32, out: 16, bottleneck: 0, batch_norm: false };
         c.views.global = ViewSpec { size: 16, ..ViewSpec::GLOBAL };
         c.views.local = ViewSpec { size: 8, ..ViewSpec::LOCAL };
         c.steps = 40;
         c.warmup_steps = 4;
         c.base_lr = 0.5;
         c
+    }
+
+    /// Checks what a run needs before it starts: at least one view of each kind (a view list
+    /// of length 0 reaches burn as an empty tensor), a batch, a mask ratio in [0, 1), positive
+    /// temperatures and a finite, positive learning rate.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let v = &self.views;
+        anyhow::ensure!(
+            v.n_global >= 1 && v.n_local >= 1,
+            "GL-MAE needs at least one global and one local view per volume (got {} global, {} local)",
+            v.n_global,
+            v.n_local
+        );
+        anyhow::ensure!(self.batch_size >= 1 && self.steps >= 1, "batch size and steps must be at least 1");
+        anyhow::ensure!(
+            (0.0..1.0).contains(&v.mask_ratio),
+            "mask ratio {} must be in [0, 1): the encoder needs a visible token",
+            v.mask_ratio
+        );
+        let c = &self.consistency;
+        anyhow::ensure!(
+            [c.tau_student, c.tau_teacher, c.tau_teacher_start].iter().all(|t| t.is_finite() && *t > 0.0),
+            "temperatures must be positive (student {}, teacher {} from {})",
+            c.tau_student,
+            c.tau_teacher,
+            c.tau_teacher_start
+        );
+        let lr = self.peak_lr();
+        anyhow::ensure!(lr.is_finite() && lr > 0.0, "learning rate {lr} must be positive");
+        anyhow::ensure!(self.head.out >= 2, "the head needs at least 2 outputs (got {})", self.head.out);
+        Ok(())
     }
 
     /// The peak learning rate: `lr` when set, otherwise `base_lr * batch_size / 256`.
@@ -371,7 +402,11 @@ impl Pretrainer {
             } else {
                 self.center.clone()
             };
-            let p_t = teacher_probs(t.clone(), center, tau_t).detach();
+            let p_t = match self.cfg.consistency.centering {
+                crate::loss::Centering::Mean => teacher_probs(t.clone(), center, tau_t),
+                crate::loss::Centering::Sinkhorn => crate::loss::sinkhorn_probs(t.clone(), tau_t, 3),
+            }
+            .detach();
             let c = consistency(
                 p_t.clone(),
                 student.reshape([volumes * per, out]),

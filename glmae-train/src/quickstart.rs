@@ -100,7 +100,9 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
     bar.finish_and_clear();
 
     println!("[2/6] GL-MAE pretraining ({} steps)", p.pretrain_steps);
-    let pcfg = PretrainConfig::narrow(p.hidden, p.heads, p.view, p.pretrain_steps, 2);
+    let mut pcfg = PretrainConfig::narrow(p.hidden, p.heads, p.view, p.pretrain_steps, 2);
+    // 150 steps are too few for the default rule's 7.8e-5 (docs/experiments.md, "Learning rate").
+    pcfg.lr = Some(1.5625e-3);
     let pre_dir = RunDir::create(&out.join("pretrain"))?;
     pre_dir.save_config(&pcfg)?;
     let mut prep = Preprocessor::pretraining();

@@ -131,10 +131,23 @@ impl RunDir {
                 .filter(|(_, v)| v.iter().any(|x| *x != 0.0))
                 .collect()
         };
-        let losses = pick(&["loss", "rec_global", "rec_local", "consistency"]);
+        let reconstruction = pick(&["rec_global", "rec_local"]);
+        let total = pick(&["loss", "consistency"]);
         let watch = pick(&["h_cond", "h_marg", "mi"]);
-        let mut panels =
-            vec![crate::plot::Panel { title: "GL-MAE PRETRAINING LOSS", y_label: "LOSS", series: losses }];
+        // The consistency term is two orders of magnitude above the masked-patch MSE: each gets
+        // its own panel so both stay readable.
+        let mut panels = vec![crate::plot::Panel {
+            title: "GL-MAE PRETRAINING: MASKED-PATCH MSE",
+            y_label: "MSE",
+            series: reconstruction,
+        }];
+        if total.iter().any(|(n, _)| *n == "consistency") {
+            panels.push(crate::plot::Panel {
+                title: "TOTAL LOSS AND CONSISTENCY",
+                y_label: "LOSS",
+                series: total,
+            });
+        }
         if !watch.is_empty() {
             panels.push(crate::plot::Panel {
                 title: "COLLAPSE WATCH: TEACHER ENTROPIES",
@@ -272,6 +285,7 @@ pub fn train_loop_on(
     opts: &LoopOptions,
 ) -> Result<Vec<StepMetrics>> {
     ensure!(!cases.is_empty(), "no images to pretrain on");
+    run.cfg.validate()?;
     let mut parallel = if others.is_empty() { None } else { Some(DataParallel::new(run, others)?) };
     let cfg = run.cfg.clone();
     let start = run.step;
