@@ -252,6 +252,10 @@ struct ProbeArgs {
     /// Seed of the random control encoder and the subsample.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Probe the hidden state after this many transformer blocks (0: the patch embedding; UNETR
+    /// taps 3, 6 and 9) instead of the encoder's final normed output.
+    #[arg(long)]
+    blocks: Option<usize>,
     /// cpu or ndarray (cuda with the feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -265,6 +269,7 @@ fn probe(a: ProbeArgs) -> anyhow::Result<()> {
         shifts: a.shifts,
         max_fit: a.max_fit,
         seed: a.seed,
+        blocks: a.blocks,
         ..ProbeOptions::default()
     };
     let spacing = match a.spacing.as_deref() {

@@ -138,6 +138,22 @@ impl Vit {
 }
 
 impl Vit {
+    /// Encodes every token through the first `blocks` transformer blocks only, without the final
+    /// norm (`blocks` 0: the patch embedding plus positions): the hidden state UNETR taps after
+    /// blocks 3, 6 and 9, for probing what each depth holds.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[N, L, C * P^3]`, `pos`: `[L, D]`; returns `[N, L, D]`.
+    pub fn forward_blocks(&self, tokens: Tensor<3>, pos: Tensor<2>, blocks: usize) -> Tensor<3> {
+        let [b, _, _] = tokens.dims();
+        let mut x = self.patch_embedding.patch_embeddings.forward(tokens)
+            + pos.unsqueeze_dim::<3>(0).repeat_dim(0, b);
+        for block in self.blocks.iter().take(blocks) {
+            x = block.forward(x);
+        }
+        x
+    }
+
     /// Encodes every token and also returns the hidden states UNETR taps: after blocks 3, 6
     /// and 9 (before the final norm), then the final normed output.
     pub fn forward_with_taps(&self, tokens: Tensor<3>, pos: Tensor<2>) -> ([Tensor<3>; 3], Tensor<3>) {
@@ -385,6 +401,32 @@ mod tests {
         m.visit(&mut all);
         let first = *all.0.first()?;
         all.0.iter().all(|&b| b == first).then_some(first)
+    }
+
+    /// `forward_blocks` through every block, then the final norm, is `forward`; through none it
+    /// is the patch embedding plus the positions.
+    #[test]
+    fn forward_blocks_is_a_prefix_of_forward() {
+        let device = Device::flex();
+        let cfg = crate::pretrain::PretrainConfig::tiny();
+        let vit = Vit::new(&cfg.encoder, &device);
+        let values = cfg.encoder.patch_size.pow(3) as usize;
+        let (n, d) = (8, cfg.encoder.hidden_size as usize);
+        let x = Tensor::<3>::random([2, n, values], Distribution::Uniform(0.0, 1.0), &device);
+        let pos = Tensor::<2>::random([n, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let host = |t: Tensor<3>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+        let max_diff =
+            |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let full = host(vit.forward(x.clone(), pos.clone(), None));
+        let all =
+            host(vit.norm.forward(vit.forward_blocks(x.clone(), pos.clone(), cfg.encoder.depth as usize)));
+        assert_eq!(full.len(), 2 * n * d);
+        assert!(max_diff(full, all) < 1e-5);
+        let embedded =
+            vit.patch_embedding.patch_embeddings.forward(x.clone()) + pos.clone().unsqueeze_dim::<3>(0);
+        assert!(max_diff(host(embedded), host(vit.forward_blocks(x.clone(), pos.clone(), 0))) < 1e-6);
+        let one = host(vit.forward_blocks(x, pos, 1));
+        assert!(one.iter().all(|v| v.is_finite()));
     }
 
     #[test]

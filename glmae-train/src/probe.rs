@@ -51,6 +51,10 @@ pub struct ProbeOptions {
     pub l2: f64,
     /// At most this many fitting patches, a seeded subsample (k-NN costs fit x eval x width).
     pub max_fit: usize,
+    /// Probe the hidden state after this many transformer blocks (no final norm; 0: the patch
+    /// embedding plus positions) instead of the encoder's normed output.
+    #[serde(default)]
+    pub blocks: Option<usize>,
 }
 
 impl Default for ProbeOptions {
@@ -64,6 +68,7 @@ impl Default for ProbeOptions {
             linear_steps: 300,
             l2: 1e-4,
             max_fit: 100_000,
+            blocks: None,
         }
     }
 }
@@ -201,6 +206,7 @@ pub fn encode_grid(
     image: &Volume,
     patch: usize,
     offset: [usize; 3],
+    blocks: Option<usize>,
     device: &Device,
 ) -> Result<([usize; 3], Vec<f32>)> {
     let grid = grid_shape(image.shape, patch, offset);
@@ -217,12 +223,11 @@ pub fn encode_grid(
     );
     let x = tensor(tokens, [1, n, values], device);
     let pos = tensor(sincos_table(grid, width), [n, width], device);
-    let out = encoder
-        .forward(x, pos, None)
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let out = match blocks {
+        Some(n) => encoder.forward_blocks(x, pos, n),
+        None => encoder.forward(x, pos, None),
+    };
+    let out = out.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     Ok((grid, out))
 }
 
@@ -364,6 +369,7 @@ pub fn features(
     encoder: &Vit,
     volumes: &[ProbeVolume],
     patch: usize,
+    blocks: Option<usize>,
     device: &Device,
 ) -> Result<(Vec<f32>, Vec<u8>, usize)> {
     let mut x = Vec::new();
@@ -371,7 +377,7 @@ pub fn features(
     let mut width = 0;
     for vol in volumes {
         for g in vol.grids.iter().filter(|g| !g.tokens.is_empty()) {
-            let (_, f) = encode_grid(encoder, &vol.image, patch, g.offset, device)
+            let (_, f) = encode_grid(encoder, &vol.image, patch, g.offset, blocks, device)
                 .with_context(|| format!("{}", vol.name.display()))?;
             width = f.len() / g.grid.iter().product::<usize>().max(1);
             for &t in &g.tokens {
@@ -663,8 +669,8 @@ fn counts(y: &[u8], classes: usize) -> Vec<usize> {
 /// volumes and scored on the evaluation volumes.
 pub fn probe(encoder: &Vit, data: &ProbeData, opts: &ProbeOptions, device: &Device) -> Result<ProbeResult> {
     let encoder = encoder.clone().valid();
-    let (mut fit_x, fit_y, width) = features(&encoder, &data.fit, data.patch, device)?;
-    let (mut eval_x, eval_y, _) = features(&encoder, &data.eval, data.patch, device)?;
+    let (mut fit_x, fit_y, width) = features(&encoder, &data.fit, data.patch, opts.blocks, device)?;
+    let (mut eval_x, eval_y, _) = features(&encoder, &data.eval, data.patch, opts.blocks, device)?;
     ensure!(!fit_y.is_empty(), "no fitting patch has a class covering {} of its voxels", opts.min_fraction);
     ensure!(
         !eval_y.is_empty(),
@@ -821,7 +827,8 @@ pub fn probe_run(
     let eval_n: usize = probe_data.eval.iter().map(ProbeVolume::patches).sum();
     let mut markdown = format!(
         "Probe of {} on {}: {} fitting patches from {} volume(s), {} evaluation patches from {} \
-         volume(s), {}^3 patches, {} grid(s) per volume, spacing {:?} mm, k = {}, min fraction {}\n\n",
+         volume(s), {}^3 patches, {} grid(s) per volume, spacing {:?} mm, k = {}, min fraction {}, \
+         features: {}\n\n",
         run.display(),
         data.display(),
         fit_n,
@@ -832,7 +839,9 @@ pub fn probe_run(
         grid_offsets(patch, opts.shifts).len(),
         prep.spacing,
         opts.k,
-        opts.min_fraction
+        opts.min_fraction,
+        opts.blocks
+            .map_or("the encoder's normed output".to_string(), |n| format!("after {n} block(s), no norm"))
     );
     markdown.push_str(&pretrained.markdown_side_by_side(&random, ("pretrained", "random")));
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
