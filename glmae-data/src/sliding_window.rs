@@ -61,10 +61,10 @@ pub fn importance(roi: [usize; 3], blend: Blend) -> Vec<f32> {
                     }
                 }
             }
-            let max = w.iter().fold(0.0f32, |m, v| m.max(*v));
-            // MONAI clamps the smallest weights so border voxels still count.
-            let floor = w.iter().copied().filter(|v| *v > 0.0).fold(f32::MAX, f32::min).max(1e-3 * max);
-            w.iter().map(|v| (v / max).max(floor / max)).collect()
+            // MONAI's `compute_importance_map`: no normalisation, weights clamped below at
+            // max(smallest weight, 1e-3) so border voxels still count.
+            let floor = w.iter().copied().fold(f32::MAX, f32::min).max(1e-3);
+            w.iter().map(|v| v.max(floor)).collect()
         }
     }
 }
@@ -81,11 +81,17 @@ pub struct WindowSpec {
 }
 
 /// The windows of a pass and the running blend of their predictions.
+///
+/// As MONAI's `sliding_window_inference`, an axis shorter than the ROI is padded with zeros to
+/// the ROI, half before (rounded down) and the rest after; windows are laid on the padded volume
+/// and their predictions cropped back to the real one.
 struct Pass<'a> {
     image: &'a [f32],
     channels: usize,
     shape: [usize; 3],
     roi: [usize; 3],
+    /// Zero voxels before the volume on each axis (the padded volume's origin is `-pad`).
+    pad: [usize; 3],
     classes: usize,
     weights: Vec<f32>,
     acc: Vec<f32>,
@@ -110,7 +116,9 @@ impl<'a> Pass<'a> {
         );
         ensure!((0.0..1.0).contains(&spec.overlap), "overlap must be in [0, 1), got {}", spec.overlap);
         let roi = spec.roi;
+        ensure!(roi.iter().all(|&r| r > 0), "window {roi:?} has an empty axis");
         let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(roi[a]));
+        let pad: [usize; 3] = std::array::from_fn(|a| (padded[a] - shape[a]) / 2);
         let (s0, s1, s2) = (
             starts(padded[0], roi[0], spec.overlap),
             starts(padded[1], roi[1], spec.overlap),
@@ -129,6 +137,7 @@ impl<'a> Pass<'a> {
             channels,
             shape,
             roi,
+            pad,
             classes,
             weights: importance(roi, spec.blend),
             acc: vec![0.0; classes * n],
@@ -137,20 +146,27 @@ impl<'a> Pass<'a> {
         })
     }
 
-    /// The window at `start`, edge-replicated where the volume is smaller than the ROI.
-    fn gather(&self, [a, b, c]: [usize; 3]) -> Vec<f32> {
+    /// The part of a window at `start` (on the padded volume) that lies in the real volume, per
+    /// axis: window offsets `lo..hi`, and the real index of `lo`.
+    fn overlap(&self, start: [usize; 3]) -> [(usize, usize, usize); 3] {
+        std::array::from_fn(|a| {
+            let lo = self.pad[a].saturating_sub(start[a]);
+            let hi = self.roi[a].min((self.pad[a] + self.shape[a]).saturating_sub(start[a]));
+            (lo, hi.max(lo), start[a] + lo - self.pad[a])
+        })
+    }
+
+    /// The window at `start` (on the padded volume): the volume's values, zeros in the padding.
+    fn gather(&self, start: [usize; 3]) -> Vec<f32> {
         let (roi, shape, n) = (self.roi, self.shape, self.shape.iter().product::<usize>());
         let mut window = vec![0.0f32; self.channels * roi.iter().product::<usize>()];
+        let [(i0, i1, ri), (j0, j1, rj), (k0, k1, rk)] = self.overlap(start);
         for ch in 0..self.channels {
-            for i in 0..roi[0] {
-                let si = (a + i).min(shape[0] - 1);
-                for j in 0..roi[1] {
-                    let sj = (b + j).min(shape[1] - 1);
+            for i in i0..i1 {
+                for j in j0..j1 {
                     let dst = ((ch * roi[0] + i) * roi[1] + j) * roi[2];
-                    for k in 0..roi[2] {
-                        let sk = (c + k).min(shape[2] - 1);
-                        window[dst + k] = self.image[ch * n + (si * shape[1] + sj) * shape[2] + sk];
-                    }
+                    let src = ch * n + ((ri + i - i0) * shape[1] + rj + j - j0) * shape[2] + rk;
+                    window[dst + k0..dst + k1].copy_from_slice(&self.image[src..src + k1 - k0]);
                 }
             }
         }
@@ -158,7 +174,7 @@ impl<'a> Pass<'a> {
     }
 
     /// Adds one window's prediction, weighted, to the voxels inside the real volume.
-    fn scatter(&mut self, [a, b, c]: [usize; 3], out: &[f32]) -> Result<()> {
+    fn scatter(&mut self, start: [usize; 3], out: &[f32]) -> Result<()> {
         let (roi, shape) = (self.roi, self.shape);
         let rn: usize = roi.iter().product();
         let n: usize = shape.iter().product();
@@ -168,18 +184,16 @@ impl<'a> Pass<'a> {
             out.len(),
             self.classes * rn
         );
-        let (ni, nj, nk) = (
-            roi[0].min(shape[0].saturating_sub(a)),
-            roi[1].min(shape[1].saturating_sub(b)),
-            roi[2].min(shape[2].saturating_sub(c)),
-        );
+        let [(i0, i1, ri), (j0, j1, rj), (k0, k1, rk)] = self.overlap(start);
+        let nk = k1 - k0;
         // Row by row, one class plane at a time: contiguous runs the compiler vectorises
         // (a class-inner loop would touch `classes` planes hundreds of MB apart per voxel).
         // Each value gets the same operations in the same window order either way.
-        let rows = (0..ni).flat_map(|i| (0..nj).map(move |j| (i, j)));
+        let rows = (i0..i1).flat_map(|i| (j0..j1).map(move |j| (i, j)));
+        let voxel = |i: usize, j: usize| ((ri + i - i0) * shape[1] + rj + j - j0) * shape[2] + rk;
         for (i, j) in rows.clone() {
-            let w_row = &self.weights[(i * roi[1] + j) * roi[2]..][..nk];
-            let v0 = ((a + i) * shape[1] + b + j) * shape[2] + c;
+            let w_row = &self.weights[(i * roi[1] + j) * roi[2] + k0..][..nk];
+            let v0 = voxel(i, j);
             for (nv, &w) in self.norm[v0..v0 + nk].iter_mut().zip(w_row) {
                 *nv += w;
             }
@@ -187,8 +201,8 @@ impl<'a> Pass<'a> {
         for cl in 0..self.classes {
             let (acc, out) = (&mut self.acc[cl * n..(cl + 1) * n], &out[cl * rn..(cl + 1) * rn]);
             for (i, j) in rows.clone() {
-                let w0 = (i * roi[1] + j) * roi[2];
-                let v0 = ((a + i) * shape[1] + b + j) * shape[2] + c;
+                let w0 = (i * roi[1] + j) * roi[2] + k0;
+                let v0 = voxel(i, j);
                 let row = acc[v0..v0 + nk].iter_mut().zip(&self.weights[w0..w0 + nk]).zip(&out[w0..w0 + nk]);
                 for ((v, &w), &o) in row {
                     *v += w * o;
@@ -210,8 +224,9 @@ impl<'a> Pass<'a> {
 }
 
 /// Runs `predict` on every window of `image` (`channels x shape`, channel-first) and blends the
-/// `classes`-channel outputs into `(classes, shape)`. The volume is padded (edge-replicated) up to
-/// the ROI where it is smaller. `predict` gets the window's values and returns its logits.
+/// `classes`-channel outputs into `(classes, shape)`. Where the volume is smaller than the ROI it
+/// is padded with zeros, symmetrically, as MONAI does. `predict` gets the window's values and
+/// returns its logits.
 pub fn sliding_window(
     image: &[f32],
     channels: usize,
@@ -358,6 +373,66 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("expected 1024"), "{e}");
+    }
+
+    /// An axis shorter than the ROI is padded as MONAI pads it: zeros, half before (rounded
+    /// down). A model that reports each voxel's position in its window and the window's mean
+    /// shows both: a 5-voxel axis in an 8-voxel ROI sits at window offsets 1..6, and an all-ones
+    /// volume's windows average 5/8 along that axis.
+    #[test]
+    fn short_axes_are_zero_padded_symmetrically_like_monai() {
+        let shape = [12, 5, 4];
+        let roi = [8, 8, 7];
+        let n: usize = shape.iter().product();
+        let rn: usize = roi.iter().product();
+        let image = vec![1.0f32; n];
+        let spec = WindowSpec { roi, overlap: 0.5, blend: Blend::Constant };
+        let out = sliding_window(&image, 1, shape, &spec, 3, |w| {
+            let mean = w.iter().sum::<f32>() / rn as f32;
+            let mut o = vec![0.0; 3 * rn];
+            for i in 0..roi[0] {
+                for j in 0..roi[1] {
+                    for k in 0..roi[2] {
+                        let v = (i * roi[1] + j) * roi[2] + k;
+                        o[v] = j as f32;
+                        o[rn + v] = k as f32;
+                        o[2 * rn + v] = mean;
+                    }
+                }
+            }
+            Ok(o)
+        })
+        .unwrap();
+        for i in 0..shape[0] {
+            for j in 0..shape[1] {
+                for k in 0..shape[2] {
+                    let v = (i * shape[1] + j) * shape[2] + k;
+                    // (8 - 5) / 2 = 1 voxel before on axis 1; (7 - 4) / 2 = 1 on axis 2.
+                    assert_eq!(out[v], (j + 1) as f32, "axis 1 offset at {i},{j},{k}");
+                    assert_eq!(out[n + v], (k + 1) as f32, "axis 2 offset at {i},{j},{k}");
+                    let mean = out[2 * n + v];
+                    assert!((mean - 5.0 * 4.0 / (8.0 * 7.0)).abs() < 1e-6, "padding is not zeros: {mean}");
+                }
+            }
+        }
+    }
+
+    /// The Gaussian weights are MONAI's `compute_importance_map`: exp(-x^2 / (2 sigma^2)) per axis
+    /// with sigma = 0.125 x ROI and x measured from the window's centre, multiplied, clamped
+    /// below at max(smallest, 1e-3), not normalised.
+    #[test]
+    fn gaussian_weights_are_monais() {
+        let roi = [4, 6, 96];
+        let w = importance(roi, Blend::Gaussian);
+        let g = |len: usize, i: usize| {
+            let (sigma, x) = (0.125 * len as f64, i as f64 - (len as f64 - 1.0) / 2.0);
+            (-x * x / (2.0 * sigma * sigma)).exp()
+        };
+        let at = |i: usize, j: usize, k: usize| w[(i * roi[1] + j) * roi[2] + k];
+        let want = (g(4, 1) * g(6, 2) * g(96, 40)).max(1e-3) as f32;
+        assert!((at(1, 2, 40) - want).abs() < 1e-6 * want.max(1e-3), "{} vs {want}", at(1, 2, 40));
+        assert_eq!(at(0, 0, 0), 1e-3, "a corner is clamped to 1e-3");
+        assert!(at(1, 2, 47) < 1.0, "even sizes have no weight of exactly 1");
     }
 
     /// A volume and overlapping windows for [`negation`].
