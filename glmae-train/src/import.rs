@@ -33,6 +33,114 @@ impl Default for ImportOptions {
     }
 }
 
+/// The preprocessing a state dict does not carry, stored in the imported model: each `None`
+/// keeps the BTCV default (RAS, 1.5 x 1.5 x 2 mm, HU [-175, 250] -> [0, 1] clipped, foreground
+/// crop, BTCV's 14 class names or `class N`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImportPreprocessing {
+    /// Target spacing in mm (MONAI's `Spacingd` `pixdim`).
+    pub spacing: Option<[f32; 3]>,
+    /// `ScaleIntensityRanged`'s `a_min, a_max, b_min, b_max`.
+    pub intensity: Option<[f32; 4]>,
+    /// `ScaleIntensityRanged`'s `clip`.
+    pub clip: Option<bool>,
+    /// Cubic ROI edge in voxels (the sliding window); with a learned position table it must be
+    /// the table's grid times the patch.
+    pub roi: Option<u32>,
+    /// Crop to the foreground before inference (`CropForegroundd`).
+    pub crop: Option<bool>,
+    /// Class names, background first (one per output channel).
+    pub classes: Option<Vec<String>>,
+}
+
+impl ImportPreprocessing {
+    /// Applies the choices to the imported `cfg` (its window) and returns the preprocessing to
+    /// store; every value is checked and an error says which flag is wrong.
+    pub fn apply(&self, cfg: &mut UnetrConfig) -> Result<glmae_core::format::OwnedPreprocessing> {
+        let mut prep = glmae_core::format::OwnedPreprocessing::for_classes(cfg.out_channels as usize);
+        if let Some(s) = self.spacing {
+            ensure!(
+                s.iter().all(|v| v.is_finite() && (0.01..=100.0).contains(v)),
+                "--spacing {s:?}: each value must be a voxel size between 0.01 and 100 mm"
+            );
+            prep.target_spacing = s;
+        }
+        if let Some([a_min, a_max, b_min, b_max]) = self.intensity {
+            ensure!(
+                [a_min, a_max, b_min, b_max].iter().all(|v| v.is_finite()) && a_min < a_max && b_min < b_max,
+                "--intensity {a_min},{a_max},{b_min},{b_max}: needs a_min < a_max and b_min < b_max"
+            );
+            prep.intensity =
+                glmae_core::IntensityScaling { a_min, a_max, b_min, b_max, clip: prep.intensity.clip };
+        }
+        if let Some(clip) = self.clip {
+            prep.intensity.clip = clip;
+        }
+        if let Some(crop) = self.crop {
+            prep.foreground_crop = crop;
+        }
+        if let Some(names) = &self.classes {
+            ensure!(
+                names.len() == cfg.out_channels as usize,
+                "--classes lists {} names, the model has {} output channels (background first)",
+                names.len(),
+                cfg.out_channels
+            );
+            prep.class_names = names.clone();
+        }
+        if let Some(roi) = self.roi {
+            let patch = cfg.vit.patch_size;
+            ensure!(
+                roi > 0 && roi.is_multiple_of(patch),
+                "--roi {roi} must be a multiple of the patch size {patch}"
+            );
+            ensure!(
+                cfg.vit.pos_embed == PosEmbed::SinCos || cfg.vit.img_size == [roi; 3],
+                "--roi {roi}: the model's learned position table fixes its window at {:?}",
+                cfg.vit.img_size
+            );
+            cfg.vit.img_size = [roi; 3];
+        }
+        cfg.validate()?;
+        Ok(prep)
+    }
+}
+
+/// Class names from a file: a JSON list, an MSD `labels` map (`{"0": "background", ...}`, alone
+/// or inside a `dataset.json`), or one name per line.
+pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let name = path.display();
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+        let map = v.get("labels").unwrap_or(&v);
+        if let Some(list) = map.as_array() {
+            return list
+                .iter()
+                .map(|x| x.as_str().map(str::to_string).with_context(|| format!("{name}: {x} is not a name")))
+                .collect();
+        }
+        let obj = map.as_object().with_context(|| format!("{name}: expected a list or a labels map"))?;
+        let mut pairs: Vec<(usize, String)> = obj
+            .iter()
+            .map(|(k, v)| {
+                let i = k.parse::<usize>().with_context(|| format!("{name}: label {k:?} is not a number"))?;
+                let s = v.as_str().with_context(|| format!("{name}: label {k} has no name"))?;
+                Ok((i, s.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        pairs.sort();
+        ensure!(
+            pairs.iter().enumerate().all(|(i, (k, _))| i == *k),
+            "{name}: labels must be numbered 0, 1, 2, ... without gaps"
+        );
+        return Ok(pairs.into_iter().map(|(_, s)| s).collect());
+    }
+    let names: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    ensure!(!names.is_empty(), "{name}: no class names");
+    Ok(names)
+}
+
 /// Prefixes wrappers add: DataParallel (`module.`), the GL-MAE authors' `module.backbone.`.
 const PREFIXES: [&str; 3] = ["module.backbone.", "module.", "backbone."];
 
@@ -255,6 +363,84 @@ pub fn import_unetr(path: &Path, opts: &ImportOptions) -> Result<(UnetrConfig, V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No choice keeps the BTCV defaults; each flag lands in the stored preprocessing; `--roi`
+    /// sets a sin-cos model's window and is refused where a learned table fixes it; bad values
+    /// are refused naming the flag.
+    #[test]
+    fn import_preprocessing_applies_and_checks_each_choice() {
+        let mut cfg = glmae_core::testing_config();
+        let prep = ImportPreprocessing::default().apply(&mut cfg).unwrap();
+        assert_eq!(prep, glmae_core::format::OwnedPreprocessing::for_classes(3));
+        assert_eq!(cfg, glmae_core::testing_config());
+
+        let names: Vec<String> = ["background", "liver", "tumour"].map(String::from).to_vec();
+        let choices = ImportPreprocessing {
+            spacing: Some([0.8, 0.8, 3.0]),
+            intensity: Some([-57.0, 164.0, 0.0, 1.0]),
+            clip: Some(false),
+            roi: Some(64),
+            crop: Some(false),
+            classes: Some(names.clone()),
+        };
+        let prep = choices.apply(&mut cfg).unwrap();
+        assert_eq!(prep.target_spacing, [0.8, 0.8, 3.0]);
+        assert_eq!((prep.intensity.a_min, prep.intensity.a_max, prep.intensity.clip), (-57.0, 164.0, false));
+        assert!(!prep.foreground_crop);
+        assert_eq!(prep.class_names, names);
+        assert_eq!(cfg.vit.img_size, [64; 3]);
+
+        let err = |c: ImportPreprocessing, cfg: &mut UnetrConfig| c.apply(cfg).unwrap_err().to_string();
+        let mut learned = glmae_core::testing_config();
+        learned.vit.pos_embed = PosEmbed::Learned;
+        let e = err(ImportPreprocessing { roi: Some(64), ..Default::default() }, &mut learned);
+        assert!(e.contains("learned position table"), "{e}");
+        let e = err(
+            ImportPreprocessing { roi: Some(40), ..Default::default() },
+            &mut glmae_core::testing_config(),
+        );
+        assert!(e.contains("multiple of the patch"), "{e}");
+        let e = err(
+            ImportPreprocessing { intensity: Some([0.0, 1.0, 1.0, 0.0]), ..Default::default() },
+            &mut glmae_core::testing_config(),
+        );
+        assert!(e.contains("--intensity"), "{e}");
+        let e = err(
+            ImportPreprocessing { spacing: Some([1.0, 0.0, 1.0]), ..Default::default() },
+            &mut glmae_core::testing_config(),
+        );
+        assert!(e.contains("--spacing"), "{e}");
+        let e = err(
+            ImportPreprocessing { classes: Some(vec!["background".into()]), ..Default::default() },
+            &mut glmae_core::testing_config(),
+        );
+        assert!(e.contains("3 output channels"), "{e}");
+    }
+
+    /// Class names read the same from a JSON list, an MSD labels map (alone or in a
+    /// dataset.json) and a plain list; a gap in the numbering is refused.
+    #[test]
+    fn class_names_read_from_each_format() {
+        let dir = std::env::temp_dir().join(format!("glmae-classes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let want = vec!["background".to_string(), "spleen".to_string(), "right kidney".to_string()];
+        for (file, text) in [
+            ("list.json", r#"["background", "spleen", "right kidney"]"#),
+            ("map.json", r#"{"2": "right kidney", "0": "background", "1": "spleen"}"#),
+            (
+                "dataset.json",
+                r#"{"name": "x", "labels": {"0": "background", "1": "spleen", "2": "right kidney"}}"#,
+            ),
+            ("names.txt", "background\nspleen\n  right kidney  \n\n"),
+        ] {
+            std::fs::write(dir.join(file), text).unwrap();
+            assert_eq!(read_class_names(&dir.join(file)).unwrap(), want, "{file}");
+        }
+        std::fs::write(dir.join("gap.json"), r#"{"0": "background", "2": "liver"}"#).unwrap();
+        let e = read_class_names(&dir.join("gap.json")).unwrap_err().to_string();
+        assert!(e.contains("without gaps") && e.contains("gap.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn half_precision_decodes() {

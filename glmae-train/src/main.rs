@@ -121,6 +121,25 @@ enum Command {
         /// Store weight matrices as int8.
         #[arg(long)]
         int8: bool,
+        /// Target spacing in mm, as MONAI's Spacingd pixdim (default 1.5,1.5,2).
+        #[arg(long, value_delimiter = ',', num_args = 1)]
+        spacing: Option<Vec<f32>>,
+        /// ScaleIntensityRanged's a_min,a_max,b_min,b_max (default -175,250,0,1).
+        #[arg(long, value_delimiter = ',', num_args = 1, allow_hyphen_values = true)]
+        intensity: Option<Vec<f32>>,
+        /// ScaleIntensityRanged's clip (default true).
+        #[arg(long, action = clap::ArgAction::Set)]
+        clip: Option<bool>,
+        /// Cubic sliding-window ROI in voxels (default: the position table's grid, else 96).
+        #[arg(long)]
+        roi: Option<u32>,
+        /// No foreground crop before inference (CropForegroundd left out).
+        #[arg(long)]
+        no_crop: bool,
+        /// Class names, background first: a JSON list, an MSD labels map or dataset.json, or one
+        /// name per line.
+        #[arg(long)]
+        classes: Option<PathBuf>,
     },
     /// Experiments that compare whole runs: `ablation` (the paper's Table 4 on phantoms).
     #[command(subcommand)]
@@ -618,21 +637,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", report.markdown());
             println!("Dice per case in {}, overlays in {}", out.join("dice.csv").display(), out.display());
         }
-        Command::Import { input, out, heads, eps, int8 } => {
+        Command::Import { input, out, heads, eps, int8, spacing, intensity, clip, roi, no_crop, classes } => {
+            use glmae_train::import::{ImportPreprocessing, read_class_names};
             let opts = glmae_train::import::ImportOptions { num_heads: heads, layer_norm_eps: eps };
-            let (cfg, tensors) = glmae_train::import::import_unetr(&input, &opts)?;
+            let (mut cfg, tensors) = glmae_train::import::import_unetr(&input, &opts)?;
             let precision = if int8 { Precision::Int8 } else { Precision::F32 };
-            let prep = glmae_core::format::OwnedPreprocessing::for_classes(cfg.out_channels as usize);
+            let three = |v: Option<Vec<f32>>, n: usize, flag: &str| -> anyhow::Result<Option<Vec<f32>>> {
+                if let Some(v) = &v {
+                    anyhow::ensure!(v.len() == n, "{flag} takes {n} comma-separated values, got {}", v.len());
+                }
+                Ok(v)
+            };
+            let choices = ImportPreprocessing {
+                spacing: three(spacing, 3, "--spacing")?.map(|v| [v[0], v[1], v[2]]),
+                intensity: three(intensity, 4, "--intensity")?.map(|v| [v[0], v[1], v[2], v[3]]),
+                clip,
+                roi,
+                crop: no_crop.then_some(false),
+                classes: classes.as_deref().map(read_class_names).transpose()?,
+            };
+            let prep = choices.apply(&mut cfg)?;
+            println!(
+                "preprocessing: {} {:?} mm, intensity [{}, {}] -> [{}, {}]{}, {}, window {:?}; classes: {}",
+                prep.orientation,
+                prep.target_spacing,
+                prep.intensity.a_min,
+                prep.intensity.a_max,
+                prep.intensity.b_min,
+                prep.intensity.b_max,
+                if prep.intensity.clip { " clipped" } else { "" },
+                if prep.foreground_crop { "foreground crop" } else { "no crop" },
+                cfg.vit.img_size,
+                prep.class_names.join(", ")
+            );
             let bytes = glmae_core::format::ModelBuilder::from_params(cfg, prep, precision, |p| {
                 tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
             })?
             .to_bytes()?;
             glmae_data::io::atomic_write(&out, &bytes)?;
-            println!(
-                "wrote {} ({} bytes); preprocessing and class names are BTCV defaults",
-                out.display(),
-                bytes.len()
-            );
+            println!("wrote {} ({} bytes) with that preprocessing", out.display(), bytes.len());
         }
         Command::Export { run, out, int8, which } => {
             let ft = glmae_train::finetune::Finetuner::load(
