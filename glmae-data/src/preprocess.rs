@@ -82,8 +82,7 @@ impl Preprocessor {
 
         let old = img.affine.spacing();
         let target = self.spacing.map(f64::from);
-        let shape: [usize; 3] =
-            std::array::from_fn(|a| ((img.shape[a] as f64 * old[a] / target[a]).round() as usize).max(1));
+        let shape = respaced_shape(img.shape, old, target);
         let step: [f64; 3] = std::array::from_fn(|a| target[a] / old[a]);
         let sampling = Sampling::respace(shape, step);
         let mut img = resample_linear(&img, &sampling);
@@ -102,6 +101,17 @@ impl Preprocessor {
         let lab = lab.map(|l| crop.apply(&l));
         Ok((img, lab, Inverse { map, oriented_shape, resampled_shape, step, crop }))
     }
+}
+
+/// The grid MONAI's `Spacingd` resamples `shape` voxels of spacing `old` onto at spacing `new`
+/// (`compute_shape_offset` with `scale_extent=False`): the distance from the first to the last
+/// voxel centre in new voxels, plus one, rounded half to even as numpy does. (Rounding
+/// `shape * old / new` instead gave one voxel fewer or more on some axes.)
+pub fn respaced_shape(shape: [usize; 3], old: [f64; 3], new: [f64; 3]) -> [usize; 3] {
+    std::array::from_fn(|a| {
+        let span = shape[a].saturating_sub(1) as f64 * old[a] / new[a];
+        ((span + 1.0).round_ties_even() as usize).max(1)
+    })
 }
 
 /// An axis permutation with flips: output axis `a` reads input axis `from[a]`, reversed when
@@ -316,6 +326,22 @@ impl Inverse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Output grids as MONAI 1.6.1's `Spacing(pixdim=(1.5, 1.5, 2.0))` makes them (shapes read
+    /// from MONAI on these inputs: `MetaTensor(torch.rand((1, *shape)), affine=diag(old))`).
+    #[test]
+    fn respaced_shapes_are_monais() {
+        let new = [1.5, 1.5, 2.0];
+        for (shape, old, monai) in [
+            ([100, 90, 37], [0.8, 0.8, 2.5], [54, 48, 46]),
+            ([61, 47, 30], [0.7, 0.93, 3.0], [29, 30, 44]),
+            ([90, 64, 45], [2.0, 1.0, 1.0], [120, 43, 23]),
+            ([33, 33, 33], [1.5, 1.5, 2.0], [33, 33, 33]),
+            ([1, 5, 2], [1.0, 1.0, 1.0], [1, 4, 2]),
+        ] {
+            assert_eq!(respaced_shape(shape, old, new), monai, "{shape:?} at {old:?}");
+        }
+    }
 
     fn ramp(shape: [usize; 3], affine: Affine) -> Volume {
         let data = (0..shape.iter().product::<usize>()).map(|i| i as f32).collect();
