@@ -93,7 +93,9 @@ impl Preprocessor {
             *v = self.intensity.apply(*v);
         }
         let crop = if self.foreground_crop {
-            foreground_box(&img, self.intensity.b_min).unwrap_or(CropBox::whole(img.shape))
+            // MONAI's `CropForegroundd` default `select_fn` is `x > 0` whatever the intensity
+            // window; with no foreground at all MONAI crops to nothing, we keep the volume.
+            foreground_box(&img, 0.0).unwrap_or(CropBox::whole(img.shape))
         } else {
             CropBox::whole(img.shape)
         };
@@ -326,6 +328,33 @@ impl Inverse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The foreground crop keeps voxels above 0 after the intensity mapping, as MONAI's
+    /// `CropForegroundd` default `select_fn`, also when the window maps to [-1, 1].
+    #[test]
+    fn foreground_is_above_zero_after_scaling_as_monai() {
+        let shape = [6, 5, 4];
+        let n: usize = shape.iter().product();
+        // HU -1000 everywhere, -100 in a 2x2x2 block, 300 in one voxel of it.
+        let mut data = vec![-1000.0f32; n];
+        for (i, j, k) in
+            [(1, 1, 1), (1, 1, 2), (1, 2, 1), (1, 2, 2), (2, 1, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2)]
+        {
+            data[(i * shape[1] + j) * shape[2] + k] = -100.0;
+        }
+        data[(2 * shape[1] + 2) * shape[2] + 2] = 300.0;
+        let v = Volume::new(data, shape, Affine::from_spacing([1.0; 3]));
+        let mut p = Preprocessor::pretraining();
+        p.spacing = [1.0; 3];
+        // [-1000, 1000] -> [-1, 1]: -100 maps to -0.1 (not foreground), 300 to 0.3.
+        p.intensity = IntensityScaling { a_min: -1000.0, a_max: 1000.0, b_min: -1.0, b_max: 1.0, clip: true };
+        p.foreground_crop = true;
+        let (out, _) = p.apply(&v).unwrap();
+        assert_eq!(out.shape, [1, 1, 1], "only the 300 HU voxel is above 0 after scaling");
+        // [-1000, 1000] -> [0, 1]: every voxel above -1000 HU is foreground.
+        p.intensity = IntensityScaling { a_min: -1000.0, a_max: 1000.0, b_min: 0.0, b_max: 1.0, clip: true };
+        assert_eq!(p.apply(&v).unwrap().0.shape, [2, 2, 2]);
+    }
 
     /// Output grids as MONAI 1.6.1's `Spacing(pixdim=(1.5, 1.5, 2.0))` makes them (shapes read
     /// from MONAI on these inputs: `MetaTensor(torch.rand((1, *shape)), affine=diag(old))`).
