@@ -6,7 +6,10 @@
 //! `GLMAE_REQUIRE_MONAI=1`.
 
 use std::path::Path;
-use std::process::Command;
+
+#[path = "../../scripts/rust/monai_reference.rs"]
+mod monai_reference;
+use monai_reference::run_monai_script;
 
 use glmae_data::sliding_window::{Blend, WindowSpec, sliding_window};
 
@@ -34,20 +37,8 @@ fn model(w: &[f32], roi: [usize; 3]) -> Vec<f32> {
 #[test]
 fn sliding_window_matches_monai() {
     let dir = std::env::temp_dir().join(format!("glmae-monai-sw-{}", std::process::id()));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/monai_sliding_window.py");
-    let out = Command::new("python3").arg(script).arg(&dir).output();
-    let required = std::env::var_os("GLMAE_REQUIRE_MONAI").is_some();
-    match out {
-        Ok(o) if o.status.success() => {}
-        other => {
-            let why = match other {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default().to_string(),
-                Err(e) => e.to_string(),
-            };
-            assert!(!required, "MONAI reference failed: {why}");
-            eprintln!("SKIPPED: python3 with torch + monai is not available ({why})");
-            return;
-        }
+    if !run_monai_script("monai_sliding_window.py", &dir) {
+        return;
     }
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();

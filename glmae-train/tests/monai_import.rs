@@ -10,23 +10,15 @@ use std::process::Command;
 use glmae_core::format::{ModelBuilder, OwnedPreprocessing, Precision};
 use glmae_train::import::{ImportOptions, import_unetr, read_tensors};
 
+#[path = "../../scripts/rust/monai_reference.rs"]
+mod monai_reference;
+use monai_reference::run_monai_script;
+
 #[test]
 fn imported_monai_unetr_reproduces_monai_output() {
     let dir = std::env::temp_dir().join(format!("glmae-monai-{}", std::process::id()));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/monai_reference.py");
-    let out = Command::new("python3").arg(script).arg(&dir).output();
-    let required = std::env::var_os("GLMAE_REQUIRE_MONAI").is_some();
-    match out {
-        Ok(o) if o.status.success() => {}
-        other => {
-            let why = match other {
-                Ok(o) => String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default().to_string(),
-                Err(e) => e.to_string(),
-            };
-            assert!(!required, "MONAI reference failed: {why}");
-            eprintln!("SKIPPED: python3 with torch + monai is not available ({why})");
-            return;
-        }
+    if !run_monai_script("monai_reference.py", &dir) {
+        return;
     }
     let opts = ImportOptions { num_heads: 2, layer_norm_eps: 1e-5 };
     let io = read_tensors(&dir.join("io.safetensors")).unwrap();
