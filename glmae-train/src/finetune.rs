@@ -81,6 +81,19 @@ impl FinetuneConfig {
         }
     }
 
+    /// A run continuing from the `.glmae` model at `path`: its UNETR (window, position table,
+    /// classes), preprocessing and class names, with the method.md training defaults.
+    pub fn from_model_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file =
+            glmae_core::ModelFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let names = file.preprocessing.class_names.iter().map(str::to_string).collect();
+        let mut cfg = Self::new(file.config, names);
+        cfg.preprocessing = Preprocessor::from_model(&file.preprocessing);
+        cfg.init_from = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
     /// Warm-up then cosine decay to 0.
     pub fn lr_at(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
@@ -100,6 +113,11 @@ impl FinetuneConfig {
     pub fn window(&self) -> WindowSpec {
         WindowSpec { roi: self.roi(), overlap: self.overlap, blend: self.blend }
     }
+}
+
+/// Whether `init_from` names a `.glmae` model rather than a pretraining run folder.
+pub fn is_model_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "glmae")
 }
 
 /// The seeded subset of `cases` a label fraction keeps (at least one case).
@@ -196,7 +214,20 @@ impl Finetuner {
     pub fn new(cfg: FinetuneConfig, device: Device) -> Result<Self> {
         device.seed(cfg.seed);
         let mut model = Unetr::new(&cfg.unetr, &device);
-        if let Some(run) = &cfg.init_from {
+        if let Some(path) = cfg.init_from.as_ref().filter(|p| is_model_file(p)) {
+            // A whole UNETR (e.g. imported from MONAI): every weight, position table included.
+            let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let file = glmae_core::ModelFile::parse(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            ensure!(
+                file.config == cfg.unetr,
+                "{}: its UNETR ({:?}) is not this run's ({:?})",
+                path.display(),
+                file.config,
+                cfg.unetr
+            );
+            model = Unetr::from_model_file(&file, &device).with_context(|| format!("{}", path.display()))?;
+        } else if let Some(run) = &cfg.init_from {
             let dir = crate::run::RunDir::open(run)?;
             let pre = dir.load_weights(device.clone())?;
             let (a, b) = (&pre.cfg.encoder, &cfg.unetr.vit);
@@ -402,28 +433,23 @@ pub fn train(mut ft: Finetuner, ds: &glmae_data::Dataset, out: &Path, loader_thr
     Ok(best)
 }
 
-/// Draws `metrics.csv` (DiceCE, Dice and CE terms) and `validation.csv` (mean Dice) of a run into
-/// `loss.png` and `validation.png`.
+/// Draws `metrics.csv` (DiceCE, Dice and CE terms) into `loss.png` and, where the run
+/// validated, `validation.csv` (mean Dice) into `validation.png`, both against the step.
 pub fn plot_curves(out: &Path) -> Result<()> {
-    let read = |name: &str, cols: usize| -> Result<Vec<Vec<f64>>> {
-        let p = out.join(name);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        let mut series = vec![Vec::new(); cols];
-        for line in text.lines().skip(1) {
-            let v: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
-            for (k, s) in series.iter_mut().enumerate() {
-                s.push(v.get(k + 1).copied().unwrap_or(f64::NAN));
-            }
-        }
-        Ok(series)
-    };
-    let m = read("metrics.csv", 3)?;
-    let losses = vec![("dicece", m[0].clone()), ("dice_loss", m[1].clone()), ("ce", m[2].clone())];
-    crate::plot::line_chart(&out.join("loss.png"), "UNETR FINE-TUNING LOSS", &losses)?;
-    let v = read("validation.csv", 1)?;
-    crate::plot::line_chart(
+    crate::plot::csv_chart(
+        &out.join("metrics.csv"),
+        &out.join("loss.png"),
+        "UNETR FINE-TUNING LOSS",
+        &[("dicece", "loss"), ("dice_loss", "dice_loss"), ("ce", "ce")],
+    )?;
+    let validation = out.join("validation.csv");
+    if !validation.is_file() {
+        return Ok(());
+    }
+    crate::plot::csv_chart(
+        &validation,
         &out.join("validation.png"),
         "VALIDATION MEAN DICE",
-        &[("mean_dice", v[0].clone())],
+        &[("mean_dice", "mean_dice")],
     )
 }

@@ -16,7 +16,7 @@ use glmae_core::params::for_each_param;
 use glmae_core::{PosEmbed, UnetrConfig, VitConfig};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::export::NamedTensor;
+use crate::naming::NamedTensor;
 
 /// What the weights cannot tell: MONAI's defaults are 12 heads and LayerNorm eps 1e-5.
 #[derive(Clone, Debug, PartialEq)]

@@ -171,9 +171,23 @@ struct FinetuneArgs {
     /// Encoder preset: vit-t, vit-b or tiny.
     #[arg(long, default_value = "vit-t")]
     model: String,
-    /// Start from this pretraining run's encoder (default: from scratch).
+    /// Start from this pretraining run's encoder, whose shape then replaces the preset's, or
+    /// from every weight of this `.glmae` model (e.g. `import`ed from MONAI), whose
+    /// architecture, preprocessing and class names then replace --model, --roi, --feature-size
+    /// and --spacing (default: from scratch).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Encoder width for a from-scratch run of the same shape as a narrow pretraining run
+    /// (`pretrain --hidden`); with it, --heads.
+    #[arg(long, requires = "heads", conflicts_with = "init")]
+    hidden: Option<u32>,
+    /// Attention heads with --hidden.
+    #[arg(long, requires = "hidden")]
+    heads: Option<u32>,
+    /// Target spacing in mm that images and labels are resampled to (default 1.5,1.5,2, MONAI's
+    /// BTCV recipe); give the data's own spacing to train on its grid.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    spacing: Option<Vec<f32>>,
     /// Keep the encoder fixed (linear evaluation).
     #[arg(long)]
     freeze_encoder: bool,
@@ -222,13 +236,54 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
         "{}: the \"labels\" map needs background and at least one class",
         a.data.display()
     );
-    let roi = a.roi.unwrap_or(if a.model == "tiny" { 32 } else { 96 });
-    let mut unetr = glmae_train::presets::unetr(&a.model, classes, roi)?;
-    unetr.feature_size = if a.model == "tiny" { unetr.feature_size } else { a.feature_size };
-    let names =
-        (0..classes).map(|c| ds.labels.get(&c).cloned().unwrap_or_else(|| format!("class {c}"))).collect();
-    let mut cfg = FinetuneConfig::new(unetr, names);
-    cfg.init_from = a.init.clone();
+    let mut cfg = match &a.init {
+        // A whole model: its architecture, preprocessing and class names carry over.
+        Some(model) if glmae_train::finetune::is_model_file(model) => {
+            anyhow::ensure!(
+                a.roi.is_none() && a.spacing.is_none(),
+                "--roi and --spacing are the model's own when --init is a .glmae file"
+            );
+            let cfg = FinetuneConfig::from_model_file(model)?;
+            anyhow::ensure!(
+                cfg.class_names.len() == classes as usize,
+                "{} has {} classes ({}), {} has {classes}: fine-tuning keeps the model's output layer",
+                model.display(),
+                cfg.class_names.len(),
+                cfg.class_names.join(", "),
+                a.data.display()
+            );
+            cfg
+        }
+        _ => {
+            let roi = a.roi.unwrap_or(if a.model == "tiny" { 32 } else { 96 });
+            let mut unetr = glmae_train::presets::unetr(&a.model, classes, roi)?;
+            unetr.feature_size = if a.model == "tiny" { unetr.feature_size } else { a.feature_size };
+            if let Some(run) = &a.init {
+                // The encoder is the pretraining run's, whatever its width; only the window is ours.
+                let encoder = glmae_train::run::RunDir::open(run)?.load_config()?.encoder;
+                unetr.vit = glmae_core::VitConfig { img_size: unetr.vit.img_size, ..encoder };
+            }
+            if let (Some(hidden), Some(heads)) = (a.hidden, a.heads) {
+                let narrow =
+                    glmae_train::pretrain::PretrainConfig::narrow(hidden, heads, (64, 32), 1, 2).encoder;
+                unetr.vit = glmae_core::VitConfig { img_size: unetr.vit.img_size, ..narrow };
+            }
+            unetr.validate()?;
+            let names = (0..classes)
+                .map(|c| ds.labels.get(&c).cloned().unwrap_or_else(|| format!("class {c}")))
+                .collect();
+            let mut cfg = FinetuneConfig::new(unetr, names);
+            cfg.init_from = a.init.clone();
+            cfg
+        }
+    };
+    if let Some(s) = &a.spacing {
+        anyhow::ensure!(
+            s.len() == 3 && s.iter().all(|v| v.is_finite() && *v > 0.0),
+            "--spacing needs three positive millimetre values, got {s:?}"
+        );
+        cfg.preprocessing.spacing = [s[0], s[1], s[2]];
+    }
     cfg.freeze_encoder = a.freeze_encoder;
     cfg.label_fraction = a.label_fraction;
     cfg.steps = a.steps;

@@ -153,13 +153,19 @@ impl Canvas {
 pub const PALETTE: [[u8; 3]; 6] =
     [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [90, 90, 90]];
 
-/// Writes a line chart of `series` (name, values per step) to `path` atomically: one panel of
-/// [`panels_chart`] with the values against their index.
-pub fn line_chart(path: &Path, title: &str, series: &[(&str, Vec<f64>)]) -> Result<()> {
-    let n = series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
-    let x: Vec<f64> = (0..n).map(|i| i as f64).collect();
-    let series = series.iter().map(|(name, v)| (*name, v.clone())).collect();
-    panels_chart(path, &x, &[Panel { title, y_label: "", series }])
+/// Writes the columns of a run's CSV (`metrics.csv`, `validation.csv`) against its `step` column
+/// as one panel of [`panels_chart`] to `png`. `columns` pairs a legend name with a column name;
+/// a missing column is an error naming the file.
+pub fn csv_chart(csv: &Path, png: &Path, title: &str, columns: &[(&str, &str)]) -> Result<()> {
+    let table = read_csv(csv)?;
+    let mut series = Vec::with_capacity(columns.len());
+    for &(name, column) in columns {
+        let values = table
+            .column(column)
+            .ok_or_else(|| anyhow::anyhow!("{} has no column {column:?}", csv.display()))?;
+        series.push((name, values));
+    }
+    panels_chart(png, &table.x("step"), &[Panel { title, y_label: "", series }])
 }
 
 /// One chart of a [`panels_chart`] figure.
@@ -207,6 +213,19 @@ fn tick_label(v: f64, step: f64) -> String {
     format!("{v:.decimals$}")
 }
 
+/// Ticks of an x axis in steps from `xmin` to `xmax`: about six, at whole steps only (a run
+/// validated at steps 100, 200 and 300 gets ticks 100, 120, ... 300, not one per row).
+fn step_ticks(xmin: f64, xmax: f64) -> Vec<(f64, String)> {
+    let xs = tick_step(xmax - xmin, 6.0).max(1.0);
+    let mut ticks = Vec::new();
+    let mut t = (xmin / xs).ceil() * xs;
+    while t <= xmax * (1.0 + 1e-9) {
+        ticks.push((t, tick_label(t, xs)));
+        t += xs;
+    }
+    ticks
+}
+
 fn draw_panel(c: &mut Canvas, (ox, oy): (i64, i64), (w, h): (i64, i64), x: &[f64], panel: &Panel<'_>) {
     let (left, right, top, bottom) = (80i64, 20i64, 44i64, 48i64);
     let (pw, ph) = (w - left - right, h - top - bottom);
@@ -237,14 +256,10 @@ fn draw_panel(c: &mut Canvas, (ox, oy): (i64, i64), (w, h): (i64, i64), x: &[f64
         c.text(x0 - 8 - 8 * label.len() as i64, y - 5, &label, 2, axis);
         t += ys;
     }
-    let xs = tick_step(xmax - xmin, 6.0);
-    let mut t = (xmin / xs).ceil() * xs;
-    while t <= xmax * (1.0 + 1e-9) {
+    for (t, label) in step_ticks(xmin, xmax) {
         let xp = px(t);
         c.line((xp, y0 + ph), (xp, y0 + ph + 5), axis);
-        let label = tick_label(t, xs.max(1.0));
         c.text(xp - 4 * label.len() as i64, y0 + ph + 9, &label, 2, axis);
-        t += xs;
     }
     c.line((x0, y0), (x0, y0 + ph), axis);
     c.line((x0, y0 + ph), (x0 + pw, y0 + ph), axis);
@@ -308,5 +323,29 @@ mod tests {
         assert_eq!(tick_step(800.0, 6.0), 100.0);
         assert_eq!(tick_label(0.005, 0.005), "0.005");
         assert_eq!(tick_label(300.0, 100.0), "300");
+    }
+
+    #[test]
+    fn step_ticks_are_whole_steps_in_range() {
+        let labels = |a, b| step_ticks(a, b).into_iter().map(|(_, l)| l).collect::<Vec<_>>();
+        // Three validations: ticks in steps, not the rows' indices 0, 1, 2.
+        let t = labels(100.0, 300.0);
+        assert_eq!((t.first().unwrap().as_str(), t.last().unwrap().as_str(), t.len()), ("100", "300", 11));
+        // A two-step run has no fractional ticks (there were five labelled "0" or "1").
+        assert_eq!(labels(0.0, 2.0), ["0", "1", "2"]);
+    }
+
+    #[test]
+    fn csv_chart_names_a_missing_column() {
+        let dir = std::env::temp_dir().join(format!("glmae-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("validation.csv");
+        std::fs::write(&csv, "step,mean_dice\n100,0.1\n200,0.3\n").unwrap();
+        let png = dir.join("v.png");
+        csv_chart(&csv, &png, "T", &[("dice", "mean_dice")]).unwrap();
+        assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+        let err = csv_chart(&csv, &png, "T", &[("ce", "ce")]).unwrap_err().to_string();
+        assert!(err.contains("validation.csv") && err.contains("\"ce\""), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

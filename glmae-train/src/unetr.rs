@@ -4,16 +4,17 @@
 //! the reference forward pass share one definition of the decoder.
 
 use anyhow::Result;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfig};
 use burn::nn::{InstanceNorm, InstanceNormConfig, PaddingConfig3d};
 use burn::tensor::activation::leaky_relu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 use glmae_core::UnetrConfig;
+use glmae_core::config::PosEmbed;
 use glmae_core::params::{DecoderLayout, ResBlockShape};
 
-use crate::export::{NamedTensor, encoder_tensors, push};
 use crate::model::Vit;
+use crate::naming::{Layout, NamedTensor, ParamVisitor, Reader, Writer, walk_vit};
 use crate::views::sincos_table;
 
 fn conv(i: usize, o: usize, k: usize, bias: bool, device: &Device) -> Conv3d {
@@ -109,6 +110,10 @@ pub struct Unetr {
     pub ups: Vec<Up>,
     /// 1x1x1 output conv with bias.
     pub out: Conv3d,
+    /// MONAI's learned position table `(tokens, hidden)` for the configured window, when the
+    /// model has one (`PosEmbed::Learned`, e.g. an imported MONAI UNETR); else the sin-cos
+    /// embedding is made for each window's token grid.
+    pub position_embeddings: Option<Param<Tensor<2>>>,
     patch: usize,
 }
 
@@ -156,8 +161,30 @@ impl Unetr {
                 })
                 .collect(),
             out: conv(l.out_in_ch, l.classes, 1, true, device),
+            // MONAI initialises its learned table with trunc_normal(std 0.02).
+            position_embeddings: (cfg.vit.pos_embed == PosEmbed::Learned).then(|| {
+                let n = cfg.vit.num_tokens();
+                Param::from_tensor(Tensor::random([n, e], Distribution::Normal(0.0, 0.02), device))
+            }),
             patch: cfg.vit.patch_size as usize,
         }
+    }
+
+    /// A UNETR with every weight of a `.glmae` model (int8 weights dequantised), ready to
+    /// fine-tune: the architecture, learned position table included, is the file's.
+    pub fn from_model_file(file: &glmae_core::ModelFile<'_>, device: &Device) -> Result<Self> {
+        let tensors = file.tensors().map(|(name, t)| {
+            let mut values = vec![0f32; t.len()];
+            t.copy_to(&mut values);
+            let shape = t.shape().dims().iter().map(|&d| d as usize).collect();
+            NamedTensor { name: name.to_string(), shape, values }
+        });
+        let mut writer = Writer::new(tensors);
+        let mut model = Self::new(&file.config, device);
+        model.walk(&mut writer, &file.config)?;
+        let unused = writer.unused();
+        anyhow::ensure!(unused.is_empty(), "tensors this UNETR has no place for: {}", unused.join(", "));
+        Ok(model)
     }
 
     /// Logits `(batch, classes, d, h, w)` for `x` (`(batch, channels, d, h, w)`, sides multiples
@@ -168,7 +195,11 @@ impl Unetr {
         let grid = [d / p, h / p, w / p];
         let e = self.vit.norm.gamma.dims()[0];
         let n = grid.iter().product::<usize>();
-        let pos = crate::model::tensor(sincos_table(grid, e), [n, e], &x.device());
+        let pos = match &self.position_embeddings {
+            // The table is for the configured window; sliding windows always have that shape.
+            Some(table) => table.val(),
+            None => crate::model::tensor(sincos_table(grid, e), [n, e], &x.device()),
+        };
         let (taps, last) = self.vit.forward_with_taps(patchify(x.clone(), p), pos);
         let volume = |t: Tensor<3>| -> Tensor<5> {
             t.reshape([b, grid[0], grid[1], grid[2], e]).permute([0, 4, 1, 2, 3])
@@ -194,35 +225,50 @@ impl Unetr {
 
     /// Every parameter under MONAI's names, in PyTorch layout (glmae-core's order).
     pub fn named_tensors(&self, cfg: &UnetrConfig) -> Result<Vec<NamedTensor>> {
-        let mut out = encoder_tensors(&self.vit, &cfg.vit)?;
-        push_res(&mut out, "encoder1.layer", &self.encoder1)?;
+        let mut reader = Reader::default();
+        self.clone().walk(&mut reader, cfg)?;
+        Ok(reader.tensors)
+    }
+
+    /// Visits every parameter under its MONAI name in glmae-core's order: the one place the
+    /// decoder's names are bound (the encoder's are in [`walk_vit`]).
+    pub fn walk(&mut self, v: &mut impl ParamVisitor, cfg: &UnetrConfig) -> Result<()> {
+        walk_vit(v, &mut self.vit, &cfg.vit, self.position_embeddings.as_mut())?;
+        walk_res(v, "encoder1.layer", &mut self.encoder1)?;
         let layout = DecoderLayout::new(cfg);
-        for (s, shape) in self.skips.iter().zip(layout.skips) {
+        for (s, shape) in self.skips.iter_mut().zip(layout.skips) {
             let n = shape.prefix;
-            push(&mut out, format!("{n}.transp_conv_init.conv.weight"), s.transp_conv_init.weight.val())?;
-            for (j, stage) in s.blocks.iter().enumerate() {
-                push(&mut out, format!("{n}.blocks.{j}.0.conv.weight"), stage.transp.weight.val())?;
-                push_res(&mut out, &format!("{n}.blocks.{j}.1"), &stage.res)?;
+            kernel(v, &format!("{n}.transp_conv_init.conv.weight"), &mut s.transp_conv_init.weight)?;
+            for (j, stage) in s.blocks.iter_mut().enumerate() {
+                kernel(v, &format!("{n}.blocks.{j}.0.conv.weight"), &mut stage.transp.weight)?;
+                walk_res(v, &format!("{n}.blocks.{j}.1"), &mut stage.res)?;
             }
         }
-        for (u, shape) in self.ups.iter().zip(layout.ups) {
+        for (u, shape) in self.ups.iter_mut().zip(layout.ups) {
             let n = shape.prefix;
-            push(&mut out, format!("{n}.transp_conv.conv.weight"), u.transp_conv.weight.val())?;
-            push_res(&mut out, &format!("{n}.conv_block"), &u.conv_block)?;
+            kernel(v, &format!("{n}.transp_conv.conv.weight"), &mut u.transp_conv.weight)?;
+            walk_res(v, &format!("{n}.conv_block"), &mut u.conv_block)?;
         }
-        push(&mut out, "out.conv.conv.weight".into(), self.out.weight.val())?;
-        if let Some(b) = &self.out.bias {
-            push(&mut out, "out.conv.conv.bias".into(), b.val())?;
+        kernel(v, "out.conv.conv.weight", &mut self.out.weight)?;
+        if let Some(b) = self.out.bias.clone() {
+            self.out.bias = Some(v.param("out.conv.conv.bias", b, Layout::Same)?);
         }
-        Ok(out)
+        Ok(())
     }
 }
 
-fn push_res(out: &mut Vec<NamedTensor>, prefix: &str, r: &ResBlock) -> Result<()> {
-    push(out, format!("{prefix}.conv1.conv.weight"), r.conv1.weight.val())?;
-    push(out, format!("{prefix}.conv2.conv.weight"), r.conv2.weight.val())?;
-    if let Some(c3) = &r.conv3 {
-        push(out, format!("{prefix}.conv3.conv.weight"), c3.weight.val())?;
+/// A convolution kernel: burn's Conv3d `(out, in, k, k, k)` and ConvTranspose3d
+/// `(in, out, k, k, k)` are PyTorch's layouts.
+fn kernel(v: &mut impl ParamVisitor, name: &str, w: &mut Param<Tensor<5>>) -> Result<()> {
+    *w = v.param(name, w.clone(), Layout::Same)?;
+    Ok(())
+}
+
+fn walk_res(v: &mut impl ParamVisitor, prefix: &str, r: &mut ResBlock) -> Result<()> {
+    kernel(v, &format!("{prefix}.conv1.conv.weight"), &mut r.conv1.weight)?;
+    kernel(v, &format!("{prefix}.conv2.conv.weight"), &mut r.conv2.weight)?;
+    if let Some(c3) = r.conv3.as_mut() {
+        kernel(v, &format!("{prefix}.conv3.conv.weight"), &mut c3.weight)?;
     }
     Ok(())
 }

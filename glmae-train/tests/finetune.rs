@@ -135,5 +135,25 @@ fn fine_tuning_learns_validates_and_exports() {
     let agree =
         core_labels.iter().zip(&burn_labels).filter(|(a, b)| a == b).count() as f64 / v.voxels() as f64;
     assert!(agree > 0.999, "core and burn labels agree on only {agree}");
+
+    // `finetune --init model.glmae`: the run takes the file's architecture, preprocessing and
+    // class names, starts from every one of its weights, and trains them.
+    let path = root.join("model.glmae");
+    std::fs::write(&path, &bytes).unwrap();
+    let from_file = FinetuneConfig::from_model_file(&path).unwrap();
+    assert_eq!(from_file.unetr, cfg.unetr);
+    assert_eq!(from_file.preprocessing.spacing, cfg.preprocessing.spacing);
+    assert_eq!(from_file.class_names, cfg.class_names);
+    let mut continued = Finetuner::new(from_file, device()).unwrap();
+    assert_eq!(params(&continued.model), params(&reloaded.model), "weights changed on the way in");
+    let (imgs, labs) = continued.crops(&p.image, p.labels.as_ref().unwrap(), &mut Rng::new(1));
+    continued.step(imgs, &labs);
+    assert_ne!(params(&continued.model.vit), params(&reloaded.model.vit), "the loaded encoder did not train");
+    // A file whose UNETR differs from the run's is refused with its name.
+    let mut other = cfg.clone();
+    other.unetr.feature_size *= 2;
+    other.init_from = Some(path.clone());
+    let err = Finetuner::new(other, device()).err().expect("a mismatched model must be refused").to_string();
+    assert!(err.contains("model.glmae"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }
