@@ -25,6 +25,16 @@ fn model_file(
     .unwrap()
 }
 
+/// glmae-core's logits for `input` from the model file `bytes`.
+fn core_logits(bytes: &[u8], input: &[f32], window: [usize; 3]) -> Vec<f32> {
+    let file = ModelFile::parse(bytes).unwrap();
+    let core = glmae_core::Unetr::new(&file).unwrap();
+    let mut logits = vec![0.0; core.logits_len(window)];
+    let mut scratch = vec![0.0; core.scratch_len(window).unwrap()];
+    core.forward(input, window, &mut logits, &mut scratch).unwrap();
+    logits
+}
+
 #[test]
 fn burn_unetr_and_core_forward_agree() {
     let cfg = testing_config();
@@ -42,12 +52,7 @@ fn burn_unetr_and_core_forward_agree() {
 
     let named = model.named_tensors(&cfg).unwrap();
     for precision in [Precision::F32, Precision::Int8] {
-        let bytes = model_file(cfg, &named, precision);
-        let file = ModelFile::parse(&bytes).unwrap();
-        let core = glmae_core::Unetr::new(&file).unwrap();
-        let mut logits = vec![0.0; core.logits_len(window)];
-        let mut scratch = vec![0.0; core.scratch_len(window).unwrap()];
-        core.forward(&input, window, &mut logits, &mut scratch).unwrap();
+        let logits = core_logits(&model_file(cfg, &named, precision), &input, window);
         let err = relative_error(&logits, &burn_logits);
         eprintln!("{precision:?}: max |core - burn| / max |burn| = {err:.2e}");
         let tolerance = if precision == Precision::F32 { 1e-4 } else { 0.05 };
@@ -86,10 +91,7 @@ fn learned_position_table_is_used_and_round_trips_through_a_model_file() {
     assert!(named.iter().any(|t| t.name == "vit.patch_embedding.position_embeddings"));
     let bytes = model_file(cfg, &named, Precision::F32);
     let file = ModelFile::parse(&bytes).unwrap();
-    let core = glmae_core::Unetr::new(&file).unwrap();
-    let mut logits = vec![0.0; core.logits_len(window)];
-    let mut scratch = vec![0.0; core.scratch_len(window).unwrap()];
-    core.forward(&input, window, &mut logits, &mut scratch).unwrap();
+    let logits = core_logits(&bytes, &input, window);
     let err = relative_error(&logits, &burn_logits);
     assert!(err < 1e-4, "core and burn disagree with a learned table: {err}");
 
