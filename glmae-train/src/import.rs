@@ -38,6 +38,8 @@ impl Default for ImportOptions {
 /// crop, BTCV's 14 class names or `class N`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImportPreprocessing {
+    /// Axis codes the volume is reoriented to (MONAI's `Orientationd` `axcodes`).
+    pub orientation: Option<String>,
     /// Target spacing in mm (MONAI's `Spacingd` `pixdim`).
     pub spacing: Option<[f32; 3]>,
     /// `ScaleIntensityRanged`'s `a_min, a_max, b_min, b_max`.
@@ -58,6 +60,13 @@ impl ImportPreprocessing {
     /// store; every value is checked and an error says which flag is wrong.
     pub fn apply(&self, cfg: &mut UnetrConfig) -> Result<glmae_core::format::OwnedPreprocessing> {
         let mut prep = glmae_core::format::OwnedPreprocessing::for_classes(cfg.out_channels as usize);
+        if let Some(codes) = &self.orientation {
+            ensure!(
+                glmae_core::preprocessing::valid_orientation(codes),
+                "orientation {codes:?}: expected three axis codes such as RAS or LPS"
+            );
+            prep.orientation = codes.clone();
+        }
         if let Some(s) = self.spacing {
             ensure!(
                 s.iter().all(|v| v.is_finite() && (0.01..=100.0).contains(v)),
@@ -376,6 +385,7 @@ mod tests {
 
         let names: Vec<String> = ["background", "liver", "tumour"].map(String::from).to_vec();
         let choices = ImportPreprocessing {
+            orientation: Some("LPS".into()),
             spacing: Some([0.8, 0.8, 3.0]),
             intensity: Some([-57.0, 164.0, 0.0, 1.0]),
             clip: Some(false),
@@ -384,6 +394,7 @@ mod tests {
             classes: Some(names.clone()),
         };
         let prep = choices.apply(&mut cfg).unwrap();
+        assert_eq!(prep.orientation, "LPS");
         assert_eq!(prep.target_spacing, [0.8, 0.8, 3.0]);
         assert_eq!((prep.intensity.a_min, prep.intensity.a_max, prep.intensity.clip), (-57.0, 164.0, false));
         assert!(!prep.foreground_crop);
@@ -410,6 +421,11 @@ mod tests {
             &mut glmae_core::testing_config(),
         );
         assert!(e.contains("--spacing"), "{e}");
+        let e = err(
+            ImportPreprocessing { orientation: Some("RAX".into()), ..Default::default() },
+            &mut glmae_core::testing_config(),
+        );
+        assert!(e.contains("orientation \"RAX\""), "{e}");
         let e = err(
             ImportPreprocessing { classes: Some(vec!["background".into()]), ..Default::default() },
             &mut glmae_core::testing_config(),

@@ -2,6 +2,8 @@
 //!
 //! GL-MAE pretraining, UNETR fine-tuning, evaluation and export. GL-MAE pretraining runs on burn (CPU `flex` by default).
 
+pub mod bundle;
+pub mod conv;
 pub mod data_parallel;
 pub mod device;
 pub mod evaluate;

@@ -104,17 +104,19 @@ enum Command {
     /// Measure a pretraining run's encoder in minutes: k-NN and linear probes of its frozen patch
     /// tokens beside a random-initialised encoder's (probe.md, probe.json).
     Probe(Box<ProbeArgs>),
-    /// Convert a MONAI UNETR state dict or a GL-MAE authors' checkpoint (safetensors or PyTorch
-    /// `.pt`/`.pth`) to `.glmae`.
+    /// Convert a MONAI UNETR state dict, a MONAI bundle or a GL-MAE authors' checkpoint
+    /// (safetensors or PyTorch `.pt`/`.pth`) to `.glmae`.
     Import {
-        /// The state dict (`.safetensors`, `.pt` or `.pth`).
+        /// The state dict (`.safetensors`, `.pt` or `.pth`), or a MONAI bundle folder
+        /// (`configs/inference.json` + `models/model.pt`), whose inference transforms, window,
+        /// heads and class names (`configs/metadata.json`) are read; flags override them.
         input: PathBuf,
         /// Output `.glmae` file.
         #[arg(long)]
         out: PathBuf,
-        /// Attention heads (not recorded in a state dict; MONAI's default is 12).
-        #[arg(long, default_value_t = 12)]
-        heads: u32,
+        /// Attention heads (not recorded in a state dict; a bundle's `num_heads`, else MONAI's 12).
+        #[arg(long)]
+        heads: Option<u32>,
         /// LayerNorm epsilon (MONAI uses PyTorch's 1e-5).
         #[arg(long, default_value_t = 1e-5)]
         eps: f32,
@@ -212,6 +214,13 @@ struct FinetuneArgs {
     /// Crops per step.
     #[arg(long, default_value_t = 4)]
     crops: usize,
+    /// Per-axis flip probability of the training crops (method.md's 0.2; 0 lets the model tell
+    /// left from right, e.g. spleen from liver, as the quickstart does).
+    #[arg(long, default_value_t = 0.2)]
+    flip_p: f64,
+    /// Probability of a random rot90 of the training crops (method.md's 0.2).
+    #[arg(long, default_value_t = 0.2)]
+    rot_p: f64,
     /// Use BTCV's split (img0035-0040 validate) instead of the json's lists.
     #[arg(long)]
     btcv_split: bool,
@@ -290,6 +299,12 @@ fn finetune(a: FinetuneArgs) -> anyhow::Result<()> {
     cfg.val_every = a.val_every;
     cfg.lr = a.lr;
     cfg.crops_per_step = a.crops;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.flip_p) && (0.0..=1.0).contains(&a.rot_p),
+        "--flip-p and --rot-p are probabilities in [0, 1]"
+    );
+    cfg.augment.flip_p = a.flip_p;
+    cfg.augment.rot_p = a.rot_p;
     cfg.seed = a.seed;
     cfg.warmup_steps = cfg.warmup_steps.min(a.steps / 10);
     let ft = Finetuner::new(cfg, glmae_train::device::training_device(&a.device)?)?;
@@ -694,8 +709,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import { input, out, heads, eps, int8, spacing, intensity, clip, roi, no_crop, classes } => {
             use glmae_train::import::{ImportPreprocessing, read_class_names};
+            let (weights, bundle) = if input.is_dir() {
+                anyhow::ensure!(
+                    glmae_train::bundle::is_bundle(&input),
+                    "{}: a folder to import must be a MONAI bundle (configs/inference.json, models/model.pt)",
+                    input.display()
+                );
+                let b = glmae_train::bundle::read_bundle(&input)?;
+                for note in &b.notes {
+                    println!("bundle: {note}");
+                }
+                (b.weights.clone(), Some(b))
+            } else {
+                (input.clone(), None)
+            };
+            let heads = heads.or(bundle.as_ref().and_then(|b| b.num_heads)).unwrap_or(12);
+            let from_bundle = bundle.map(|b| b.preprocessing).unwrap_or_default();
             let opts = glmae_train::import::ImportOptions { num_heads: heads, layer_norm_eps: eps };
-            let (mut cfg, tensors) = glmae_train::import::import_unetr(&input, &opts)?;
+            let (mut cfg, tensors) = glmae_train::import::import_unetr(&weights, &opts)?;
             let precision = if int8 { Precision::Int8 } else { Precision::F32 };
             let three = |v: Option<Vec<f32>>, n: usize, flag: &str| -> anyhow::Result<Option<Vec<f32>>> {
                 if let Some(v) = &v {
@@ -703,13 +734,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Ok(v)
             };
+            // A flag given wins over the bundle's value, which wins over the BTCV default.
             let choices = ImportPreprocessing {
-                spacing: three(spacing, 3, "--spacing")?.map(|v| [v[0], v[1], v[2]]),
-                intensity: three(intensity, 4, "--intensity")?.map(|v| [v[0], v[1], v[2], v[3]]),
-                clip,
-                roi,
-                crop: no_crop.then_some(false),
-                classes: classes.as_deref().map(read_class_names).transpose()?,
+                orientation: from_bundle.orientation,
+                spacing: three(spacing, 3, "--spacing")?.map(|v| [v[0], v[1], v[2]]).or(from_bundle.spacing),
+                intensity: three(intensity, 4, "--intensity")?
+                    .map(|v| [v[0], v[1], v[2], v[3]])
+                    .or(from_bundle.intensity),
+                clip: clip.or(from_bundle.clip),
+                roi: roi.or(from_bundle.roi),
+                crop: if no_crop { Some(false) } else { from_bundle.crop },
+                classes: classes.as_deref().map(read_class_names).transpose()?.or(from_bundle.classes),
             };
             let prep = choices.apply(&mut cfg)?;
             println!(

@@ -1,7 +1,8 @@
 //! A MONAI UNETR exported by `scripts/monai_reference.py` and imported by us gives MONAI's output
 //! on the same input, whether it comes as safetensors, a `torch.save` state dict (zip or legacy
 //! container), a GL-MAE authors'-style `{"student": {"module.backbone.*": ...}, "teacher": ...}`
-//! checkpoint or a trainer's `{"state_dict", "optimizer", "epoch"}` checkpoint. Needs python3
+//! checkpoint, a trainer's `{"state_dict", "optimizer", "epoch"}` checkpoint or a MONAI bundle
+//! (`configs/inference.json` + `models/model.pt`, with its preprocessing). Needs python3
 //! with torch, monai, einops and safetensors; without them the test says so and passes, unless
 //! `GLMAE_REQUIRE_MONAI=1`.
 
@@ -35,6 +36,57 @@ fn imported_monai_unetr_reproduces_monai_output() {
         assert!(got == reference, "{file} imports to other logits than unetr.safetensors");
         eprintln!("{file}: same logits as unetr.safetensors");
     }
+
+    // A MONAI bundle around the same weights: `import BUNDLE` reads the heads, window and
+    // inference transforms from configs/inference.json (through `@` references), the class names
+    // from configs/metadata.json, and gives the same logits with no flag.
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(bundle.join("models")).unwrap();
+    std::fs::create_dir_all(bundle.join("configs")).unwrap();
+    std::fs::copy(dir.join("unetr.pt"), bundle.join("models/model.pt")).unwrap();
+    let inference = r#"{
+        "imports": ["$import glob"],
+        "roi": [32, 32, 32],
+        "network_def": {"_target_": "UNETR", "in_channels": 1, "out_channels": 3, "img_size": "@roi",
+                        "feature_size": 4, "hidden_size": 24, "mlp_dim": 48, "num_heads": 2, "qkv_bias": false},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "LPS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [0.8, 0.8, 3.0], "mode": "bilinear"},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -57, "a_max": 164,
+             "b_min": 0.0, "b_max": 1.0, "clip": true}]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": "@roi", "sw_batch_size": 4, "overlap": 0.5}
+    }"#;
+    std::fs::write(bundle.join("configs/inference.json"), inference).unwrap();
+    let metadata = r#"{"network_data_format": {"outputs": {"pred": {"channel_def":
+        {"0": "background", "1": "liver", "2": "tumour"}}}}}"#;
+    std::fs::write(bundle.join("configs/metadata.json"), metadata).unwrap();
+    let model_path = dir.join("bundle.glmae");
+    let run = Command::new(env!("CARGO_BIN_EXE_glmae-train"))
+        .arg("import")
+        .arg(&bundle)
+        .arg("--out")
+        .arg(&model_path)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "import of a bundle failed: {}", String::from_utf8_lossy(&run.stderr));
+    let bytes = std::fs::read(&model_path).unwrap();
+    let file = glmae_core::ModelFile::parse(&bytes).unwrap();
+    let p = &file.preprocessing;
+    assert_eq!(p.orientation, "LPS");
+    assert_eq!(p.target_spacing, [0.8, 0.8, 3.0]);
+    assert_eq!((p.intensity.a_min, p.intensity.a_max, p.intensity.clip), (-57.0, 164.0, true));
+    assert!(!p.foreground_crop, "the bundle has no CropForegroundd");
+    assert_eq!(p.class_names.iter().collect::<Vec<_>>(), ["background", "liver", "tumour"]);
+    let model = glmae_core::Unetr::new(&file).unwrap();
+    let window = [32, 32, 32];
+    let mut out = vec![0.0; model.logits_len(window)];
+    let mut scratch = vec![0.0; model.scratch_len(window).unwrap()];
+    model.forward(&io["input"].values, window, &mut out, &mut scratch).unwrap();
+    assert!(out == reference, "the bundle imports to other logits than unetr.safetensors");
+    eprintln!("bundle: {}", String::from_utf8_lossy(&run.stdout).trim());
 
     // A state dict with a tensor removed and one renamed is refused with both named.
     let mut all = read_tensors(&dir.join("unetr.safetensors")).unwrap();
