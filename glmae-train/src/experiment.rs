@@ -123,6 +123,10 @@ pub struct Plan {
     /// Peak fine-tuning learning rate.
     #[serde(default = "default_finetune_lr")]
     pub finetune_lr: f64,
+    /// Fine-tuning flips and rot90 off (`finetune --flip-p 0 --rot-p 0`, as the quickstart):
+    /// they swap left and right (docs/experiments.md, "The quickstart's budget").
+    #[serde(default)]
+    pub no_flips: bool,
 }
 
 fn default_finetune_lr() -> f64 {
@@ -151,6 +155,7 @@ impl Plan {
                 pretrain_lr: None,
                 head_batch_norm: false,
                 finetune_lr: 1e-3,
+                no_flips: false,
             },
             // The quickstart's model and view sizes; 20 phantoms leave 16 for training (4 with
             // labels at 25%) and 4 to validate. Pretraining steps are cheap next to fine-tuning
@@ -177,6 +182,7 @@ impl Plan {
                 pretrain_lr: Some(1.5625e-3),
                 head_batch_norm: false,
                 finetune_lr: 1e-3,
+                no_flips: false,
             },
             // 6 mm voxels (48 x 40 x 40, the same 288 x 240 x 240 mm field): a fine-tuning step
             // costs as at `Small` (~1.1 s with burn's conv3d, 0.33 s with ours), but its crop holds most of the organs, so the budget
@@ -202,6 +208,7 @@ impl Plan {
                 pretrain_lr: Some(1.5625e-3),
                 head_batch_norm: false,
                 finetune_lr: 2e-3,
+                no_flips: false,
             },
         }
     }
@@ -235,6 +242,10 @@ impl Plan {
         c.val_every = 0;
         c.crops_per_step = self.crops;
         c.lr = self.finetune_lr;
+        if self.no_flips {
+            c.augment.flip_p = 0.0;
+            c.augment.rot_p = 0.0;
+        }
         c.label_fraction = self.label_fraction;
         c.seed = seed;
         c
@@ -286,6 +297,9 @@ pub struct AblationArgs {
     /// Stop after pretraining and the probe (no fine-tuning): the encoders measured in minutes.
     #[arg(long)]
     pub no_finetune: bool,
+    /// Fine-tune without flips and rot90 (method.md's recipe has them; they swap left and right).
+    #[arg(long)]
+    pub no_flips: bool,
 }
 
 /// Runs an experiment subcommand, printing where the results are.
@@ -299,6 +313,7 @@ pub fn run_command(cmd: Command) -> Result<()> {
             plan.label_fraction = a.label_fraction;
             plan.pretrain_lr = a.pretrain_lr.or(plan.pretrain_lr);
             plan.head_batch_norm |= a.head_batch_norm;
+            plan.no_flips |= a.no_flips;
             let start = Instant::now();
             let device = crate::device::training_device(&a.device)?;
             let s = ablation_stages(&a.out, &plan, device, !a.no_finetune)?;
@@ -804,6 +819,25 @@ fn summary_markdown(out: &Path, plan: &Plan, ds: &Dataset, results: &[RunResult]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--no-flips` reaches the fine-tuning runs (both spatial augmentations off, intensity kept),
+    /// and a plan written before the field existed reads as method.md's recipe.
+    #[test]
+    fn no_flips_turns_off_flips_and_rot90_only() {
+        let mut plan = Plan::new(Scale::Coarse, 1);
+        let with = plan.finetune_config(0, None).augment;
+        assert!(with.flip_p > 0.0 && with.rot_p > 0.0);
+        plan.no_flips = true;
+        let without = plan.finetune_config(0, None).augment;
+        assert_eq!((without.flip_p, without.rot_p), (0.0, 0.0));
+        assert_eq!(
+            (without.scale, without.shift, without.intensity_p),
+            (with.scale, with.shift, with.intensity_p)
+        );
+        let mut json = serde_json::to_value(&plan).unwrap();
+        json.as_object_mut().unwrap().remove("no_flips");
+        assert!(!serde_json::from_value::<Plan>(json).unwrap().no_flips);
+    }
 
     #[test]
     fn mean_and_sample_std() {
