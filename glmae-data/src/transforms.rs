@@ -215,6 +215,12 @@ impl Default for Augment {
 }
 
 impl Augment {
+    /// The same augmentation without flips and rot90, which swap left and right (so that spleen
+    /// and liver, or the two kidneys, stay apart); intensity transforms kept.
+    pub fn without_flips(self) -> Self {
+        Self { flip_p: 0.0, rot_p: 0.0, ..self }
+    }
+
     /// Augments an image and its labels in place.
     pub fn apply(&self, image: &mut Volume, labels: &mut Labels, rng: &mut Rng) {
         for axis in 0..3 {

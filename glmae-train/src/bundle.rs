@@ -14,11 +14,18 @@ use serde_json::Value;
 
 use crate::import::ImportPreprocessing;
 
-/// What a bundle says about a UNETR: its weights and the preprocessing to store with it.
+/// What a bundle says about a UNETR: its weights and what its configs say.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Bundle {
     /// `models/model.pt` (or `model.safetensors`).
     pub weights: PathBuf,
+    /// What `configs/inference.json` (and `metadata.json`'s class names) say.
+    pub config: InferenceConfig,
+}
+
+/// The values `import` takes from a bundle's configs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InferenceConfig {
     /// The inference transforms and window, as `import`'s choices.
     pub preprocessing: ImportPreprocessing,
     /// `network_def`'s `num_heads` (MONAI's default 12 when absent).
@@ -46,20 +53,19 @@ pub fn read_bundle(dir: &Path) -> Result<Bundle> {
         .map(|f| dir.join("models").join(f))
         .find(|p| p.is_file())
         .with_context(|| format!("{}: no models/model.pt or models/model.safetensors", dir.display()))?;
-    let mut bundle = from_config(&config, &config_path.display().to_string())?;
-    bundle.weights = weights;
+    let mut config = from_config(&config, &config_path.display().to_string())?;
     let metadata = dir.join("configs").join("metadata.json");
     if metadata.is_file()
         && let Some(names) = class_names(&metadata)?
     {
-        bundle.notes.push(format!("metadata.json channel_def: {} classes", names.len()));
-        bundle.preprocessing.classes = Some(names);
+        config.notes.push(format!("metadata.json channel_def: {} classes", names.len()));
+        config.preprocessing.classes = Some(names);
     }
-    Ok(bundle)
+    Ok(Bundle { weights, config })
 }
 
 /// The preprocessing and network arguments of a parsed `inference.json`; `name` labels errors.
-pub fn from_config(config: &Value, name: &str) -> Result<Bundle> {
+pub fn from_config(config: &Value, name: &str) -> Result<InferenceConfig> {
     let root = config.as_object().with_context(|| format!("{name}: the config is not a JSON object"))?;
     let resolver = Resolver { root: config, name };
     let mut components = Vec::new();
@@ -80,7 +86,7 @@ pub fn from_config(config: &Value, name: &str) -> Result<Bundle> {
         Ok(found.first().copied())
     };
     if let Some(t) = one("Orientationd")? {
-        let codes = resolver.string(t, "axcodes", "Orientationd", "(no flag: orientation)")?;
+        let codes = resolver.string(t, "axcodes", "Orientationd")?;
         notes.push(format!("Orientationd axcodes = {codes}"));
         prep.orientation = Some(codes);
     }
@@ -137,7 +143,7 @@ pub fn from_config(config: &Value, name: &str) -> Result<Bundle> {
         num_heads = Some(v[0] as u32);
         notes.push(format!("UNETR num_heads = {}", v[0]));
     }
-    Ok(Bundle { weights: PathBuf::new(), preprocessing: prep, num_heads, notes })
+    Ok(InferenceConfig { preprocessing: prep, num_heads, notes })
 }
 
 /// Class names from `metadata.json`'s `network_data_format.outputs.pred.channel_def`
@@ -149,20 +155,7 @@ fn class_names(path: &Path) -> Result<Option<Vec<String>>> {
         return Ok(None);
     };
     let obj = def.as_object().with_context(|| format!("{}: channel_def is not a map", path.display()))?;
-    let mut pairs: Vec<(usize, String)> = Vec::new();
-    for (k, v) in obj {
-        let i: usize =
-            k.parse().with_context(|| format!("{}: channel {k:?} is not a number", path.display()))?;
-        let s = v.as_str().with_context(|| format!("{}: channel {k} has no name", path.display()))?;
-        pairs.push((i, s.to_string()));
-    }
-    pairs.sort();
-    ensure!(
-        pairs.iter().enumerate().all(|(i, (k, _))| i == *k),
-        "{}: channel_def must number channels 0, 1, 2, ... without gaps",
-        path.display()
-    );
-    Ok(Some(pairs.into_iter().map(|(_, s)| s).collect()))
+    crate::import::numbered_names(obj, &path.display().to_string()).map(Some)
 }
 
 /// `_target_` without its module path: `monai.transforms.Spacingd` -> `Spacingd`.
@@ -180,7 +173,7 @@ fn collect_components<'a>(
     ensure!(depth < 64, "{}: references nest more than 64 deep (a cycle?)", r.name);
     match v {
         Value::Object(m) => {
-            if m.contains_key("_target_") && !out.iter().any(|c| std::ptr::eq(*c, m)) {
+            if m.contains_key("_target_") {
                 out.push(m);
             }
             for x in m.values() {
@@ -256,14 +249,8 @@ impl<'a> Resolver<'a> {
     }
 
     /// A string at `key` of component `what`.
-    fn string(
-        &self,
-        c: &'a serde_json::Map<String, Value>,
-        key: &str,
-        what: &str,
-        flag: &str,
-    ) -> Result<String> {
-        let raw = c.get(key).with_context(|| format!("{}: {what} has no {key} {flag}", self.name))?;
+    fn string(&self, c: &'a serde_json::Map<String, Value>, key: &str, what: &str) -> Result<String> {
+        let raw = c.get(key).with_context(|| format!("{}: {what} has no {key}", self.name))?;
         let v = self.resolve(raw)?;
         let s = v.as_str().with_context(|| format!("{}: {what} {key} = {v} is not a string", self.name))?;
         ensure!(!s.starts_with('$'), "{}: {what} {key} is a Python expression ({s:?})", self.name);

@@ -185,8 +185,8 @@ impl Plan {
                 no_flips: false,
             },
             // 6 mm voxels (48 x 40 x 40, the same 288 x 240 x 240 mm field): a fine-tuning step
-            // costs as at `Small` (~1.1 s with burn's conv3d, 0.33 s with ours), but its crop holds most of the organs, so the budget
-            // teaches the scratch arm the liver. Global views are 48^3 (27 tokens) so that
+            // costs as at `Small` (~1.1 s with burn's conv3d, 0.33 s with ours), but its crop
+            // holds most of the organs, so the budget teaches the scratch arm the liver. Global views are 48^3 (27 tokens) so that
             // pretraining sees the volume at 3-6 mm, near the fine-tuning scale; local views keep
             // 32^3 (8 tokens). 2e-3 is the fine-tuning rate measured to learn the liver in 300
             // steps (docs/experiments.md).
@@ -243,8 +243,7 @@ impl Plan {
         c.crops_per_step = self.crops;
         c.lr = self.finetune_lr;
         if self.no_flips {
-            c.augment.flip_p = 0.0;
-            c.augment.rot_p = 0.0;
+            c.augment = c.augment.without_flips();
         }
         c.label_fraction = self.label_fraction;
         c.seed = seed;

@@ -129,25 +129,34 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
                 .collect();
         }
         let obj = map.as_object().with_context(|| format!("{name}: expected a list or a labels map"))?;
-        let mut pairs: Vec<(usize, String)> = obj
-            .iter()
-            .map(|(k, v)| {
-                let i = k.parse::<usize>().with_context(|| format!("{name}: label {k:?} is not a number"))?;
-                let s = v.as_str().with_context(|| format!("{name}: label {k} has no name"))?;
-                Ok((i, s.to_string()))
-            })
-            .collect::<Result<_>>()?;
-        pairs.sort();
-        ensure!(
-            pairs.iter().enumerate().all(|(i, (k, _))| i == *k),
-            "{name}: labels must be numbered 0, 1, 2, ... without gaps"
-        );
-        return Ok(pairs.into_iter().map(|(_, s)| s).collect());
+        return numbered_names(obj, &name.to_string());
     }
     let names: Vec<String> =
         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
     ensure!(!names.is_empty(), "{name}: no class names");
     Ok(names)
+}
+
+/// Names from a map numbered from 0 without gaps (`{"0": "background", "1": "spleen", ...}`: an
+/// MSD `labels` map, a MONAI bundle's `channel_def`), in order; `name` labels errors.
+pub(crate) fn numbered_names(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Vec<String>> {
+    let mut pairs: Vec<(usize, String)> = obj
+        .iter()
+        .map(|(k, v)| {
+            let i = k.parse::<usize>().with_context(|| format!("{name}: label {k:?} is not a number"))?;
+            let s = v.as_str().with_context(|| format!("{name}: label {k} has no name"))?;
+            Ok((i, s.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    pairs.sort();
+    ensure!(
+        pairs.iter().enumerate().all(|(i, (k, _))| i == *k),
+        "{name}: labels must be numbered 0, 1, 2, ... without gaps"
+    );
+    Ok(pairs.into_iter().map(|(_, s)| s).collect())
 }
 
 /// Prefixes wrappers add: DataParallel (`module.`), the GL-MAE authors' `module.backbone.`.

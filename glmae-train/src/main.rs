@@ -716,15 +716,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     input.display()
                 );
                 let b = glmae_train::bundle::read_bundle(&input)?;
-                for note in &b.notes {
+                for note in &b.config.notes {
                     println!("bundle: {note}");
                 }
                 (b.weights.clone(), Some(b))
             } else {
                 (input.clone(), None)
             };
-            let heads = heads.or(bundle.as_ref().and_then(|b| b.num_heads)).unwrap_or(12);
-            let from_bundle = bundle.map(|b| b.preprocessing).unwrap_or_default();
+            let heads = heads.or(bundle.as_ref().and_then(|b| b.config.num_heads)).unwrap_or(12);
+            let from_bundle = bundle.map(|b| b.config.preprocessing).unwrap_or_default();
             let opts = glmae_train::import::ImportOptions { num_heads: heads, layer_norm_eps: eps };
             let (mut cfg, tensors) = glmae_train::import::import_unetr(&weights, &opts)?;
             let precision = if int8 { Precision::Int8 } else { Precision::F32 };

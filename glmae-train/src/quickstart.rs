@@ -147,8 +147,7 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
     fcfg.crops_per_step = 2;
     fcfg.lr = p.finetune_lr;
     if !p.spatial_augment {
-        fcfg.augment.flip_p = 0.0;
-        fcfg.augment.rot_p = 0.0;
+        fcfg.augment = fcfg.augment.without_flips();
     }
     let ft_dir = out.join("finetune");
     let ft = Finetuner::new(fcfg, device.clone())?;
