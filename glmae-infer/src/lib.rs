@@ -229,19 +229,22 @@ pub fn segment_file_with(
     let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
     let logits = segment_volume(model, &vol.data, vol.shape, opts, engine)
         .with_context(|| format!("{}", input.display()))?;
+    // MONAI's bundles: softmax on the model grid, probabilities back to the source grid
+    // (trilinear, Invertd), argmax there. The logits' buffer becomes the probabilities'.
     let n = vol.voxels();
-    let mut labels = vec![0u8; n];
-    glmae_core::kernels::argmax_channels(&logits, classes, &mut labels);
-    let source = inverse.labels_to_source(&labels)?;
-    if let Some(p) = &opts.probabilities {
-        let mut probs = logits.clone();
-        for v in 0..n {
-            let mut column: Vec<f32> = (0..classes).map(|c| logits[c * n + v]).collect();
-            glmae_core::kernels::softmax_in_place(&mut column);
-            for (c, x) in column.into_iter().enumerate() {
-                probs[c * n + v] = x;
-            }
+    let mut probs = logits;
+    let mut column = vec![0.0f32; classes];
+    for v in 0..n {
+        for (c, x) in column.iter_mut().enumerate() {
+            *x = probs[c * n + v];
         }
+        glmae_core::kernels::softmax_in_place(&mut column);
+        for (c, &x) in column.iter().enumerate() {
+            probs[c * n + v] = x;
+        }
+    }
+    let source = inverse.argmax_to_source(&probs, classes, opts.threads.max(1))?;
+    if let Some(p) = &opts.probabilities {
         let back = inverse.probabilities_to_source(&probs, classes)?;
         let mut meta = img.meta.clone();
         meta.stored = glmae_data::nifti_io::StoredType::F32;
