@@ -295,6 +295,9 @@ pub fn foreground_box(v: &Volume, threshold: f32) -> Option<CropBox> {
     (hi[0] > 0).then(|| CropBox { start: lo, size: std::array::from_fn(|a| hi[a] - lo[a]) })
 }
 
+/// One tap of linear interpolation: a model-grid index (`None` outside the crop) and its weight.
+type Tap = (Option<usize>, f32);
+
 /// How to take a prediction on the model grid back to the source image's grid.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Inverse {
@@ -359,7 +362,7 @@ impl Inverse {
         // Per axis and output position: the two taps of linear interpolation in the resampled
         // grid (border repeated, as `resample_linear`), as model-grid indices (`None` outside
         // the crop, where every class is 0), and their weights.
-        let taps: [Vec<[(Option<usize>, f32); 2]>; 3] = std::array::from_fn(|a| {
+        let taps: [Vec<[Tap; 2]>; 3] = std::array::from_fn(|a| {
             let len = self.resampled_shape[a];
             let inside = |r: usize| r.checked_sub(self.crop.start[a]).filter(|&m| m < self.crop.size[a]);
             (0..s.shape[a])

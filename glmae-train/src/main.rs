@@ -345,6 +345,9 @@ struct ProbeArgs {
     /// taps 3, 6 and 9) instead of the encoder's final normed output.
     #[arg(long)]
     blocks: Option<usize>,
+    /// Probe the EMA teacher's encoder instead of the student's (what fine-tuning starts from).
+    #[arg(long)]
+    teacher: bool,
     /// cpu or ndarray (cuda with the feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -359,6 +362,7 @@ fn probe(a: ProbeArgs) -> anyhow::Result<()> {
         max_fit: a.max_fit,
         seed: a.seed,
         blocks: a.blocks,
+        teacher: a.teacher,
         ..ProbeOptions::default()
     };
     let spacing = match a.spacing.as_deref() {

@@ -55,6 +55,10 @@ pub struct ProbeOptions {
     /// embedding plus positions) instead of the encoder's normed output.
     #[serde(default)]
     pub blocks: Option<usize>,
+    /// Probe the run's EMA teacher encoder instead of the student (what fine-tuning starts
+    /// from); DINO evaluates its teacher.
+    #[serde(default)]
+    pub teacher: bool,
 }
 
 impl Default for ProbeOptions {
@@ -69,6 +73,7 @@ impl Default for ProbeOptions {
             l2: 1e-4,
             max_fit: 100_000,
             blocks: None,
+            teacher: false,
         }
     }
 }
@@ -813,12 +818,14 @@ pub fn probe_run(
         }
         None => Vec::new(),
     };
-    // Fine-tuning starts from the student's encoder (finetune.rs, `init_from`): probe that one.
+    // Fine-tuning starts from the student's encoder (finetune.rs, `init_from`): probe that one
+    // unless the teacher is asked for.
     let pre = dir.load_weights(device.clone())?;
+    let encoder = if opts.teacher { &pre.teacher.vit } else { &pre.student.vit };
     let patch = pre.cfg.encoder.patch_size as usize;
     let prep = run_preprocessor(run, &ds, spacing)?;
     let probe_data = ProbeData::prepare(&ds.training, &ds.validation, &prep, patch, names, opts)?;
-    let pretrained = probe(&pre.student.vit, &probe_data, opts, device)?;
+    let pretrained = probe(encoder, &probe_data, opts, device)?;
     device.seed(opts.seed);
     let random_vit = Vit::new(&pre.cfg.encoder, device);
     let random = probe(&random_vit, &probe_data, opts, device)?;
@@ -828,7 +835,7 @@ pub fn probe_run(
     let mut markdown = format!(
         "Probe of {} on {}: {} fitting patches from {} volume(s), {} evaluation patches from {} \
          volume(s), {}^3 patches, {} grid(s) per volume, spacing {:?} mm, k = {}, min fraction {}, \
-         features: {}\n\n",
+         features: {} of the {} encoder\n\n",
         run.display(),
         data.display(),
         fit_n,
@@ -841,7 +848,8 @@ pub fn probe_run(
         opts.k,
         opts.min_fraction,
         opts.blocks
-            .map_or("the encoder's normed output".to_string(), |n| format!("after {n} block(s), no norm"))
+            .map_or("the encoder's normed output".to_string(), |n| format!("after {n} block(s), no norm")),
+        if opts.teacher { "teacher" } else { "student" }
     );
     markdown.push_str(&pretrained.markdown_side_by_side(&random, ("pretrained", "random")));
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;

@@ -249,6 +249,20 @@ fn probe_writes_both_encoders_side_by_side() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.contains("**macro-F1**") && cli_out.join("probe.json").is_file(), "{stdout}");
+    assert!(stdout.contains("of the student encoder"), "{stdout}");
+
+    // `--teacher` probes the EMA teacher's encoder and says so; probe.json records the choice.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_glmae-train"))
+        .args(["probe", run.to_str().unwrap(), "--data", data.to_str().unwrap(), "--teacher", "--out"])
+        .arg(&cli_out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("of the teacher encoder"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cli_out.join("probe.json")).unwrap()).unwrap();
+    assert_eq!(json["options"]["teacher"], true);
 
     // Errors name what is wrong.
     std::fs::remove_file(run.join("checkpoint.bin")).unwrap();
