@@ -16,6 +16,10 @@ pub const UNETR_DEPTH: u32 = 12;
 /// Most encoder blocks any configuration may have.
 pub const MAX_DEPTH: usize = 32;
 
+/// Largest input side in voxels: a window of 256^3 already needs gigabytes of activations, and a
+/// damaged file must not ask for more.
+pub const MAX_IMG_SIZE: u32 = 256;
+
 /// How the encoder adds position information to its tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -121,6 +125,9 @@ impl VitConfig {
         if self.pos_embed == PosEmbed::SinCos && !self.hidden_size.is_multiple_of(6) {
             return Err(ConfigError::SinCosWidth(self.hidden_size));
         }
+        if self.img_size.iter().any(|&s| s > MAX_IMG_SIZE) {
+            return Err(ConfigError::ImgTooLarge(self.img_size));
+        }
         for s in self.img_size {
             if s == 0 || !s.is_multiple_of(self.patch_size) {
                 return Err(ConfigError::ImgNotMultipleOfPatch {
@@ -216,6 +223,8 @@ pub enum ConfigError {
     ImgNotMultipleOfPatch { img_size: [u32; 3], patch_size: u32 },
     /// LayerNorm epsilon must be finite and positive.
     BadEpsilon,
+    /// An input side above [`MAX_IMG_SIZE`].
+    ImgTooLarge([u32; 3]),
     /// UNETR needs patch 16.
     UnetrPatch(u32),
     /// UNETR needs 12 encoder blocks.
@@ -241,6 +250,9 @@ impl fmt::Display for ConfigError {
                 write!(f, "img_size {img_size:?} is not a positive multiple of patch_size {patch_size}")
             }
             Self::BadEpsilon => write!(f, "layer_norm_eps must be finite and positive"),
+            Self::ImgTooLarge(s) => {
+                write!(f, "img_size {s:?} exceeds the maximum of {MAX_IMG_SIZE} per axis")
+            }
             Self::UnetrPatch(p) => write!(f, "UNETR needs patch_size {UNETR_PATCH}, got {p}"),
             Self::UnetrDepth(d) => write!(f, "UNETR needs an encoder of depth {UNETR_DEPTH}, got {d}"),
             Self::OutChannels(c) => write!(f, "out_channels must be between 1 and 256, got {c}"),
@@ -289,6 +301,12 @@ mod tests {
         c.vit.depth = 12;
         c.out_channels = 0;
         assert_eq!(c.validate(), Err(ConfigError::OutChannels(0)));
+        // A 512^3 window (a damaged or hostile file) is refused before anything is allocated.
+        c.out_channels = 14;
+        c.vit.img_size = [96, 512, 96];
+        assert_eq!(c.validate(), Err(ConfigError::ImgTooLarge([96, 512, 96])));
+        c.vit.img_size = [256; 3];
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

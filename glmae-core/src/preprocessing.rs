@@ -48,7 +48,8 @@ impl IntensityScaling {
     #[inline]
     pub fn apply(&self, x: f32) -> f32 {
         let y = (x - self.a_min) / (self.a_max - self.a_min) * (self.b_max - self.b_min) + self.b_min;
-        if self.clip { y.clamp(self.b_min, self.b_max) } else { y }
+        // min/max, not clamp: an unvalidated window with b_min > b_max must not panic.
+        if self.clip { y.max(self.b_min.min(self.b_max)).min(self.b_max.max(self.b_min)) } else { y }
     }
 }
 
@@ -75,9 +76,9 @@ pub struct Preprocessing<'a> {
 pub enum PreprocessingError {
     /// Orientation must be three distinct axis codes from R/L, A/P, S/I.
     Orientation,
-    /// Spacing must be finite and positive.
+    /// Spacing must be between [`MIN_SPACING`] and [`MAX_SPACING`] mm.
     Spacing,
-    /// The intensity window must be finite with `a_min < a_max`.
+    /// The intensity window must be finite with `a_min < a_max` and `b_min < b_max`.
     Intensity,
     /// One class name per output channel.
     ClassCount { names: usize, out_channels: u32 },
@@ -91,8 +92,12 @@ impl fmt::Display for PreprocessingError {
             Self::Orientation => {
                 write!(f, "orientation must be three distinct axis codes from R/L, A/P, S/I")
             }
-            Self::Spacing => write!(f, "target spacing must be finite and positive"),
-            Self::Intensity => write!(f, "intensity window must be finite with a_min < a_max"),
+            Self::Spacing => {
+                write!(f, "target spacing must be between {MIN_SPACING} and {MAX_SPACING} mm")
+            }
+            Self::Intensity => {
+                write!(f, "intensity window must be finite with a_min < a_max and b_min < b_max")
+            }
             Self::ClassCount { names, out_channels } => {
                 write!(f, "{names} class names for {out_channels} output channels")
             }
@@ -102,6 +107,11 @@ impl fmt::Display for PreprocessingError {
 }
 
 impl core::error::Error for PreprocessingError {}
+
+/// Smallest target spacing a model may store, in mm (a micro-CT voxel is ~0.01 mm).
+pub const MIN_SPACING: f32 = 1e-3;
+/// Largest target spacing a model may store, in mm.
+pub const MAX_SPACING: f32 = 1e3;
 
 /// Checks an orientation string such as `"RAS"` or `"LPI"`.
 pub fn valid_orientation(code: &str) -> bool {
@@ -127,12 +137,12 @@ impl Preprocessing<'_> {
         if !valid_orientation(self.orientation) {
             return Err(PreprocessingError::Orientation);
         }
-        if !self.target_spacing.iter().all(|s| s.is_finite() && *s > 0.0) {
+        if !self.target_spacing.iter().all(|s| (MIN_SPACING..=MAX_SPACING).contains(s)) {
             return Err(PreprocessingError::Spacing);
         }
         let w = &self.intensity;
         let finite = [w.a_min, w.a_max, w.b_min, w.b_max].iter().all(|v| v.is_finite());
-        if !finite || w.a_min >= w.a_max {
+        if !finite || w.a_min >= w.a_max || w.b_min >= w.b_max {
             return Err(PreprocessingError::Intensity);
         }
         if self.class_names.len() != out_channels as usize {
@@ -167,5 +177,34 @@ mod tests {
         assert!((w.apply(37.5) - 0.5).abs() < 1e-6);
         assert_eq!(w.apply(-1000.0), 0.0);
         assert_eq!(w.apply(3000.0), 1.0);
+    }
+
+    /// Stored metadata a damaged or hostile file may carry is refused by `validate`: a target
+    /// spacing of 5.9e-39 mm or 1e30 mm, an output window with b_min > b_max; `apply` on such a
+    /// window does not panic (it used `f32::clamp`, which panics when min > max).
+    #[test]
+    fn absurd_spacing_and_inverted_windows_are_refused() {
+        // postcard's encoding of ["background", "organ"]: count, then length-prefixed strings.
+        let names = b"\x02\x0abackground\x05organ";
+        let ok = Preprocessing {
+            orientation: "RAS",
+            target_spacing: [1.5, 1.5, 2.0],
+            intensity: IntensityScaling::ABDOMEN_CT,
+            foreground_crop: true,
+            class_names: Seq::decode(names).unwrap(),
+        };
+        assert_eq!(ok.validate(2), Ok(()));
+        for spacing in [5.9e-39, 1e30, 0.0, f32::NAN] {
+            let p = Preprocessing { target_spacing: [1.5, spacing, 2.0], ..ok };
+            assert_eq!(p.validate(2), Err(PreprocessingError::Spacing), "{spacing}");
+        }
+        let inverted = IntensityScaling { b_min: 1.0, b_max: 0.0, ..IntensityScaling::ABDOMEN_CT };
+        assert_eq!(
+            Preprocessing { intensity: inverted, ..ok }.validate(2),
+            Err(PreprocessingError::Intensity)
+        );
+        // The window maps high HU to b_max = 0 and clips to [0, 1].
+        assert_eq!(inverted.apply(3000.0), 0.0);
+        assert_eq!(inverted.apply(-3000.0), 1.0);
     }
 }

@@ -154,13 +154,28 @@ struct Header {
     nifti2: bool,
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// The most bytes [`read_nifti`] accepts in a file, inflated: 4 GiB (a 1024^3 float32 volume).
+/// Larger files and gzip streams that inflate past it are refused before memory runs out.
+pub const MAX_NIFTI_BYTES: u64 = 4 << 30;
+
+/// Reads a regular file of at most `limit` bytes, inflating gzip up to `limit` bytes.
+fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let name = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {name}"))?;
+    // /dev/zero, a pipe or a folder would be read until memory runs out, or fail obscurely.
+    ensure!(meta.is_file(), "{name} is not a regular file (a device, pipe or folder)");
+    ensure!(meta.len() <= limit, "{name} is {} bytes, more than the limit of {limit}", meta.len());
+    let raw = std::fs::read(path).with_context(|| format!("cannot read {name}"))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 3);
+        let mut out = Vec::with_capacity(raw.len().saturating_mul(3).min(limit as usize));
         flate2::read::MultiGzDecoder::new(&raw[..])
+            .take(limit + 1)
             .read_to_end(&mut out)
-            .with_context(|| format!("{}: gzip stream is corrupt or truncated", path.display()))?;
+            .with_context(|| format!("{name}: gzip stream is corrupt or truncated"))?;
+        ensure!(
+            out.len() as u64 <= limit,
+            "{name}: the gzip stream inflates to more than {limit} bytes; refusing it"
+        );
         Ok(out)
     } else {
         Ok(raw)
@@ -352,7 +367,13 @@ fn decode(raw: &[u8], stored: StoredType, big_endian: bool, slope: f64, inter: f
 /// channel; a fourth dimension becomes channels; 1-D and 2-D images gain unit axes. Errors name
 /// the file and say what is wrong.
 pub fn read_nifti(path: &Path) -> Result<NiftiImage> {
-    let bytes = read_file(path)?;
+    read_nifti_limited(path, MAX_NIFTI_BYTES)
+}
+
+/// [`read_nifti`] with another limit on the bytes a file may hold, inflated (a device with
+/// little memory sets its own).
+pub fn read_nifti_limited(path: &Path, max_bytes: u64) -> Result<NiftiImage> {
+    let bytes = read_file(path, max_bytes)?;
     let h = parse_header(&bytes, path)?;
     let name = path.display();
     let ndim = h.dim[0];
@@ -386,7 +407,7 @@ pub fn read_nifti(path: &Path) -> Result<NiftiImage> {
             img != path,
             "{name}: header-only file (magic ni1/ni2) but no .hdr extension to find its .img"
         );
-        (read_file(&img)?, h.vox_offset.max(0.0) as usize)
+        (read_file(&img, max_bytes)?, h.vox_offset.max(0.0) as usize)
     };
     ensure!(
         offset.checked_add(nbytes).is_some_and(|end| data_bytes.len() >= end),

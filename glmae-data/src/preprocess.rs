@@ -80,7 +80,7 @@ impl Preprocessor {
         let lab = labels.map(|l| map.apply(l));
         let oriented_shape = img.shape;
 
-        let sampling = spacing_grid(img.shape, &img.affine, self.spacing.map(f64::from));
+        let sampling = spacing_grid(img.shape, &img.affine, self.spacing.map(f64::from))?;
         let step = sampling.step;
         let mut img = resample_linear(&img, &sampling);
         let lab = lab.map(|l| resample_labels(&l, &sampling));
@@ -112,8 +112,31 @@ impl Preprocessor {
 /// Cholesky factor of `zoom_affine`: axis-aligned grids keep voxel 0, while an oblique affine
 /// stored in a NIfTI header (float32) has columns orthogonal only to ~1e-8, enough to move the
 /// output grid by a fraction of a voxel. We follow MONAI: same rule, same grids.
-pub fn spacing_grid(shape: [usize; 3], affine: &Affine, target: [f64; 3]) -> Sampling {
+///
+/// An error, saying how large the grid would be, when it exceeds [`MAX_GRID_VOXELS`] or a spacing
+/// is not a positive finite number (a header scaled by 1e30 must not become a 58 GB allocation).
+pub fn spacing_grid(shape: [usize; 3], affine: &Affine, target: [f64; 3]) -> Result<Sampling> {
     let old = affine.spacing();
+    for (what, s) in [("image", old), ("target", target)] {
+        ensure!(
+            s.iter().all(|x| x.is_finite() && *x > 0.0),
+            "the {what} voxel spacing {s:?} mm is not positive and finite"
+        );
+    }
+    let sizes: [f64; 3] =
+        std::array::from_fn(|a| shape[a].saturating_sub(1) as f64 * old[a] / target[a] + 1.0);
+    let voxels: f64 = sizes.iter().product();
+    ensure!(
+        voxels.is_finite() && voxels <= MAX_GRID_VOXELS as f64,
+        "resampling {shape:?} voxels of {old:?} mm to {target:?} mm would make a grid of {:.3e} voxels \
+         (~{:.0} x {:.0} x {:.0}, {:.1} GB as float32); the limit is {MAX_GRID_VOXELS}: check the image's \
+         voxel size and the model's target spacing",
+        voxels,
+        sizes[0],
+        sizes[1],
+        sizes[2],
+        voxels * 4.0 / 1e9
+    );
     let out = respaced_shape(shape, old, target);
     let step: [f64; 3] = std::array::from_fn(|a| target[a] / old[a]);
     let column = |c: usize| [affine.0[0][c], affine.0[1][c], affine.0[2][c]];
@@ -140,8 +163,11 @@ pub fn spacing_grid(shape: [usize; 3], affine: &Affine, target: [f64; 3]) -> Sam
     } else {
         std::array::from_fn(|a| shape[a] as f64 / 2.0 - step[a] * out[a] as f64 / 2.0)
     };
-    Sampling { shape: out, step, offset }
+    Ok(Sampling { shape: out, step, offset })
 }
+
+/// The most voxels a resampled grid may have: 2^30 (4.3 GB as float32; a 512 x 512 x 4096 grid).
+pub const MAX_GRID_VOXELS: usize = 1 << 30;
 
 /// The grid MONAI's `Spacingd` resamples `shape` voxels of spacing `old` onto at spacing `new`
 /// (`compute_shape_offset` with `scale_extent=False`): the distance from the first to the last
@@ -586,7 +612,7 @@ mod tests {
             [0.0, 0.0, 3.0, 5.0],
             [0.0, 0.0, 0.0, 1.0],
         ]);
-        let s = spacing_grid([91, 81, 21], &axis_aligned, target);
+        let s = spacing_grid([91, 81, 21], &axis_aligned, target).unwrap();
         assert_eq!((s.shape, s.offset), ([49, 44, 31], [0.0; 3]));
         let oblique = Affine([
             [1.1737771034240723, -0.2287028580904007, 0.0, -30.0],
@@ -594,13 +620,35 @@ mod tests {
             [0.0, 0.0, 2.5, 40.0],
             [0.0, 0.0, 0.0, 1.0],
         ]);
-        let s = spacing_grid([67, 59, 19], &oblique, target);
+        let s = spacing_grid([67, 59, 19], &oblique, target).unwrap();
         assert_eq!(s.shape, [54, 44, 24]);
         let origin = s.affine(&oblique).apply([0.0; 3]);
         let monai = [-30.17909318925087, 14.399643583226917, 39.75];
         assert!(
             origin.iter().zip(monai).all(|(a, b)| (a - b).abs() < 1e-6),
             "{origin:?} vs MONAI's {monai:?}"
+        );
+    }
+
+    /// Absurd geometry is an error naming the grid it would make, not a panic or an allocation of
+    /// tens of GB: a header scaled by 1e30, 100 mm voxels against a 5.9e-39 mm target, NaN.
+    #[test]
+    fn grids_too_large_or_spacings_not_finite_are_errors() {
+        let huge = Affine::from_spacing([1e30, 1e30, 1e30]);
+        let e = spacing_grid([512, 512, 100], &huge, [1.5, 1.5, 2.0]).unwrap_err().to_string();
+        assert!(e.contains("would make a grid of") && e.contains("limit"), "{e}");
+        let e =
+            spacing_grid([64; 3], &Affine::from_spacing([100.0; 3]), [5.9e-39; 3]).unwrap_err().to_string();
+        assert!(e.contains("would make a grid of"), "{e}");
+        let e = spacing_grid([8; 3], &Affine::from_spacing([f64::NAN, 1.0, 1.0]), [1.0; 3]).unwrap_err();
+        assert!(e.to_string().contains("not positive and finite"), "{e}");
+        // Through the preprocessing: an image with 100 mm voxels and a 0.01 mm target.
+        let img = Volume::new(vec![0.0; 512], [8, 8, 8], Affine::from_spacing([100.0; 3]));
+        let mut p = Preprocessor::btcv();
+        p.spacing = [0.01; 3];
+        assert!(p.apply(&img).unwrap_err().to_string().contains("would make a grid of"));
+        assert!(
+            spacing_grid([512, 512, 600], &Affine::from_spacing([0.7, 0.7, 1.0]), [1.5, 1.5, 2.0]).is_ok()
         );
     }
 

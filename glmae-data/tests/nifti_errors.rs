@@ -134,3 +134,24 @@ fn absurd_nifti2_dimensions_are_an_error_not_an_overflow() {
     assert!(e.contains("huge.nii") && e.contains("too large"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Devices and folders are refused by name, and a gzip stream that inflates past the limit is
+/// refused without inflating all of it (a bomb would otherwise fill memory).
+#[cfg(unix)]
+#[test]
+fn devices_and_gzip_bombs_are_refused() {
+    let e = read_nifti(std::path::Path::new("/dev/zero")).unwrap_err().to_string();
+    assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
+    let d = temp("bomb");
+    assert!(read_nifti(&d).unwrap_err().to_string().contains("not a regular file"));
+    let bomb = d.join("bomb.nii.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut gz, &vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
+    let e = glmae_data::nifti_io::read_nifti_limited(&bomb, 1 << 16).unwrap_err().to_string();
+    assert!(e.contains("bomb.nii.gz") && e.contains("inflates to more than 65536 bytes"), "{e}");
+    // Under the limit the same file inflates and fails as what it is: zeros, no NIfTI header.
+    let e = glmae_data::nifti_io::read_nifti_limited(&bomb, 1 << 21).unwrap_err().to_string();
+    assert!(!e.contains("inflates to more"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -20,8 +20,20 @@ use glmae_core::{ModelFile, PosEmbed, Unetr};
 
 /// Reads a weight file; the error names the file.
 pub fn read_model_bytes(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read model file {}", path.display()))
+    let name = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read model file {name}"))?;
+    // A device such as /dev/zero would be read until memory runs out.
+    anyhow::ensure!(meta.is_file(), "model file {name} is not a regular file (a device, pipe or folder)");
+    anyhow::ensure!(
+        meta.len() <= MAX_MODEL_BYTES,
+        "model file {name} is {} bytes, more than the {MAX_MODEL_BYTES} a .glmae file may have",
+        meta.len()
+    );
+    std::fs::read(path).with_context(|| format!("cannot read model file {name}"))
 }
+
+/// The largest `.glmae` file read: 2 GiB (a float32 UNETR on ViT-B is about 0.4 GB).
+pub const MAX_MODEL_BYTES: u64 = 2 << 30;
 
 /// Parses and checks weight-file bytes; the error names the file and the problem.
 pub fn parse_model<'a>(path: &Path, bytes: &'a [u8]) -> Result<ModelFile<'a>> {
@@ -214,6 +226,15 @@ pub fn segment_file_with(
     use glmae_data::nifti_io::LabelType;
     use glmae_data::preprocess::Preprocessor;
     use glmae_data::sliding_window::WindowSpec;
+    glmae_data::io::ensure_not_input(input, output)?;
+    if let Some(p) = &opts.probabilities {
+        glmae_data::io::ensure_not_input(input, p)?;
+        anyhow::ensure!(
+            p != output,
+            "--probabilities and --output are both {}: they need two files",
+            output.display()
+        );
+    }
     let img = glmae_data::read_nifti(input)?;
     let channels = model.config.vit.in_channels as usize;
     anyhow::ensure!(
@@ -227,6 +248,16 @@ pub fn segment_file_with(
     let roi = model.config.vit.img_size.map(|s| s as usize);
     let classes = model.config.out_channels as usize;
     let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
+    let windows = spec_windows(&vol.shape, &spec);
+    if opts.progress && windows > 8 * spec_windows(&vol.shape, &WindowSpec { overlap: 0.5, ..spec }) {
+        // A high overlap multiplies the windows by about (1 - 0.5)^3 / (1 - overlap)^3.
+        eprintln!(
+            "note: {}: overlap {} means {windows} windows (overlap 0.5: {}); this will take a while",
+            input.display(),
+            opts.overlap,
+            spec_windows(&vol.shape, &WindowSpec { overlap: 0.5, ..spec })
+        );
+    }
     let logits = segment_volume(model, &vol.data, vol.shape, opts, engine)
         .with_context(|| format!("{}", input.display()))?;
     // MONAI's bundles: softmax on the model grid, probabilities back to the source grid
@@ -263,7 +294,6 @@ pub fn segment_file_with(
     for &l in &source {
         counts[l as usize] += 1;
     }
-    let windows = spec_windows(&vol.shape, &spec);
     Ok(SegmentSummary { counts, windows })
 }
 

@@ -26,5 +26,14 @@ fn info_prints_the_model_and_rejects_damage() {
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("cut.glmae") && err.contains("truncated"), "{err}");
+
+    // A device is refused by name rather than read until memory runs out.
+    #[cfg(unix)]
+    {
+        let out = infer().arg("info").arg("/dev/zero").output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("/dev/zero") && err.contains("not a regular file"), "{err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -97,6 +97,29 @@ fn bad_input_fails_cleanly_without_output() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// An output that is the input (same path, the input folder in folder mode, or a link to the
+/// input) is refused before anything is written: the CT is left as it was.
+#[test]
+fn output_over_the_input_is_refused() {
+    let (dir, model) = setup("same");
+    let input = dir.join("ct.nii.gz");
+    write_ct(&input);
+    let before = std::fs::read(&input).unwrap();
+    let same = dir.join(".").join("ct.nii.gz");
+    for output in [&input, &same] {
+        let out = segment(&[], &model, &input, output);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("refusing to overwrite the input") && err.contains("ct.nii.gz"), "{err}");
+    }
+    // Folder mode with the output folder = the input folder names every output like its input.
+    let out = segment(&[], &model, &dir, &dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite the input"));
+    assert_eq!(std::fs::read(&input).unwrap(), before, "the input was modified");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `--reference` runs glmae-core's kernels and `--int8-kernels` the integer ones; the default fast
 /// pass must give the reference's labels.
 #[test]

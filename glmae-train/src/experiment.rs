@@ -696,6 +696,7 @@ fn train_last(mut ft: Finetuner, ds: &Dataset, out: &Path) -> Result<Finetuner> 
     write_json(&out.join("label_subset.json"), &subset)?;
     let cache = Arc::new(VolumeCache::new(cfg.preprocessing.clone(), Some(out.join("cache"))));
     cache.warm(&subset, 2)?;
+    crate::finetune::ensure_labels_fit(&cache, &subset, cfg.unetr.out_channels as usize)?;
     let (c2, s2, cfg2) = (cache.clone(), subset.clone(), cfg.clone());
     let batches = glmae_data::Prefetcher::new(cfg.steps, 1, 2, cfg.seed, move |step, _| {
         let mut rng = glmae_data::transforms::Rng::for_item(cfg2.seed, step as u64);

@@ -170,6 +170,29 @@ pub fn crops(cfg: &FinetuneConfig, image: &Volume, labels: &Labels, rng: &mut Rn
     (imgs, labs)
 }
 
+/// Refuses label maps with a value the model has no class for (a label 200 with 14 classes
+/// would otherwise train as one of them), naming the file, the value and the class count.
+pub fn ensure_labels_fit<'a>(
+    cache: &VolumeCache,
+    cases: impl IntoIterator<Item = &'a glmae_data::Case>,
+    classes: usize,
+) -> Result<()> {
+    for case in cases {
+        let p = cache.get(case)?;
+        let Some(labels) = p.labels.as_ref() else { continue };
+        if let Some(&max) = labels.data.iter().max().filter(|&&m| m as usize >= classes) {
+            let path = case.label.as_deref().unwrap_or(&case.image);
+            bail!(
+                "{}: label value {max} but the model has {classes} classes (0..={}); fix the label map \
+                 or give the dataset's label list",
+                path.display(),
+                classes - 1
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One-hot `(b, classes, d, h, w)` host values for label crops.
 fn one_hot(labels: &[u8], crops: usize, classes: usize) -> Vec<f32> {
     let v = labels.len() / crops.max(1);
@@ -392,6 +415,8 @@ pub fn train(mut ft: Finetuner, ds: &glmae_data::Dataset, out: &Path, loader_thr
     let cache = std::sync::Arc::new(VolumeCache::new(cfg.preprocessing.clone(), Some(out.join("cache"))));
     cache.warm(&subset, loader_threads.max(2))?;
     cache.warm(&ds.validation, loader_threads.max(2))?;
+    let classes = cfg.unetr.out_channels as usize;
+    ensure_labels_fit(&cache, subset.iter().chain(&ds.validation), classes)?;
     let (c2, s2, cfg2) = (cache.clone(), subset.clone(), cfg.clone());
     let batches = glmae_data::Prefetcher::new(cfg.steps, loader_threads, 2, cfg.seed, move |step, _| {
         let mut rng = Rng::for_item(cfg2.seed, step as u64);

@@ -157,3 +157,29 @@ fn fine_tuning_learns_validates_and_exports() {
     assert!(err.contains("model.glmae"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Label maps with a value the model has no class for are refused before training, naming the
+/// label file, the value and the class count (they used to train silently as the last class).
+#[test]
+fn label_values_beyond_the_classes_are_refused() {
+    let root = std::env::temp_dir().join(format!("glmae-ft-labels-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let ds = write_phantom_dataset(
+        &root.join("data"),
+        3,
+        0,
+        &PhantomConfig { shape: [40, 36, 24], spacing: [6.0, 6.0, 6.0] },
+        2,
+    )
+    .unwrap();
+    // The phantoms carry all 13 organs: 14 classes fit, 5 do not.
+    let cache = VolumeCache::new(tiny(14).preprocessing.clone(), None);
+    glmae_train::finetune::ensure_labels_fit(&cache, &ds.training, 14).unwrap();
+    let ft = Finetuner::new(tiny(5), device()).unwrap();
+    let e = format!("{:#}", glmae_train::finetune::train(ft, &ds, &root.join("run"), 1).unwrap_err());
+    assert!(e.contains("label value") && e.contains("5 classes") && e.contains("label"), "{e}");
+    let first_label = ds.training[0].label.as_ref().unwrap();
+    assert!(e.contains(first_label.to_str().unwrap()), "the error does not name {first_label:?}: {e}");
+    assert!(!root.join("run").join("last.bin").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
