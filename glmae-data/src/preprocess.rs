@@ -69,6 +69,22 @@ impl Preprocessor {
             labels.shape,
             image.shape
         );
+        // A label map placed elsewhere in space (MONAI compares the affines too) would train on
+        // the wrong voxels: 0.1 mm in the origin, 0.1% in the voxel axes.
+        let (a, b) = (&image.affine.0, &labels.affine.0);
+        let origin = (0..3).map(|r| (a[r][3] - b[r][3]).abs()).fold(0.0, f64::max);
+        let axes = (0..3)
+            .flat_map(|r| (0..3).map(move |c| (r, c)))
+            .map(|(r, c)| (a[r][c] - b[r][c]).abs() / image.affine.spacing()[c].max(1e-12))
+            .fold(0.0, f64::max);
+        ensure!(
+            origin <= 0.1 && axes <= 1e-3,
+            "the label map's affine differs from the image's (origins {:?} and {:?} mm, {origin:.3} mm apart; \
+             voxel axes differ by {:.2}%): the labels do not lie on the image",
+            [a[0][3], a[1][3], a[2][3]],
+            [b[0][3], b[1][3], b[2][3]],
+            100.0 * axes
+        );
         let (img, lab, _) = self.run(image, Some(labels))?;
         Ok((img, lab.ok_or_else(|| anyhow!("labels were dropped during preprocessing"))?))
     }
@@ -716,6 +732,13 @@ mod tests {
         let lab = Volume::new(vec![0u8; 12], [3, 2, 2], a);
         let e = Preprocessor::btcv().apply_with_labels(&img, &lab).unwrap_err();
         assert!(e.to_string().contains("label grid [3, 2, 2] differs"), "{e}");
+        // Same grid, 50 mm off: refused; 0.01 mm off (float32 headers): accepted.
+        let mut shifted = Volume::new(vec![0u8; 8], [2, 2, 2], a);
+        shifted.affine.0[1][3] = 50.0;
+        let e = Preprocessor::btcv().apply_with_labels(&img, &shifted).unwrap_err().to_string();
+        assert!(e.contains("affine differs") && e.contains("50.000 mm apart"), "{e}");
+        shifted.affine.0[1][3] = 0.01;
+        assert!(Preprocessor::btcv().apply_with_labels(&img, &shifted).is_ok());
         let mut bad = img.clone();
         bad.data[3] = f32::NAN;
         assert!(Preprocessor::btcv().apply(&bad).unwrap_err().to_string().contains("NaN"));

@@ -384,14 +384,19 @@ struct PretrainArgs {
     #[arg(long, required_unless_present = "resume")]
     data: Option<String>,
     /// Encoder preset: vit-t, vit-b or tiny (a seconds-long smoke test).
-    #[arg(long, default_value = "vit-t")]
+    #[arg(long, conflicts_with = "resume", default_value = "vit-t")]
     model: String,
     /// Run folder: config.json, metrics.csv, checkpoint.bin.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
-    /// Continue the run in this folder exactly where its last checkpoint left off.
+    /// Continue the run in this folder exactly where its last checkpoint left off, with its own
+    /// configuration (flags that would change it are refused).
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
+    /// Start a new run in an --out folder that already holds one (its checkpoint and metrics
+    /// are replaced); without it such a folder is refused.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// cpu (burn flex), ndarray, cuda or cuda:N; several GPUs (cuda:0,cuda:1 or cuda:all) train
     /// data-parallel, each taking an equal share of every batch.
     #[arg(long, default_value = "cpu")]
@@ -400,83 +405,83 @@ struct PretrainArgs {
     #[arg(long, value_enum)]
     precision: Option<glmae_train::device::Precision>,
     /// Optimisation steps.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     steps: Option<usize>,
     /// Encoder width instead of the preset's: ViT-T's shape at another width, with a 2-block
     /// decoder as wide and a 4x-wide head to 128 (the quickstart's and the experiment's model).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     hidden: Option<u32>,
     /// Attention heads with --hidden.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, conflicts_with = "resume", default_value_t = 3)]
     heads: u32,
     /// Global and local view edges in voxels with --hidden (GLOBAL,LOCAL).
-    #[arg(long, value_delimiter = ',', default_values_t = [64, 32])]
+    #[arg(long, conflicts_with = "resume", value_delimiter = ',', default_values_t = [64, 32])]
     views: Vec<usize>,
     /// Volumes per step.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     batch_size: Option<usize>,
     /// Linear warm-up steps.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     warmup_steps: Option<usize>,
     /// Base learning rate: the peak rate is base_lr x batch / 256 (default 1e-2, the paper's
     /// rate read as MAE's base rate).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     base_lr: Option<f64>,
     /// Absolute peak learning rate, instead of the base_lr rule.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     lr: Option<f64>,
     /// AdamW weight decay on weight matrices (biases, norms and the mask token get none).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     weight_decay: Option<f64>,
     /// Teacher temperature after the warm-up (0.04; DINO uses 0.04-0.07).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     teacher_temp: Option<f64>,
     /// Steps of DINO's linear teacher-temperature warm-up from 0.04 to --teacher-temp.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     teacher_temp_warmup: Option<usize>,
     /// Teacher EMA momentum at step 0 (0.996; it rises to 1 on a cosine).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     teacher_momentum: Option<f64>,
     /// Momentum of the teacher-output centre (0.9).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     center_momentum: Option<f64>,
     /// The teacher's anti-collapse normalisation: mean (DINO's running centre) or sinkhorn
     /// (DINOv2's Sinkhorn-Knopp over each step's teacher views).
-    #[arg(long, value_enum)]
+    #[arg(long, conflicts_with = "resume", value_enum)]
     centering: Option<glmae_train::loss::Centering>,
     /// Standardise the head's pooled input over each forward pass's views (DINO's `use_bn`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     head_batch_norm: bool,
     /// Start the teacher centre at the first batch's mean instead of 0.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     center_warm_start: bool,
     /// Size K of the consistency distributions (the head's output).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     head_out: Option<usize>,
     /// DINO's head: an L2-normalised bottleneck of this width and a weight-normalised last
     /// layer (0: the paper's three-layer head).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     head_bottleneck: Option<usize>,
     /// Loss terms: full (GL-MAE), global-local (no consistency), local-only (MAE3D).
-    #[arg(long, value_enum)]
+    #[arg(long, conflicts_with = "resume", value_enum)]
     ablation: Option<glmae_train::pretrain::Ablation>,
     /// Weight of the consistency loss.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     lambda: Option<f64>,
     /// Global and local views per volume.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     n_global: Option<usize>,
     /// Local views per volume.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     n_local: Option<usize>,
     /// Fraction of tokens masked.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     mask_ratio: Option<f64>,
     /// Normalise target patches.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     norm_pix_loss: bool,
     /// Seed.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     seed: Option<u64>,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 50)]
@@ -511,6 +516,15 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
             (dir, run, data.trim().to_string(), devices)
         }
         (None, Some(out)) => {
+            // A second `pretrain --out RUN` used to start from scratch over a trained run.
+            if out.join("config.json").is_file() && !a.overwrite {
+                anyhow::bail!(
+                    "{} already holds a pretraining run: continue it with --resume {}, or pass \
+                     --overwrite to start a new run there",
+                    out.display(),
+                    out.display()
+                );
+            }
             let mut cfg = match a.model.as_str() {
                 "vit-t" => PretrainConfig::vit_t(),
                 "vit-b" => PretrainConfig::vit_b(),

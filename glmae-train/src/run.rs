@@ -18,7 +18,10 @@ use glmae_data::io::atomic_write;
 use crate::data_parallel::DataParallel;
 use crate::pretrain::{PretrainConfig, Pretrainer, StepMetrics};
 
-const CHECKPOINT_MAGIC: &[u8; 8] = b"GLMAECK1";
+/// Checkpoints end with the CRC-32 of everything before it, so a flipped bit is an error rather
+/// than a run that resumes with other losses. `GLMAECK1` files (no checksum) still load.
+const CHECKPOINT_MAGIC: &[u8; 8] = b"GLMAECK2";
+const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"GLMAECK1";
 /// Columns of `metrics.csv`.
 /// `h_cond`, `h_marg` and `mi` are the collapse watch (nats; 0 without consistency), `tau_t` the
 /// teacher temperature.
@@ -189,6 +192,8 @@ impl RunDir {
             out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
             out.extend_from_slice(blob);
         }
+        let crc = glmae_core::format::crc32(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
         atomic_write(&self.checkpoint_path(), &out)
     }
 
@@ -208,7 +213,19 @@ impl RunDir {
         let p = self.checkpoint_path();
         let bytes = std::fs::read(&p).with_context(|| format!("cannot read checkpoint {}", p.display()))?;
         let name = p.display();
-        ensure!(bytes.starts_with(CHECKPOINT_MAGIC), "{name}: not a glmae checkpoint");
+        let bytes = if bytes.starts_with(CHECKPOINT_MAGIC) {
+            ensure!(bytes.len() >= 12, "{name}: checkpoint is truncated");
+            let (body, tail) = bytes.split_at(bytes.len() - 4);
+            let stored = u32::from_le_bytes(tail.try_into()?);
+            ensure!(
+                glmae_core::format::crc32(body) == stored,
+                "{name}: checkpoint is damaged (checksum mismatch); resume from a copy or start again"
+            );
+            body
+        } else {
+            ensure!(bytes.starts_with(CHECKPOINT_MAGIC_V1), "{name}: not a glmae checkpoint");
+            &bytes[..]
+        };
         let mut blobs = Vec::new();
         let mut at = 8;
         for _ in 0..4 {

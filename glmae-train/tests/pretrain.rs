@@ -147,12 +147,20 @@ fn resuming_from_a_checkpoint_continues_exactly() {
     let after_resume: Vec<f64> = (3..5).map(|s| resumed.step(&sample(s)).loss).collect();
     assert_eq!(uninterrupted, after_resume, "a resumed run diverges from the uninterrupted one");
 
-    // A damaged checkpoint is refused with its path in the message.
+    // A damaged checkpoint is refused with its path in the message: cut in half, or one bit
+    // flipped anywhere (in the weights it used to resume silently with other losses).
     let ck = dir.checkpoint_path();
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
     let e = format!("{:#}", dir.resume(device()).err().unwrap());
-    assert!(e.contains("checkpoint.bin") && e.contains("truncated"), "{e}");
+    assert!(e.contains("checkpoint.bin") && e.contains("damaged"), "{e}");
+    for at in [20, bytes.len() / 3, bytes.len() / 2, bytes.len() - 10] {
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x10;
+        std::fs::write(&ck, &flipped).unwrap();
+        let e = format!("{:#}", dir.resume(device()).err().unwrap());
+        assert!(e.contains("checkpoint.bin") && e.contains("checksum mismatch"), "bit flip at {at}: {e}");
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }
 
@@ -340,4 +348,40 @@ fn collapse_watch_stays_healthy_on_varied_inputs() {
     let min = late.iter().copied().fold(f64::INFINITY, f64::min);
     eprintln!("teacher MI after warm-up: mean {mean:.3}, min {min:.3} nats");
     assert!(mean > 0.3, "teacher MI {mean:.3} nats after warm-up: collapsed on varied inputs");
+}
+
+/// `pretrain --out RUN` on a folder that holds a run is refused (it used to start from scratch
+/// over it), naming --resume and --overwrite; with --overwrite the check passes. With --resume,
+/// configuration flags are refused.
+#[test]
+fn pretrain_refuses_to_start_over_an_existing_run() {
+    let root = std::env::temp_dir().join(format!("glmae-pretrain-exists-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = glmae_train::run::RunDir::create(&root).unwrap();
+    dir.save_config(&PretrainConfig::tiny()).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_glmae-train"))
+            .args(["pretrain", "--model", "tiny", "--data", "no-such-dataset.json", "--out"])
+            .arg(&root)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("already holds a pretraining run"), "{err}");
+    assert!(err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    let o = run(&["--overwrite"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("already holds"), "{err}");
+    assert!(err.contains("no-such-dataset.json"), "{err}");
+    // A flag that would change a resumed run's configuration is refused, not ignored.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_glmae-train"))
+        .args(["pretrain", "--steps", "50", "--resume"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--steps") && err.contains("--resume"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
 }
