@@ -31,7 +31,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Where writing `path` must go: the final target of a chain of symbolic links (which need not
 /// exist yet), or `path`; an error when that exists and is not a regular file.
-fn output_target(path: &Path) -> Result<PathBuf> {
+pub(crate) fn output_target(path: &Path) -> Result<PathBuf> {
     let mut p = path.to_path_buf();
     for _ in 0..40 {
         match std::fs::symlink_metadata(&p) {

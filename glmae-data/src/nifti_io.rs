@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, ensure};
 use nifti::{Endianness, NiftiHeader};
 
-use crate::io::atomic_write;
 use crate::volume::{Affine, Volume};
 
 /// What a NIfTI file's voxels were stored as, for writing results back faithfully.
@@ -485,6 +484,7 @@ fn nifti1_header(
     channels: usize,
     stored: StoredType,
     meta: &NiftiMeta,
+    slope: f32,
 ) -> Result<Vec<u8>> {
     let mut h = vec![0u8; 352];
     let put_i16 = |h: &mut Vec<u8>, o: usize, v: i16| h[o..o + 2].copy_from_slice(&v.to_le_bytes());
@@ -503,7 +503,7 @@ fn nifti1_header(
         put_f32(&mut h, 76 + 4 * i, p);
     }
     put_f32(&mut h, 108, 352.0); // vox_offset
-    put_f32(&mut h, 112, 1.0); // scl_slope
+    put_f32(&mut h, 112, slope); // scl_slope
     put_f32(&mut h, 116, 0.0); // scl_inter
     h[123] = meta.xyzt_units;
     let descrip = b"glmae";
@@ -539,29 +539,134 @@ pub fn write_nifti(
         path.display(),
         data.len()
     );
-    let mut bytes = nifti1_header(shape, channels, stored, meta)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    bytes.reserve(data.len() * stored.size());
-    let [ni, nj, nk] = shape;
-    for c in 0..channels {
+    let mut w = ChannelWriter::create(path, shape, channels, meta, stored, 1.0)?;
+    for block in data.chunks_exact(shape.iter().product::<usize>().max(1)).take(channels) {
+        w.write_channel(block)?;
+    }
+    w.finish()
+}
+
+/// A NIfTI-1 file written one channel at a time (the file stores channels as whole 3-D blocks),
+/// so a many-channel output never has to be in memory at once: 14 probability maps of a
+/// 512 x 512 x 300 CT are 4.4 GB as float32. The file appears only on [`ChannelWriter::finish`]
+/// (a temporary file beside it, flushed and renamed, as [`crate::io::atomic_write`]); one dropped unfinished
+/// removes its temporary file.
+pub struct ChannelWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<Sink>,
+    shape: [usize; 3],
+    channels: usize,
+    written: usize,
+    stored: StoredType,
+    slope: f32,
+}
+
+impl ChannelWriter {
+    /// Starts `path` (gzip when it ends in `.gz`) for `channels` blocks of `shape` on `meta`'s
+    /// grid, stored as `stored` with `scl_slope` = `slope` (values are written as `v / slope`,
+    /// so readers get `v` back: uint8 with slope 1/255 holds probabilities to 0.002).
+    pub fn create(
+        path: &Path,
+        shape: [usize; 3],
+        channels: usize,
+        meta: &NiftiMeta,
+        stored: StoredType,
+        slope: f32,
+    ) -> Result<Self> {
+        ensure!(slope.is_finite() && slope > 0.0, "{}: scl_slope {slope} must be positive", path.display());
+        let header = nifti1_header(shape, channels, stored, meta, slope)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let target = crate::io::output_target(path)?;
+        let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
+        let buffered = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut out = if name.ends_with(".gz") {
+            Sink::Gz(flate2::write::GzEncoder::new(buffered, flate2::Compression::new(6)))
+        } else {
+            Sink::Plain(buffered)
+        };
+        let mut w = Self { path: target, tmp, out: None, shape, channels, written: 0, stored, slope };
+        out.write_all(&header).with_context(|| format!("cannot write {}", path.display()))?;
+        w.out = Some(out);
+        Ok(w)
+    }
+
+    /// Appends the next channel, `[i][j][k]` row-major (the [`Volume`] layout).
+    pub fn write_channel(&mut self, data: &[f32]) -> Result<()> {
+        let [ni, nj, nk] = self.shape;
+        let name = self.path.display();
+        ensure!(
+            data.len() == ni * nj * nk,
+            "{name}: {} values do not fill shape {:?}",
+            data.len(),
+            self.shape
+        );
+        ensure!(self.written < self.channels, "{name}: more than the {} channels announced", self.channels);
+        let mut bytes = Vec::with_capacity(data.len() * self.stored.size());
+        let inv = 1.0 / self.slope;
         for k in 0..nk {
             for j in 0..nj {
                 for i in 0..ni {
-                    let v = data[((c * ni + i) * nj + j) * nk + k];
-                    encode_value(&mut bytes, v, stored);
+                    let v = data[(i * nj + j) * nk + k];
+                    encode_value(&mut bytes, if self.slope == 1.0 { v } else { v * inv }, self.stored);
                 }
             }
         }
+        let out = self.out.as_mut().ok_or_else(|| anyhow!("{name}: writer is closed"))?;
+        out.write_all(&bytes).with_context(|| format!("cannot write {name}"))?;
+        self.written += 1;
+        Ok(())
     }
-    let gz = path.to_string_lossy().ends_with(".gz");
-    let payload = if gz {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-        e.write_all(&bytes)?;
-        e.finish()?
-    } else {
-        bytes
-    };
-    atomic_write(path, &payload)
+
+    /// Checks that every channel was written, flushes to disk and renames into place.
+    pub fn finish(mut self) -> Result<()> {
+        let name = self.path.display().to_string();
+        ensure!(
+            self.written == self.channels,
+            "{name}: {} of {} channels written",
+            self.written,
+            self.channels
+        );
+        let out = self.out.take().ok_or_else(|| anyhow!("{name}: writer is closed"))?;
+        let result = (|| -> Result<()> {
+            let buffered = match out {
+                Sink::Plain(b) => b,
+                Sink::Gz(g) => g.finish()?,
+            };
+            buffered.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&self.tmp, &self.path)?;
+            Ok(())
+        })();
+        result.with_context(|| format!("cannot write {name}"))
+    }
+}
+
+/// Where a [`ChannelWriter`] writes: the temporary file, through gzip or not.
+enum Sink {
+    Plain(std::io::BufWriter<std::fs::File>),
+    Gz(flate2::write::GzEncoder<std::io::BufWriter<std::fs::File>>),
+}
+
+impl Sink {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.write_all(bytes),
+            Sink::Gz(w) => w.write_all(bytes),
+        }
+    }
+}
+
+impl Drop for ChannelWriter {
+    fn drop(&mut self) {
+        // Unfinished (an error on the way): no half-written output stays behind.
+        if self.tmp.exists() {
+            self.out = None;
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 fn encode_value(out: &mut Vec<u8>, v: f32, stored: StoredType) {

@@ -375,7 +375,26 @@ impl Inverse {
     /// - `probs`: `[classes, model_shape]`, channel-major
     /// - returns `[classes, source shape]`
     pub fn probabilities_to_source(&self, probs: &[f32], classes: usize) -> Result<Vec<f32>> {
-        let grid = self.uncrop(probs, classes, |_| 0.0)?;
+        let mut out = Vec::new();
+        for c in 0..classes {
+            out.extend(self.class_to_source(probs, classes, c)?);
+        }
+        Ok(out)
+    }
+
+    /// Class `class` of [`Inverse::probabilities_to_source`] alone: memory for one class on the
+    /// source grid, whatever the class count.
+    pub fn class_to_source(&self, probs: &[f32], classes: usize, class: usize) -> Result<Vec<f32>> {
+        ensure!(class < classes, "class {class} of {classes}");
+        let n = self.crop.size.iter().product::<usize>();
+        ensure!(
+            probs.len() == n * classes,
+            "prediction has {} values, the model grid {:?} x {classes} needs {}",
+            probs.len(),
+            self.crop.size,
+            n * classes
+        );
+        let grid = self.uncrop(&probs[class * n..(class + 1) * n], 1, |_| 0.0)?;
         let oriented = resample_linear(&grid, &self.back_sampling());
         Ok(self.map.inverse().apply(&oriented).data)
     }

@@ -155,3 +155,36 @@ fn devices_and_gzip_bombs_are_refused() {
     assert!(!e.contains("inflates to more"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// The channel-by-channel writer: a file appears only when every channel was written; one
+/// dropped or finished early leaves nothing behind; uint8 with slope 1/255 reads back within
+/// half a step of the float values.
+#[test]
+fn channel_writer_is_atomic_and_scales_uint8() {
+    use glmae_data::nifti_io::ChannelWriter;
+    let d = temp("channels");
+    let meta = meta_for_spacing([1.0, 2.0, 3.0], StoredType::F32);
+    let shape = [3, 4, 5];
+    let block: Vec<f32> = (0..60).map(|i| i as f32 / 59.0).collect();
+    let path = d.join("p.nii.gz");
+    let mut w = ChannelWriter::create(&path, shape, 2, &meta, StoredType::U8, 1.0 / 255.0).unwrap();
+    w.write_channel(&block).unwrap();
+    let e = format!("{:#}", w.finish().unwrap_err());
+    assert!(e.contains("1 of 2 channels"), "{e}");
+    let mut w = ChannelWriter::create(&path, shape, 2, &meta, StoredType::U8, 1.0 / 255.0).unwrap();
+    w.write_channel(&block).unwrap();
+    drop(w);
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "an unfinished writer left a file");
+    let mut w = ChannelWriter::create(&path, shape, 2, &meta, StoredType::U8, 1.0 / 255.0).unwrap();
+    w.write_channel(&block).unwrap();
+    let reversed: Vec<f32> = block.iter().rev().copied().collect();
+    w.write_channel(&reversed).unwrap();
+    assert!(w.write_channel(&block).is_err(), "a third channel was accepted");
+    w.finish().unwrap();
+    let back = read_nifti(&path).unwrap().volume;
+    assert_eq!((back.shape, back.channels), (shape, 2));
+    let expected: Vec<f32> = block.iter().chain(&reversed).copied().collect();
+    let gap = back.data.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(gap <= 0.5 / 255.0 + 1e-6, "uint8 probabilities {gap} off");
+    std::fs::remove_dir_all(&d).unwrap();
+}

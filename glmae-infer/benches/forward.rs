@@ -253,6 +253,7 @@ fn child_volume(p: Precision, threads: usize, engine: Engine) -> Result<()> {
         blend: Blend::Gaussian,
         threads,
         probabilities: None,
+        probabilities_u8: false,
         progress: false,
     };
     let (t, c0) = (Instant::now(), cpu_seconds());

@@ -108,8 +108,11 @@ pub struct SegmentOptions {
     /// Threads: all working inside each window ([`Engine::Fast`]), or one window each
     /// ([`Engine::Reference`]).
     pub threads: usize,
-    /// Also write per-class probabilities (float32, channels = classes) here.
+    /// Also write per-class probabilities (channels = classes) here, one class at a time.
     pub probabilities: Option<std::path::PathBuf>,
+    /// Store them as uint8 with `scl_slope` 1/255 (to 0.002, a quarter of float32's bytes)
+    /// instead of float32.
+    pub probabilities_u8: bool,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -276,17 +279,15 @@ pub fn segment_file_with(
     }
     let source = inverse.argmax_to_source(&probs, classes, opts.threads.max(1))?;
     if let Some(p) = &opts.probabilities {
-        let back = inverse.probabilities_to_source(&probs, classes)?;
-        let mut meta = img.meta.clone();
-        meta.stored = glmae_data::nifti_io::StoredType::F32;
-        glmae_data::write_nifti(
-            p,
-            &back,
-            img.volume.shape,
-            classes,
-            &meta,
-            glmae_data::nifti_io::StoredType::F32,
-        )?;
+        // One class on the source grid at a time: memory grows by one class, not by all of them.
+        use glmae_data::nifti_io::{ChannelWriter, StoredType};
+        let (stored, slope) =
+            if opts.probabilities_u8 { (StoredType::U8, 1.0 / 255.0) } else { (StoredType::F32, 1.0) };
+        let mut w = ChannelWriter::create(p, img.volume.shape, classes, &img.meta, stored, slope)?;
+        for c in 0..classes {
+            w.write_channel(&inverse.class_to_source(&probs, classes, c)?)?;
+        }
+        w.finish()?;
     }
     // Classes are capped at 256 by the format, so labels always fit uint8.
     glmae_data::write_labels(output, &source, img.volume.shape, &img.meta, LabelType::U8)?;

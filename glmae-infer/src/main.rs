@@ -50,6 +50,9 @@ enum Command {
         /// Also write per-class probabilities (single input only).
         #[arg(long)]
         probabilities: Option<PathBuf>,
+        /// Store the probabilities as uint8 (scl_slope 1/255) instead of float32.
+        #[arg(long, requires = "probabilities")]
+        probabilities_u8: bool,
     },
 }
 
@@ -70,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             reference,
             int8_kernels,
             probabilities,
+            probabilities_u8,
         } => {
             // More threads than cores only adds contention (100x slower at 1000 on 2 cores).
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -82,7 +86,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let bytes = glmae_infer::read_model_bytes(&model)?;
             let file = glmae_infer::parse_model(&model, &bytes)?;
-            let opts = glmae_infer::SegmentOptions { overlap, blend, threads, probabilities, progress: true };
+            let opts = glmae_infer::SegmentOptions {
+                overlap,
+                blend,
+                threads,
+                probabilities,
+                probabilities_u8,
+                progress: true,
+            };
             let engine = match (reference, int8_kernels) {
                 (true, _) => glmae_infer::Engine::Reference,
                 (false, true) => glmae_infer::Engine::FastInt8Kernels,

@@ -199,6 +199,7 @@ fn engines_agree_on_a_phantom_volume() {
         blend: Blend::Gaussian,
         threads: 2,
         probabilities: None,
+        probabilities_u8: false,
         progress: false,
     };
     let fast = segment_volume(&file, &vol, shape, &opts, Engine::Fast).unwrap();

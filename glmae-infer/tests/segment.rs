@@ -150,3 +150,35 @@ fn engines_are_selectable_and_agree() {
     assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--probabilities` writes one float32 map per class on the input grid (written class by class)
+/// that sums to 1 inside the body; `--probabilities-u8` stores the same maps as uint8 with slope
+/// 1/255, within half a step of them.
+#[test]
+fn probabilities_as_float32_and_uint8_agree() {
+    let (dir, model) = setup("probs");
+    let input = dir.join("ct.nii.gz");
+    write_ct(&input);
+    let (p32, p8) = (dir.join("p32.nii.gz"), dir.join("p8.nii.gz"));
+    for (p, extra) in [(&p32, None), (&p8, Some("--probabilities-u8"))] {
+        let mut flags = vec!["--probabilities", p.to_str().unwrap()];
+        flags.extend(extra);
+        let out = segment(&flags, &model, &input, &dir.join("seg.nii.gz"));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (a, b) = (read_nifti(&p32).unwrap(), read_nifti(&p8).unwrap());
+    assert_eq!((a.volume.shape, a.volume.channels), ([40, 36, 20], 14));
+    assert_eq!(b.meta.stored, StoredType::U8);
+    let gap = a.volume.data.iter().zip(&b.volume.data).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(gap <= 0.5 / 255.0 + 1e-6, "uint8 probabilities {gap} off the float32 ones");
+    // Voxel sums: 1 inside the foreground crop, 0 outside (MONAI pads the inverted crop with 0);
+    // at the target spacing no interpolation mixes the two.
+    let n = 40 * 36 * 20;
+    let sums: Vec<f32> = (0..n).map(|v| (0..14).map(|c| a.volume.data[c * n + v]).sum()).collect();
+    assert!(
+        sums.iter().all(|s| s.abs() < 1e-4 || (s - 1.0).abs() < 1e-4),
+        "a voxel's probabilities sum to neither 0 nor 1"
+    );
+    assert!(sums.iter().any(|s| (s - 1.0).abs() < 1e-4), "no voxel inside the crop");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -178,6 +178,7 @@ pub fn quickstart(out: &Path, scale: Scale, device: burn::tensor::Device) -> Res
         blend: glmae_data::sliding_window::Blend::Gaussian,
         threads: 2,
         probabilities: None,
+        probabilities_u8: false,
         progress: true,
     };
     glmae_infer::segment_file(&file, held_out, &segmentation, &sopts)?;

@@ -60,6 +60,7 @@ fn segmentation_matches_monai_inference_recipe() {
                 blend: Blend::Gaussian,
                 threads: 2,
                 probabilities: Some(probs_path.clone()),
+                probabilities_u8: false,
                 progress: false,
             };
             segment_file_with(&model, &input, &labels_path, &sopts, engine).unwrap();
