@@ -584,7 +584,7 @@ impl ChannelWriter {
         let file = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", path.display()))?;
         let buffered = std::io::BufWriter::with_capacity(1 << 20, file);
         let mut out = if name.ends_with(".gz") {
-            Sink::Gz(flate2::write::GzEncoder::new(buffered, flate2::Compression::new(6)))
+            Sink::Gz(Box::new(flate2::write::GzEncoder::new(buffered, flate2::Compression::new(6))))
         } else {
             Sink::Plain(buffered)
         };
@@ -647,7 +647,7 @@ impl ChannelWriter {
 /// Where a [`ChannelWriter`] writes: the temporary file, through gzip or not.
 enum Sink {
     Plain(std::io::BufWriter<std::fs::File>),
-    Gz(flate2::write::GzEncoder<std::io::BufWriter<std::fs::File>>),
+    Gz(Box<flate2::write::GzEncoder<std::io::BufWriter<std::fs::File>>>),
 }
 
 impl Sink {
