@@ -45,7 +45,10 @@ impl Affine {
         let mut used_world = [false; 3];
         let mut used_axis = [false; 3];
         for _ in 0..3 {
-            let mut best = (0.0f64, 0usize, 0usize);
+            // Start from an unused pair, so that a degenerate affine (a zero, NaN or repeated
+            // column) still gives a permutation instead of two axes on one world axis.
+            let first = |used: &[bool; 3]| used.iter().position(|u| !u).unwrap_or(0);
+            let mut best = (-1.0f64, first(&used_world), first(&used_axis));
             for (c, &axis_used) in used_axis.iter().enumerate() {
                 for (r, &world_used) in used_world.iter().enumerate() {
                     let v = (self.0[r][c] / sp[c].max(f64::MIN_POSITIVE)).abs();
@@ -148,5 +151,25 @@ mod tests {
         assert!(
             (s[0] - 0.7).abs() < 1e-9 && (s[2] - (2.5f64.powi(2) + 0.02f64.powi(2)).sqrt()).abs() < 1e-12
         );
+    }
+
+    /// A degenerate affine (zero or NaN columns, found by the `preprocess_geometry` fuzz target)
+    /// still maps the three array axes to three distinct world axes: reorienting it used to map
+    /// two axes onto one and lose voxels.
+    #[test]
+    fn degenerate_affines_give_a_permutation() {
+        for a in [
+            Affine([[0.0; 4], [0.0; 4], [0.0; 4], [0.0, 0.0, 0.0, 1.0]]),
+            Affine([
+                [1.0, 1.0, 0.0, 0.0],
+                [0.0, 0.0, 0.0, 0.0],
+                [0.0, 0.0, f64::NAN, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ]),
+        ] {
+            let mut worlds: Vec<usize> = a.orientation().iter().map(|&(w, _)| w).collect();
+            worlds.sort();
+            assert_eq!(worlds, [0, 1, 2], "{a:?}");
+        }
     }
 }
