@@ -141,7 +141,8 @@ pub fn spacing_grid(shape: [usize; 3], affine: &Affine, target: [f64; 3]) -> Res
     }
     let sizes: [f64; 3] =
         std::array::from_fn(|a| shape[a].saturating_sub(1) as f64 * old[a] / target[a] + 1.0);
-    let voxels: f64 = sizes.iter().product();
+    // The separable passes hold more than the output when one axis grows and the others shrink.
+    let voxels = crate::resample::resample_peak_voxels(shape, sizes);
     ensure!(
         voxels.is_finite() && voxels <= MAX_GRID_VOXELS as f64,
         "resampling {shape:?} voxels of {old:?} mm to {target:?} mm would make a grid of {:.3e} voxels \
@@ -685,6 +686,12 @@ mod tests {
         assert!(
             spacing_grid([512, 512, 600], &Affine::from_spacing([0.7, 0.7, 1.0]), [1.5, 1.5, 2.0]).is_ok()
         );
+        // Found by the fuzz target: a small output whose first pass is huge (axis 2 grows 10^6x
+        // while axes 0 and 1 shrink to one voxel) is bounded too.
+        let e = spacing_grid([24, 24, 24], &Affine::from_spacing([1e-3, 1e-3, 1e3]), [1.0, 1.0, 1e-2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("would make a grid of"), "{e}");
     }
 
     /// The streamed argmax gives the labels of the argmax of the whole inverted probability

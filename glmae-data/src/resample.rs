@@ -71,6 +71,15 @@ fn linear_axis(
     out
 }
 
+/// The most voxels per channel any pass of [`resample_linear`] holds for `input` voxels onto
+/// `output` (axis 2 first, then 1, then 0): more than the output when one axis grows while the
+/// others shrink. f64, so that absurd grids compare instead of overflowing.
+pub fn resample_peak_voxels(input: [usize; 3], output: [f64; 3]) -> f64 {
+    let [n0, n1, _] = input.map(|x| x as f64);
+    let [m0, m1, m2] = output;
+    (n0 * n1 * m2).max(n0 * m1 * m2).max(m0 * m1 * m2)
+}
+
 /// Trilinear resampling of every channel (three separable passes, exact trilinear).
 pub fn resample_linear(v: &Volume, s: &Sampling) -> Volume {
     let [n0, n1, n2] = v.shape;
