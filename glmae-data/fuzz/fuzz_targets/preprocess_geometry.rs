@@ -4,7 +4,7 @@
 //! memory cap (so are grids whose intermediate passes exceed it: `resample_peak_voxels`).
 #![no_main]
 
-use glmae_data::preprocess::{Preprocessor, spacing_grid};
+use glmae_data::preprocess::{AxisMap, Preprocessor, spacing_grid};
 use glmae_data::{Affine, Volume};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,13 +23,17 @@ fuzz_target!(|bytes: &[u8]| {
     m[3][3] = 1.0;
     let affine = Affine(m);
     let target = [f(12) as f32, f(13) as f32, f(14) as f32];
-    let Ok(grid) = spacing_grid(shape, &affine, target.map(f64::from)) else { return };
-    if glmae_data::resample::resample_peak_voxels(shape, grid.shape.map(|x| x as f64)) > (1 << 22) as f64 {
-        return;
-    }
     let n: usize = shape.iter().product();
     let data: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 100.0 } else { -1000.0 }).collect();
     let image = Volume::new(data, shape, affine);
+    // The grid is computed after reorientation, as the preprocessing does.
+    let Ok(map) = AxisMap::to_codes(&affine, "RAS") else { return };
+    let oriented = map.apply(&image);
+    let Ok(grid) = spacing_grid(oriented.shape, &oriented.affine, target.map(f64::from)) else { return };
+    let peak = glmae_data::resample::resample_peak_voxels(oriented.shape, grid.shape.map(|x| x as f64));
+    if peak > (1 << 22) as f64 {
+        return;
+    }
     let mut p = Preprocessor::btcv();
     p.spacing = target;
     p.foreground_crop = bytes[3 + 60] & 1 == 1;
