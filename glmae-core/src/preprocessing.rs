@@ -183,7 +183,7 @@ mod tests {
     /// spacing of 5.9e-39 mm or 1e30 mm, an output window with b_min > b_max; `apply` on such a
     /// window does not panic (it used `f32::clamp`, which panics when min > max).
     #[test]
-    fn absurd_spacing_and_inverted_windows_are_refused() {
+    fn absurd_spacing_and_inverted_windows_are_refused() -> Result<(), &'static str> {
         // postcard's encoding of ["background", "organ"]: count, then length-prefixed strings.
         let names = b"\x02\x0abackground\x05organ";
         let ok = Preprocessing {
@@ -191,7 +191,7 @@ mod tests {
             target_spacing: [1.5, 1.5, 2.0],
             intensity: IntensityScaling::ABDOMEN_CT,
             foreground_crop: true,
-            class_names: Seq::decode(names).unwrap(),
+            class_names: Seq::decode(names).ok_or("the class names do not decode")?,
         };
         assert_eq!(ok.validate(2), Ok(()));
         for spacing in [5.9e-39, 1e30, 0.0, f32::NAN] {
@@ -206,5 +206,6 @@ mod tests {
         // The window maps high HU to b_max = 0 and clips to [0, 1].
         assert_eq!(inverted.apply(3000.0), 0.0);
         assert_eq!(inverted.apply(-3000.0), 1.0);
+        Ok(())
     }
 }

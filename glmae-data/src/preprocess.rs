@@ -387,14 +387,7 @@ impl Inverse {
     /// source grid, whatever the class count.
     pub fn class_to_source(&self, probs: &[f32], classes: usize, class: usize) -> Result<Vec<f32>> {
         ensure!(class < classes, "class {class} of {classes}");
-        let n = self.crop.size.iter().product::<usize>();
-        ensure!(
-            probs.len() == n * classes,
-            "prediction has {} values, the model grid {:?} x {classes} needs {}",
-            probs.len(),
-            self.crop.size,
-            n * classes
-        );
+        let n = self.model_voxels(probs.len(), classes)?;
         let grid = self.uncrop(&probs[class * n..(class + 1) * n], 1, |_| 0.0)?;
         let oriented = resample_linear(&grid, &self.back_sampling());
         Ok(self.map.inverse().apply(&oriented).data)
@@ -412,28 +405,16 @@ impl Inverse {
     /// - returns `[source shape]`
     pub fn argmax_to_source(&self, scores: &[f32], classes: usize, threads: usize) -> Result<Vec<u8>> {
         ensure!((1..=256).contains(&classes), "{classes} classes do not fit 8-bit labels");
-        let n = self.crop.size.iter().product::<usize>();
-        ensure!(
-            scores.len() == n * classes,
-            "prediction has {} values, the model grid {:?} x {classes} needs {}",
-            scores.len(),
-            self.crop.size,
-            n * classes
-        );
+        let n = self.model_voxels(scores.len(), classes)?;
         let s = self.back_sampling();
         // Per axis and output position: the two taps of linear interpolation in the resampled
         // grid (border repeated, as `resample_linear`), as model-grid indices (`None` outside
         // the crop, where every class is 0), and their weights.
         let taps: [Vec<[Tap; 2]>; 3] = std::array::from_fn(|a| {
-            let len = self.resampled_shape[a];
             let inside = |r: usize| r.checked_sub(self.crop.start[a]).filter(|&m| m < self.crop.size[a]);
-            (0..s.shape[a])
-                .map(|o| {
-                    let x = (o as f64 * s.step[a] + s.offset[a]).clamp(0.0, (len - 1) as f64);
-                    let lo = x.floor() as usize;
-                    let w = (x - lo as f64) as f32;
-                    [(inside(lo), 1.0 - w), (inside((lo + 1).min(len - 1)), w)]
-                })
+            crate::resample::linear_taps(self.resampled_shape[a], s.shape[a], s.step[a], s.offset[a])
+                .into_iter()
+                .map(|(lo, hi, w)| [(inside(lo), 1.0 - w), (inside(hi), w)])
                 .collect()
         });
         let [_, m1, m2] = self.crop.size;
@@ -482,6 +463,18 @@ impl Inverse {
         Ok(self.map.inverse().apply(&oriented).data)
     }
 
+    /// Voxels of the model grid, after checking that `len` values fill it `channels` times.
+    fn model_voxels(&self, len: usize, channels: usize) -> Result<usize> {
+        let n = self.crop.size.iter().product::<usize>();
+        ensure!(
+            len == n * channels,
+            "prediction has {len} values, the model grid {:?} x {channels} needs {}",
+            self.crop.size,
+            n * channels
+        );
+        Ok(n)
+    }
+
     /// Source voxel o sits at (o - origin) / step in the resampled grid.
     fn back_sampling(&self) -> Sampling {
         Sampling {
@@ -494,14 +487,7 @@ impl Inverse {
     /// Places model-grid values (`channels` blocks) into the resampled grid, `fill(channel)`
     /// outside the crop.
     fn uncrop<T: Copy>(&self, values: &[T], channels: usize, fill: impl Fn(usize) -> T) -> Result<Volume<T>> {
-        let n = self.crop.size.iter().product::<usize>();
-        ensure!(
-            values.len() == n * channels,
-            "prediction has {} values, the model grid {:?} x {channels} needs {}",
-            values.len(),
-            self.crop.size,
-            n * channels
-        );
+        let n = self.model_voxels(values.len(), channels)?;
         let s = self.resampled_shape;
         let full_n: usize = s.iter().product();
         let mut full = Vec::with_capacity(full_n * channels);

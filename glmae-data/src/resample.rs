@@ -37,6 +37,21 @@ impl Sampling {
     }
 }
 
+/// The two input taps and the upper one's weight for each of `m` output positions along an axis
+/// of `n` input voxels (position `o * step + offset`, the border repeated): the one definition of
+/// linear interpolation, shared by [`resample_linear`] and the streamed inversion
+/// (`preprocess::Inverse::argmax_to_source`).
+pub(crate) fn linear_taps(n: usize, m: usize, step: f64, offset: f64) -> Vec<(usize, usize, f32)> {
+    (0..m)
+        .map(|o| {
+            let x = (o as f64 * step + offset).clamp(0.0, (n - 1) as f64);
+            let lo = x.floor() as usize;
+            let hi = (lo + 1).min(n - 1);
+            (lo, hi, (x - lo as f64) as f32)
+        })
+        .collect()
+}
+
 /// Linear interpolation along one axis of a row-major block: `outer x n x inner` to
 /// `outer x m x inner`.
 fn linear_axis(
@@ -49,15 +64,7 @@ fn linear_axis(
     offset: f64,
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; outer * m * inner];
-    // Precompute the two taps and weight per output position.
-    let taps: Vec<(usize, usize, f32)> = (0..m)
-        .map(|o| {
-            let x = (o as f64 * step + offset).clamp(0.0, (n - 1) as f64);
-            let lo = x.floor() as usize;
-            let hi = (lo + 1).min(n - 1);
-            (lo, hi, (x - lo as f64) as f32)
-        })
-        .collect();
+    let taps = linear_taps(n, m, step, offset);
     for b in 0..outer {
         let s = &src[b * n * inner..(b + 1) * n * inner];
         let d = &mut out[b * m * inner..(b + 1) * m * inner];

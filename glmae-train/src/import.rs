@@ -176,6 +176,20 @@ fn ignored(name: &str) -> bool {
 /// a DINO-style checkpoint has both `student` and `teacher`, and the student is the model.
 pub const STATE_DICT_KEYS: [&str; 3] = ["student", "state_dict", "model"];
 
+/// A `.glmae` file of imported tensors (`import_unetr`'s output) with `preprocessing`: what
+/// `glmae-train import` writes.
+pub fn model_bytes(
+    cfg: UnetrConfig,
+    preprocessing: glmae_core::format::OwnedPreprocessing,
+    precision: glmae_core::format::Precision,
+    tensors: &[NamedTensor],
+) -> Result<Vec<u8>> {
+    let builder = glmae_core::format::ModelBuilder::from_params(cfg, preprocessing, precision, |p| {
+        tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
+    })?;
+    Ok(builder.to_bytes()?)
+}
+
 /// Reads every float tensor (f32, f16, bf16 or f64) of a safetensors file or a PyTorch
 /// checkpoint under its canonical name. Integer tensors (counters, indices) are skipped.
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {

@@ -778,10 +778,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.vit.img_size,
                 prep.class_names.join(", ")
             );
-            let bytes = glmae_core::format::ModelBuilder::from_params(cfg, prep, precision, |p| {
-                tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
-            })?
-            .to_bytes()?;
+            let bytes = glmae_train::import::model_bytes(cfg, prep, precision, &tensors)?;
             glmae_data::io::atomic_write(&out, &bytes)?;
             println!("wrote {} ({} bytes) with that preprocessing", out.display(), bytes.len());
         }

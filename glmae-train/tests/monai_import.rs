@@ -8,8 +8,8 @@
 
 use std::process::Command;
 
-use glmae_core::format::{ModelBuilder, OwnedPreprocessing, Precision};
-use glmae_train::import::{ImportOptions, import_unetr, read_tensors};
+use glmae_core::format::{OwnedPreprocessing, Precision};
+use glmae_train::import::{ImportOptions, import_unetr, model_bytes, read_tensors};
 
 #[path = "../../scripts/rust/monai_reference.rs"]
 mod monai_reference;
@@ -135,12 +135,7 @@ fn imported_monai_unetr_reproduces_monai_output() {
 fn logits(path: &std::path::Path, opts: &ImportOptions, input: &[f32]) -> Vec<f32> {
     let (cfg, tensors) = import_unetr(path, opts).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     assert_eq!((cfg.vit.hidden_size, cfg.feature_size, cfg.out_channels), (24, 4, 3));
-    let bytes = ModelBuilder::from_params(cfg, OwnedPreprocessing::for_classes(3), Precision::F32, |p| {
-        tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
-    })
-    .unwrap()
-    .to_bytes()
-    .unwrap();
+    let bytes = model_bytes(cfg, OwnedPreprocessing::for_classes(3), Precision::F32, &tensors).unwrap();
     let file = glmae_core::ModelFile::parse(&bytes).unwrap();
     let model = glmae_core::Unetr::new(&file).unwrap();
     let window = [32, 32, 32];

@@ -2,7 +2,7 @@
 //! parameters export by name into a `.glmae` file that the core runs.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use glmae_core::format::{ModelBuilder, OwnedPreprocessing, Precision};
+use glmae_core::format::{OwnedPreprocessing, Precision};
 use glmae_core::{ModelFile, testing_config};
 use glmae_train::unetr::Unetr;
 
@@ -17,12 +17,7 @@ fn model_file(
     named: &[glmae_train::naming::NamedTensor],
     precision: Precision,
 ) -> Vec<u8> {
-    ModelBuilder::from_params(cfg, OwnedPreprocessing::for_classes(3), precision, |p| {
-        named.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
-    })
-    .unwrap()
-    .to_bytes()
-    .unwrap()
+    glmae_train::import::model_bytes(cfg, OwnedPreprocessing::for_classes(3), precision, named).unwrap()
 }
 
 /// glmae-core's logits for `input` from the model file `bytes`.

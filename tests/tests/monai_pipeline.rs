@@ -10,10 +10,10 @@
 //! Run by hand with the numbers per case:
 //! `cargo test -p glmae-tests --test monai_pipeline -- --nocapture`
 
-use glmae_core::format::{ModelBuilder, OwnedPreprocessing, Precision};
+use glmae_core::format::{OwnedPreprocessing, Precision};
 use glmae_data::sliding_window::Blend;
 use glmae_infer::{Engine, SegmentOptions, segment_file_with};
-use glmae_train::import::{ImportOptions, import_unetr};
+use glmae_train::import::{ImportOptions, import_unetr, model_bytes};
 
 #[path = "../../scripts/rust/monai_reference.rs"]
 mod monai_reference;
@@ -33,12 +33,7 @@ fn segmentation_matches_monai_inference_recipe() {
     let (cfg, tensors) = import_unetr(&dir.join("unetr.safetensors"), &opts).unwrap();
     // BTCV's recipe, as the script's MONAI transforms: RAS, 1.5 x 1.5 x 2 mm, [-175, 250] ->
     // [0, 1] clipped, foreground crop.
-    let bytes = ModelBuilder::from_params(cfg, OwnedPreprocessing::for_classes(3), Precision::F32, |p| {
-        tensors.iter().find(|t| t.name == p.name.as_str()).map(|t| t.values.as_slice())
-    })
-    .unwrap()
-    .to_bytes()
-    .unwrap();
+    let bytes = model_bytes(cfg, OwnedPreprocessing::for_classes(3), Precision::F32, &tensors).unwrap();
     let model = glmae_core::ModelFile::parse(&bytes).unwrap();
     let cases = std::fs::read_to_string(dir.join("cases.txt")).unwrap();
     let mut failures = Vec::new();
