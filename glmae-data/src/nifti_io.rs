@@ -10,7 +10,7 @@
 //! Arrays are `[channel][i][j][k]` with `k` fastest: `nib.load(f).get_fdata()` indexed `[i, j, k, t]`
 //! and moved to channel-first, so models trained with MONAI see the same axes.
 
-use std::io::{Cursor, Read, Write};
+use std::io::{BufRead, Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, ensure};
@@ -154,31 +154,52 @@ struct Header {
 }
 
 /// The most bytes [`read_nifti`] accepts in a file, inflated: 4 GiB (a 1024^3 float32 volume).
-/// Larger files and gzip streams that inflate past it are refused before memory runs out.
+/// Larger files, and headers that declare more voxel bytes, are refused before anything is
+/// allocated; a gzip stream is inflated only as far as the voxels its header declares.
 pub const MAX_NIFTI_BYTES: u64 = 4 << 30;
 
-/// Reads a regular file of at most `limit` bytes, inflating gzip up to `limit` bytes.
-fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
+/// Opens a regular file of at most `limit` bytes as a byte stream, inflating gzip as it is read.
+/// Nothing is read ahead: the caller reads the header, checks what the header declares against
+/// `limit`, and then reads exactly the voxels (a gzip bomb never inflates past them). Also
+/// returns the length of an uncompressed file (`None` for gzip, whose length is known only by
+/// inflating it).
+fn open_stream(path: &Path, limit: u64) -> Result<(Box<dyn Read>, Option<u64>)> {
     let name = path.display();
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read {name}"))?;
     // /dev/zero, a pipe or a folder would be read until memory runs out, or fail obscurely.
     ensure!(meta.is_file(), "{name} is not a regular file (a device, pipe or folder)");
     ensure!(meta.len() <= limit, "{name} is {} bytes, more than the limit of {limit}", meta.len());
-    let raw = std::fs::read(path).with_context(|| format!("cannot read {name}"))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len().saturating_mul(3).min(limit as usize));
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .take(limit + 1)
-            .read_to_end(&mut out)
-            .with_context(|| format!("{name}: gzip stream is corrupt or truncated"))?;
-        ensure!(
-            out.len() as u64 <= limit,
-            "{name}: the gzip stream inflates to more than {limit} bytes; refusing it"
-        );
-        Ok(out)
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {name}"))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let gzip = reader.fill_buf().with_context(|| format!("cannot read {name}"))?.starts_with(&[0x1f, 0x8b]);
+    Ok(if gzip {
+        (Box::new(flate2::read::MultiGzDecoder::new(reader)), None)
     } else {
-        Ok(raw)
-    }
+        (Box::new(reader), Some(meta.len()))
+    })
+}
+
+/// Reads up to `n` bytes, fewer only at the end of the stream.
+fn read_up_to(r: &mut dyn Read, n: usize, path: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(n);
+    r.take(n as u64)
+        .read_to_end(&mut out)
+        .with_context(|| format!("{}: gzip stream is corrupt or truncated", path.display()))?;
+    Ok(out)
+}
+
+/// Reads a header from the start of a stream: 348 bytes (NIfTI-1) or 540 (NIfTI-2), chosen by
+/// the size field. Returns the header and how many bytes were consumed.
+fn read_header(r: &mut dyn Read, path: &Path) -> Result<(Header, usize)> {
+    let mut bytes = read_up_to(r, 4, path)?;
+    let is_nifti2 = bytes.len() == 4 && {
+        let b: [u8; 4] = [bytes[0], bytes[1], bytes[2], bytes[3]];
+        i32::from_le_bytes(b) == 540 || i32::from_be_bytes(b) == 540
+    };
+    let total = if is_nifti2 { 540 } else { 348 };
+    bytes.extend(read_up_to(r, total - bytes.len().min(total), path)?);
+    let consumed = bytes.len();
+    Ok((parse_header(&bytes, path)?, consumed))
 }
 
 fn header_from_nifti1(h: &NiftiHeader) -> Header {
@@ -371,9 +392,13 @@ pub fn read_nifti(path: &Path) -> Result<NiftiImage> {
 
 /// [`read_nifti`] with another limit on the bytes a file may hold, inflated (a device with
 /// little memory sets its own).
+///
+/// Memory: the voxels are streamed from the file (inflated on the fly) straight into the
+/// float32 volume, a row (of at most 65,536 voxels) at a time, so reading takes the volume's 4
+/// bytes per voxel and under 1 MiB of buffers, whatever the stored type or compression.
 pub fn read_nifti_limited(path: &Path, max_bytes: u64) -> Result<NiftiImage> {
-    let bytes = read_file(path, max_bytes)?;
-    let h = parse_header(&bytes, path)?;
+    let (mut stream, header_file_len) = open_stream(path, max_bytes)?;
+    let (h, consumed) = read_header(&mut *stream, path)?;
     let name = path.display();
     let ndim = h.dim[0];
     ensure!((1..=7).contains(&ndim), "{name}: invalid number of dimensions {ndim}");
@@ -392,29 +417,47 @@ pub fn read_nifti_limited(path: &Path, max_bytes: u64) -> Result<NiftiImage> {
         .with_context(|| format!("{name}: dimensions {dims:?} are too large"))?;
     let nbytes = count.checked_mul(stored.size()).context("image too large")?;
 
-    let (data_bytes, offset) = if h.single_file {
+    // Where the voxels start, and the stream they are read from (positioned at byte `consumed`).
+    let (mut data_stream, data_len, offset, consumed) = if h.single_file {
+        let header_end = if h.nifti2 { 544 } else { 352 };
         ensure!(
-            h.vox_offset >= if h.nifti2 { 544.0 } else { 352.0 } || h.vox_offset == 0.0,
+            h.vox_offset >= header_end as f64 || h.vox_offset == 0.0,
             "{name}: vox_offset {} points inside the header",
             h.vox_offset
         );
-        let off = if h.vox_offset == 0.0 { if h.nifti2 { 544 } else { 352 } } else { h.vox_offset as usize };
-        (bytes, off)
+        let off = if h.vox_offset == 0.0 { header_end } else { h.vox_offset as usize };
+        (stream, header_file_len, off, consumed)
     } else {
         let img = image_file_for(path);
         ensure!(
             img != path,
             "{name}: header-only file (magic ni1/ni2) but no .hdr extension to find its .img"
         );
-        (read_file(&img, max_bytes)?, h.vox_offset.max(0.0) as usize)
+        let (img_stream, img_len) = open_stream(&img, max_bytes)?;
+        (img_stream, img_len, h.vox_offset.max(0.0) as usize, 0)
     };
-    ensure!(
-        offset.checked_add(nbytes).is_some_and(|end| data_bytes.len() >= end),
-        "{name}: voxel data is truncated ({} bytes after offset {offset}, shape {:?} x {channels} of {:?} needs {nbytes})",
-        data_bytes.len().saturating_sub(offset),
-        shape,
-        stored
-    );
+    let end = offset.checked_add(nbytes).filter(|&e| e as u64 <= max_bytes).with_context(|| {
+        format!(
+            "{name}: the header declares {nbytes} bytes of voxels after offset {offset} (shape {shape:?} x \
+             {channels} of {stored:?}), more than the limit of {max_bytes}"
+        )
+    })?;
+    let truncated = |have: usize| {
+        anyhow!(
+            "{name}: voxel data is truncated ({have} bytes after offset {offset}, shape {:?} x {channels} of {:?} \
+             needs {nbytes})",
+            shape,
+            stored
+        )
+    };
+    // An uncompressed file's length is known: refuse a truncated one before allocating.
+    if let Some(len) = data_len.filter(|&len| len < end as u64) {
+        return Err(truncated((len as usize).saturating_sub(offset)));
+    }
+    let skip = offset.saturating_sub(consumed) as u64;
+    let skipped = std::io::copy(&mut (&mut *data_stream).take(skip), &mut std::io::sink())
+        .with_context(|| format!("{name}: gzip stream is corrupt or truncated"))?;
+    ensure!(skipped == skip, truncated(0));
 
     // nibabel: a zero or non-finite slope means "no scaling"; then the intercept is ignored too.
     let (slope, inter) = if h.scl_slope == 0.0 || !h.scl_slope.is_finite() {
@@ -423,18 +466,30 @@ pub fn read_nifti_limited(path: &Path, max_bytes: u64) -> Result<NiftiImage> {
         ensure!(h.scl_inter.is_finite(), "{name}: valid scl_slope but non-finite scl_inter {}", h.scl_inter);
         (h.scl_slope, h.scl_inter)
     };
-    let mut disk = vec![0.0f32; count];
-    decode(&data_bytes[offset..offset + nbytes], stored, h.big_endian, slope, inter, &mut disk);
 
-    // Disk order is i fastest; ours is k fastest, channel slowest.
+    // Disk order is i fastest; ours is k fastest, channel slowest. Rows are read in pieces of
+    // at most PIECE voxels and scattered into place.
+    const PIECE: usize = 1 << 16;
     let [ni, nj, nk] = shape;
     let mut data = vec![0.0f32; count];
+    let mut raw = vec![0u8; ni.min(PIECE) * stored.size()];
+    let mut values = vec![0.0f32; ni.min(PIECE)];
+    let mut read = 0usize;
     for c in 0..channels {
         for k in 0..nk {
             for j in 0..nj {
-                let src = ((c * nk + k) * nj + j) * ni;
-                for i in 0..ni {
-                    data[((c * ni + i) * nj + j) * nk + k] = disk[src + i];
+                for i0 in (0..ni).step_by(PIECE) {
+                    let n = (ni - i0).min(PIECE);
+                    let bytes = &mut raw[..n * stored.size()];
+                    read_full(&mut *data_stream, bytes).map_err(|e| match e {
+                        Short::Eof(got) => truncated(read + got),
+                        Short::Io(e) => anyhow!("{name}: gzip stream is corrupt or truncated ({e})"),
+                    })?;
+                    read += bytes.len();
+                    decode(bytes, stored, h.big_endian, slope, inter, &mut values[..n]);
+                    for (di, &v) in values[..n].iter().enumerate() {
+                        data[((c * ni + i0 + di) * nj + j) * nk + k] = v;
+                    }
                 }
             }
         }
@@ -452,6 +507,28 @@ pub fn read_nifti_limited(path: &Path, max_bytes: u64) -> Result<NiftiImage> {
         nifti2: h.nifti2,
     };
     Ok(NiftiImage { volume: Volume { data, shape, channels, affine }, meta })
+}
+
+/// Why [`read_full`] stopped short.
+enum Short {
+    /// The stream ended after this many bytes.
+    Eof(usize),
+    /// A read failed (a corrupt gzip stream).
+    Io(std::io::Error),
+}
+
+/// `read_exact` that says how many bytes arrived before the end of the stream.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::result::Result<(), Short> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => return Err(Short::Eof(got)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Short::Io(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Integer types a label map can be written as.
@@ -594,8 +671,10 @@ impl ChannelWriter {
         Ok(w)
     }
 
-    /// Appends the next channel, `[i][j][k]` row-major (the [`Volume`] layout).
-    pub fn write_channel(&mut self, data: &[f32]) -> Result<()> {
+    /// Appends the next channel, `[i][j][k]` row-major (the [`Volume`] layout), of float32 values
+    /// or of anything that widens to them (uint8 labels). Encoded one `k` slab at a time, so
+    /// writing takes a buffer of one slab, not a copy of the channel.
+    pub fn write_channel<T: Copy + Into<f32>>(&mut self, data: &[T]) -> Result<()> {
         let [ni, nj, nk] = self.shape;
         let name = self.path.display();
         ensure!(
@@ -605,18 +684,19 @@ impl ChannelWriter {
             self.shape
         );
         ensure!(self.written < self.channels, "{name}: more than the {} channels announced", self.channels);
-        let mut bytes = Vec::with_capacity(data.len() * self.stored.size());
+        let out = self.out.as_mut().ok_or_else(|| anyhow!("{name}: writer is closed"))?;
+        let mut bytes = Vec::with_capacity(ni * nj * self.stored.size());
         let inv = 1.0 / self.slope;
         for k in 0..nk {
+            bytes.clear();
             for j in 0..nj {
                 for i in 0..ni {
-                    let v = data[(i * nj + j) * nk + k];
+                    let v: f32 = data[(i * nj + j) * nk + k].into();
                     encode_value(&mut bytes, if self.slope == 1.0 { v } else { v * inv }, self.stored);
                 }
             }
+            out.write_all(&bytes).with_context(|| format!("cannot write {name}"))?;
         }
-        let out = self.out.as_mut().ok_or_else(|| anyhow!("{name}: writer is closed"))?;
-        out.write_all(&bytes).with_context(|| format!("cannot write {name}"))?;
         self.written += 1;
         Ok(())
     }
@@ -693,10 +773,18 @@ pub fn write_labels(
     source: &NiftiMeta,
     ty: LabelType,
 ) -> Result<()> {
-    let data: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+    ensure!(
+        labels.len() == shape.iter().product::<usize>(),
+        "{}: {} labels do not fill shape {shape:?}",
+        path.display(),
+        labels.len()
+    );
     let stored = match ty {
         LabelType::U8 => StoredType::U8,
         LabelType::I16 => StoredType::I16,
     };
-    write_nifti(path, &data, shape, 1, source, stored)
+    // Straight from the uint8 labels: no float32 copy of a source-sized volume.
+    let mut w = ChannelWriter::create(path, shape, 1, source, stored, 1.0)?;
+    w.write_channel(labels)?;
+    w.finish()
 }

@@ -89,11 +89,32 @@ impl Preprocessor {
         Ok((img, lab.ok_or_else(|| anyhow!("labels were dropped during preprocessing"))?))
     }
 
+    /// [`Preprocessor::apply`] that consumes the image, so its memory is reused or freed as soon
+    /// as it is reoriented: a source CT is the largest buffer of a segmentation (512 x 512 x 600
+    /// is 629 MB as float32) and nothing after this step needs it.
+    pub fn apply_owned(&self, image: Volume) -> Result<(Volume, Inverse)> {
+        ensure!(image.data.iter().all(|v| v.is_finite()), "image holds NaN or infinite values");
+        let map = AxisMap::to_codes(&image.affine, &self.orientation)?;
+        let img = map.apply_owned(image);
+        let (img, _, inv) = self.after_orientation(map, img, None)?;
+        Ok((img, inv))
+    }
+
     fn run(&self, image: &Volume, labels: Option<&Labels>) -> Result<(Volume, Option<Labels>, Inverse)> {
         ensure!(image.data.iter().all(|v| v.is_finite()), "image holds NaN or infinite values");
         let map = AxisMap::to_codes(&image.affine, &self.orientation)?;
         let img = map.apply(image);
         let lab = labels.map(|l| map.apply(l));
+        self.after_orientation(map, img, lab)
+    }
+
+    /// Spacing, intensity and crop, on an image (and labels) already reoriented by `map`.
+    fn after_orientation(
+        &self,
+        map: AxisMap,
+        img: Volume,
+        lab: Option<Labels>,
+    ) -> Result<(Volume, Option<Labels>, Inverse)> {
         let oriented_shape = img.shape;
 
         let sampling = spacing_grid(img.shape, &img.affine, self.spacing.map(f64::from))?;
@@ -268,6 +289,48 @@ impl AxisMap {
         Volume { data, shape: out_shape, channels: v.channels, affine: v.affine.compose(&Affine(t)) }
     }
 
+    /// [`AxisMap::apply`] on a volume it may reuse: flips alone (LPS to RAS, the common case)
+    /// are done in place; a permutation needs a second buffer, and the input is freed after it.
+    pub fn apply_owned<T: Copy>(&self, mut v: Volume<T>) -> Volume<T> {
+        if self.from != [0, 1, 2] {
+            return self.apply(&v);
+        }
+        let [n0, n1, n2] = v.shape;
+        let n = v.voxels();
+        for c in 0..v.channels {
+            let data = &mut v.data[c * n..(c + 1) * n];
+            if self.flip[2] {
+                data.chunks_exact_mut(n2.max(1)).for_each(<[T]>::reverse);
+            }
+            if self.flip[1] {
+                for plane in data.chunks_exact_mut((n1 * n2).max(1)) {
+                    for j in 0..n1 / 2 {
+                        let (a, b) = plane.split_at_mut((n1 - 1 - j) * n2);
+                        a[j * n2..(j + 1) * n2].swap_with_slice(&mut b[..n2]);
+                    }
+                }
+            }
+            if self.flip[0] {
+                let plane = n1 * n2;
+                for i in 0..n0 / 2 {
+                    let (a, b) = data.split_at_mut((n0 - 1 - i) * plane);
+                    a[i * plane..(i + 1) * plane].swap_with_slice(&mut b[..plane]);
+                }
+            }
+        }
+        // The affine as `apply` computes it for the same map.
+        let mut t = [[0.0; 4]; 4];
+        for (a, row) in t.iter_mut().enumerate().take(3) {
+            row[a] = if self.flip[a] { -1.0 } else { 1.0 };
+            if self.flip[a] {
+                row[3] = (v.shape[a] - 1) as f64;
+            }
+        }
+        t[3][3] = 1.0;
+        v.affine = v.affine.compose(&Affine(t));
+        v
+    }
+
     /// The inverse map.
     pub fn inverse(&self) -> Self {
         let mut from = [0; 3];
@@ -390,7 +453,9 @@ impl Inverse {
         let n = self.model_voxels(probs.len(), classes)?;
         let grid = self.uncrop(&probs[class * n..(class + 1) * n], 1, |_| 0.0)?;
         let oriented = resample_linear(&grid, &self.back_sampling());
-        Ok(self.map.inverse().apply(&oriented).data)
+        drop(grid);
+        // Reoriented in place where the map is flips alone: one source-sized buffer, not two.
+        Ok(self.map.inverse().apply_owned(oriented).data)
     }
 
     /// Labels on the source grid from per-class scores on the model grid, as MONAI's
@@ -585,6 +650,34 @@ mod tests {
             assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9), "voxel {o} moved");
         }
         assert_eq!(map.inverse().apply(&r).data, v.data);
+    }
+
+    /// The in-place reorientation gives the same voxels and affine as the copying one, for every
+    /// combination of flips, on two channels and odd and even axis lengths; a permutation falls
+    /// back to the copy.
+    #[test]
+    fn owned_reorientation_equals_the_copy() {
+        let affine = Affine([
+            [-0.8, 0.0, 0.0, 5.0],
+            [0.0, -0.7, 0.0, 4.0],
+            [0.0, 0.0, 2.0, 3.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]);
+        let shape = [5, 4, 3];
+        let mut v = ramp(shape, affine);
+        v.data.extend(v.data.clone().iter().map(|x| -x));
+        v.channels = 2;
+        for bits in 0..8u8 {
+            let map = AxisMap { from: [0, 1, 2], flip: [bits & 1 != 0, bits & 2 != 0, bits & 4 != 0] };
+            let (copy, owned) = (map.apply(&v), map.apply_owned(v.clone()));
+            assert_eq!(
+                (&copy.data, copy.shape, copy.affine),
+                (&owned.data, owned.shape, owned.affine),
+                "{map:?}"
+            );
+        }
+        let map = AxisMap { from: [2, 0, 1], flip: [true, false, true] };
+        assert_eq!(map.apply(&v).data, map.apply_owned(v.clone()).data);
     }
 
     #[test]

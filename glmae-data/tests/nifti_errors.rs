@@ -135,8 +135,9 @@ fn absurd_nifti2_dimensions_are_an_error_not_an_overflow() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-/// Devices and folders are refused by name, and a gzip stream that inflates past the limit is
-/// refused without inflating all of it (a bomb would otherwise fill memory).
+/// Devices and folders are refused by name. A header that declares more voxel bytes than the
+/// limit is refused before anything is allocated, and a gzip stream is inflated only as far as
+/// the declared voxels: a bomb after a valid image is never inflated (it would fill memory).
 #[cfg(unix)]
 #[test]
 fn devices_and_gzip_bombs_are_refused() {
@@ -144,15 +145,30 @@ fn devices_and_gzip_bombs_are_refused() {
     assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
     let d = temp("bomb");
     assert!(read_nifti(&d).unwrap_err().to_string().contains("not a regular file"));
+    let good = good_nii(&d);
+    // A 64 x 64 x 64 float32 volume (1 MiB of voxels) against a limit of 64 KiB.
+    let mut big = good[..352].to_vec();
+    for (a, n) in [64i16, 64, 64].iter().enumerate() {
+        big[42 + 2 * a..44 + 2 * a].copy_from_slice(&n.to_le_bytes());
+    }
+    big[70..72].copy_from_slice(&16i16.to_le_bytes());
+    big[72..74].copy_from_slice(&32i16.to_le_bytes());
+    let gzip = |bytes: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, bytes).unwrap();
+        gz.finish().unwrap()
+    };
     let bomb = d.join("bomb.nii.gz");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    std::io::Write::write_all(&mut gz, &vec![0u8; 1 << 20]).unwrap();
-    std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
+    std::fs::write(&bomb, gzip(&[big, vec![0u8; 1 << 20]].concat())).unwrap();
     let e = glmae_data::nifti_io::read_nifti_limited(&bomb, 1 << 16).unwrap_err().to_string();
-    assert!(e.contains("bomb.nii.gz") && e.contains("inflates to more than 65536 bytes"), "{e}");
-    // Under the limit the same file inflates and fails as what it is: zeros, no NIfTI header.
-    let e = glmae_data::nifti_io::read_nifti_limited(&bomb, 1 << 21).unwrap_err().to_string();
-    assert!(!e.contains("inflates to more"), "{e}");
+    assert!(e.contains("bomb.nii.gz") && e.contains("1048576 bytes") && e.contains("limit of 65536"), "{e}");
+    assert_eq!(read_nifti(&bomb).unwrap().volume.data.len(), 1 << 18);
+    // A valid 60-voxel image followed by 16 MiB of zeros in the same gzip stream: the zeros
+    // are never inflated, so the 64 KiB limit holds and the image reads back.
+    let trailing = d.join("trailing.nii.gz");
+    std::fs::write(&trailing, gzip(&[good.clone(), vec![0u8; 16 << 20]].concat())).unwrap();
+    let back = glmae_data::nifti_io::read_nifti_limited(&trailing, 1 << 16).unwrap();
+    assert_eq!(back.volume.data, read_nifti(&d.join("good.nii")).unwrap().volume.data);
     std::fs::remove_dir_all(&d).unwrap();
 }
 

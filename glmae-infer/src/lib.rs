@@ -247,7 +247,11 @@ pub fn segment_file_with(
         img.volume.channels
     );
     let prep = Preprocessor::from_model(&model.preprocessing);
-    let (vol, inverse) = prep.apply(&img.volume).with_context(|| format!("{}", input.display()))?;
+    // The source volume is handed over (reoriented in place, then freed): only its grid and
+    // header are needed to write the results back.
+    let glmae_data::NiftiImage { volume, meta } = img;
+    let source_shape = volume.shape;
+    let (vol, inverse) = prep.apply_owned(volume).with_context(|| format!("{}", input.display()))?;
     let roi = model.config.vit.img_size.map(|s| s as usize);
     let classes = model.config.out_channels as usize;
     let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
@@ -283,14 +287,14 @@ pub fn segment_file_with(
         use glmae_data::nifti_io::{ChannelWriter, StoredType};
         let (stored, slope) =
             if opts.probabilities_u8 { (StoredType::U8, 1.0 / 255.0) } else { (StoredType::F32, 1.0) };
-        let mut w = ChannelWriter::create(p, img.volume.shape, classes, &img.meta, stored, slope)?;
+        let mut w = ChannelWriter::create(p, source_shape, classes, &meta, stored, slope)?;
         for c in 0..classes {
             w.write_channel(&inverse.class_to_source(&probs, classes, c)?)?;
         }
         w.finish()?;
     }
     // Classes are capped at 256 by the format, so labels always fit uint8.
-    glmae_data::write_labels(output, &source, img.volume.shape, &img.meta, LabelType::U8)?;
+    glmae_data::write_labels(output, &source, source_shape, &meta, LabelType::U8)?;
     let mut counts = vec![0usize; classes];
     for &l in &source {
         counts[l as usize] += 1;
