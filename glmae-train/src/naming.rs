@@ -10,6 +10,7 @@ use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
 use burn::tensor::{Tensor, TensorData};
 use glmae_core::VitConfig;
+use glmae_core::params::{self, ParamSpec};
 
 use crate::model::Vit;
 
@@ -66,52 +67,69 @@ pub trait ParamVisitor {
     ) -> Result<Param<Tensor<D>>>;
 }
 
-/// Visits `{name}.weight` and `{name}.bias` of a Linear.
-pub fn linear(v: &mut impl ParamVisitor, name: &str, l: &mut Linear) -> Result<()> {
-    l.weight = v.param(&format!("{name}.weight"), l.weight.clone(), Layout::Transposed)?;
+/// Visits a Linear's `weight` and `bias` under the names of `spec`.
+pub fn linear(v: &mut impl ParamVisitor, spec: &params::Linear<ParamSpec>, l: &mut Linear) -> Result<()> {
+    l.weight = v.param(&spec.weight.name, l.weight.clone(), Layout::Transposed)?;
     if let Some(b) = l.bias.clone() {
-        l.bias = Some(v.param(&format!("{name}.bias"), b, Layout::Same)?);
+        l.bias = Some(v.param(&spec.bias.name, b, Layout::Same)?);
     }
     Ok(())
 }
 
-/// Visits a LayerNorm's `{name}.weight` (gamma) and `{name}.bias` (beta).
-pub fn norm(v: &mut impl ParamVisitor, name: &str, n: &mut LayerNorm) -> Result<()> {
-    n.gamma = v.param(&format!("{name}.weight"), n.gamma.clone(), Layout::Same)?;
+/// Visits a LayerNorm's `weight` (gamma) and `bias` (beta) under the names of `spec`.
+pub fn norm(v: &mut impl ParamVisitor, spec: &params::Norm<ParamSpec>, n: &mut LayerNorm) -> Result<()> {
+    n.gamma = v.param(&spec.weight.name, n.gamma.clone(), Layout::Same)?;
     if let Some(b) = n.beta.clone() {
-        n.beta = Some(v.param(&format!("{name}.bias"), b, Layout::Same)?);
+        n.beta = Some(v.param(&spec.bias.name, b, Layout::Same)?);
     }
     Ok(())
 }
 
 /// Every encoder parameter as `vit.*`, in glmae-core's order, with the learned position table
-/// (when the model has one) where MONAI keeps it, after the patch embedding.
+/// (when the model has one) where MONAI keeps it, after the patch embedding. The names are
+/// glmae-core's parameter tree's ([`params::Vit::specs`]); this walk only pairs them with the
+/// burn modules.
 pub fn walk_vit(
     v: &mut impl ParamVisitor,
     vit: &mut Vit,
     cfg: &VitConfig,
     table: Option<&mut Param<Tensor<2>>>,
 ) -> Result<()> {
+    let specs = params::Vit::specs(cfg);
     let (e, c, p) = (cfg.hidden_size as usize, cfg.in_channels as usize, cfg.patch_size as usize);
     let pe = &mut vit.patch_embedding.patch_embeddings;
+    let names = &specs.patch_embedding.patch_embeddings;
     let kernel = Layout::PatchKernel([e, c, p, p, p]);
-    pe.weight = v.param("vit.patch_embedding.patch_embeddings.weight", pe.weight.clone(), kernel)?;
+    pe.weight = v.param(&names.weight.name, pe.weight.clone(), kernel)?;
     if let Some(b) = pe.bias.clone() {
-        pe.bias = Some(v.param("vit.patch_embedding.patch_embeddings.bias", b, Layout::Same)?);
+        pe.bias = Some(v.param(&names.bias.name, b, Layout::Same)?);
     }
     if let Some(t) = table {
-        *t = v.param("vit.patch_embedding.position_embeddings", t.clone(), Layout::Batched)?;
+        let spec = specs.patch_embedding.position_embeddings.as_ref();
+        let spec =
+            spec.ok_or_else(|| anyhow!("the model has a learned position table; its config has sin-cos"))?;
+        *t = v.param(&spec.name, t.clone(), Layout::Batched)?;
     }
-    for (i, b) in vit.blocks.iter_mut().enumerate() {
-        let pre = format!("vit.blocks.{i}");
-        linear(v, &format!("{pre}.mlp.linear1"), &mut b.mlp.linear1)?;
-        linear(v, &format!("{pre}.mlp.linear2"), &mut b.mlp.linear2)?;
-        norm(v, &format!("{pre}.norm1"), &mut b.norm1)?;
-        linear(v, &format!("{pre}.attn.out_proj"), &mut b.attn.out_proj)?;
-        linear(v, &format!("{pre}.attn.qkv"), &mut b.attn.qkv)?;
-        norm(v, &format!("{pre}.norm2"), &mut b.norm2)?;
+    ensure!(
+        vit.blocks.len() == specs.blocks.len(),
+        "{} blocks, the config has {}",
+        vit.blocks.len(),
+        specs.blocks.len()
+    );
+    for (b, s) in vit.blocks.iter_mut().zip(&specs.blocks) {
+        linear(v, &s.mlp.linear1, &mut b.mlp.linear1)?;
+        linear(v, &s.mlp.linear2, &mut b.mlp.linear2)?;
+        norm(v, &s.norm1, &mut b.norm1)?;
+        linear(v, &s.attn.out_proj, &mut b.attn.out_proj)?;
+        b.attn.qkv.weight = v.param(&s.attn.qkv.name, b.attn.qkv.weight.clone(), Layout::Transposed)?;
+        if let Some(bias) = b.attn.qkv.bias.clone() {
+            let spec = s.attn.qkv_bias.as_ref();
+            let spec = spec.ok_or_else(|| anyhow!("the model has a qkv bias; its config has none"))?;
+            b.attn.qkv.bias = Some(v.param(&spec.name, bias, Layout::Same)?);
+        }
+        norm(v, &s.norm2, &mut b.norm2)?;
     }
-    norm(v, "vit.norm", &mut vit.norm)
+    norm(v, &specs.norm, &mut vit.norm)
 }
 
 /// Collects every visited parameter as a [`NamedTensor`] in PyTorch layout.

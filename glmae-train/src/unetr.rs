@@ -3,7 +3,7 @@
 //! The layout comes from `glmae_core::params::DecoderLayout`, so the trainer, the weight file and
 //! the reference forward pass share one definition of the decoder.
 
-use anyhow::Result;
+use anyhow::{Result, anyhow, ensure};
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv3d, Conv3dConfig, ConvTranspose3d, ConvTranspose3dConfig};
 use burn::nn::{InstanceNorm, InstanceNormConfig, PaddingConfig3d};
@@ -11,7 +11,7 @@ use burn::tensor::activation::leaky_relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use glmae_core::UnetrConfig;
 use glmae_core::config::PosEmbed;
-use glmae_core::params::{DecoderLayout, ResBlockShape};
+use glmae_core::params::{self, DecoderLayout, ParamSpec, ResBlockShape, UnetrParams};
 
 use crate::model::Vit;
 use crate::naming::{Layout, NamedTensor, ParamVisitor, Reader, Writer, walk_vit};
@@ -235,28 +235,32 @@ impl Unetr {
         Ok(reader.tensors)
     }
 
-    /// Visits every parameter under its MONAI name in glmae-core's order: the one place the
-    /// decoder's names are bound (the encoder's are in [`walk_vit`]).
+    /// Visits every parameter under its MONAI name in glmae-core's order. The names are
+    /// glmae-core's parameter tree's ([`UnetrParams::specs`]); this walk pairs them with the burn
+    /// modules (the encoder's in [`walk_vit`]).
     pub fn walk(&mut self, v: &mut impl ParamVisitor, cfg: &UnetrConfig) -> Result<()> {
+        let specs = UnetrParams::specs(cfg);
         walk_vit(v, &mut self.vit, &cfg.vit, self.position_embeddings.as_mut())?;
-        walk_res(v, "encoder1.layer", &mut self.encoder1)?;
-        let layout = DecoderLayout::new(cfg);
-        for (s, shape) in self.skips.iter_mut().zip(layout.skips) {
-            let n = shape.prefix;
-            kernel(v, &format!("{n}.transp_conv_init.conv.weight"), &mut s.transp_conv_init.weight)?;
-            for (j, stage) in s.blocks.iter_mut().enumerate() {
-                kernel(v, &format!("{n}.blocks.{j}.0.conv.weight"), &mut stage.transp.weight)?;
-                walk_res(v, &format!("{n}.blocks.{j}.1"), &mut stage.res)?;
+        walk_res(v, &specs.encoder1, &mut self.encoder1)?;
+        for (s, spec) in self.skips.iter_mut().zip(specs.skips()) {
+            kernel(v, &spec.transp_conv_init, &mut s.transp_conv_init.weight)?;
+            ensure!(
+                s.blocks.len() == spec.blocks.len(),
+                "{}: stage count differs from the config",
+                spec.shape.prefix
+            );
+            for (stage, stage_spec) in s.blocks.iter_mut().zip(&spec.blocks) {
+                kernel(v, &stage_spec.transp_conv, &mut stage.transp.weight)?;
+                walk_res(v, &stage_spec.res_block, &mut stage.res)?;
             }
         }
-        for (u, shape) in self.ups.iter_mut().zip(layout.ups) {
-            let n = shape.prefix;
-            kernel(v, &format!("{n}.transp_conv.conv.weight"), &mut u.transp_conv.weight)?;
-            walk_res(v, &format!("{n}.conv_block"), &mut u.conv_block)?;
+        for (u, spec) in self.ups.iter_mut().zip(specs.ups()) {
+            kernel(v, &spec.transp_conv, &mut u.transp_conv.weight)?;
+            walk_res(v, &spec.conv_block, &mut u.conv_block)?;
         }
-        kernel(v, "out.conv.conv.weight", &mut self.out.weight)?;
+        kernel(v, &specs.out.weight, &mut self.out.weight)?;
         if let Some(b) = self.out.bias.clone() {
-            self.out.bias = Some(v.param("out.conv.conv.bias", b, Layout::Same)?);
+            self.out.bias = Some(v.param(&specs.out.bias.name, b, Layout::Same)?);
         }
         Ok(())
     }
@@ -264,16 +268,17 @@ impl Unetr {
 
 /// A convolution kernel: burn's Conv3d `(out, in, k, k, k)` and ConvTranspose3d
 /// `(in, out, k, k, k)` are PyTorch's layouts.
-fn kernel(v: &mut impl ParamVisitor, name: &str, w: &mut Param<Tensor<5>>) -> Result<()> {
-    *w = v.param(name, w.clone(), Layout::Same)?;
+fn kernel(v: &mut impl ParamVisitor, spec: &ParamSpec, w: &mut Param<Tensor<5>>) -> Result<()> {
+    *w = v.param(&spec.name, w.clone(), Layout::Same)?;
     Ok(())
 }
 
-fn walk_res(v: &mut impl ParamVisitor, prefix: &str, r: &mut ResBlock) -> Result<()> {
-    kernel(v, &format!("{prefix}.conv1.conv.weight"), &mut r.conv1.weight)?;
-    kernel(v, &format!("{prefix}.conv2.conv.weight"), &mut r.conv2.weight)?;
-    if let Some(c3) = r.conv3.as_mut() {
-        kernel(v, &format!("{prefix}.conv3.conv.weight"), &mut c3.weight)?;
+fn walk_res(v: &mut impl ParamVisitor, spec: &params::ResBlock<ParamSpec>, r: &mut ResBlock) -> Result<()> {
+    kernel(v, &spec.conv1, &mut r.conv1.weight)?;
+    kernel(v, &spec.conv2, &mut r.conv2.weight)?;
+    match (r.conv3.as_mut(), &spec.conv3) {
+        (Some(c3), Some(s3)) => kernel(v, s3, &mut c3.weight),
+        (None, None) => Ok(()),
+        _ => Err(anyhow!("{}: residual projection differs from the config", spec.conv1.name)),
     }
-    Ok(())
 }

@@ -8,6 +8,6 @@ mod weights;
 pub use arena::ForwardError;
 pub use unetr::Unetr;
 pub use weights::{
-    BlockWeights, NormWeights, PrUpWeights, ResBlockWeights, UnetrWeights, UpStageWeights, UpWeights,
-    VitWeights,
+    BlockWeights, LinearWeights, NormWeights, PrUpStageWeights, PrUpWeights, ResBlockWeights, UnetrWeights,
+    UpWeights, VitWeights,
 };

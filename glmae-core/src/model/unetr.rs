@@ -67,16 +67,16 @@ fn res_block(
 fn skip_path_scratch(w: &PrUpWeights<'_>, grid: Dims3) -> usize {
     let o = w.shape.out_ch;
     let mut dims = double(grid);
-    if w.stages.is_empty() {
+    if w.blocks.is_empty() {
         return 0;
     }
     let mut total = o.saturating_mul(vox(dims));
-    let last = w.stages.len() - 1;
-    for (j, s) in w.stages.iter().enumerate() {
+    let last = w.blocks.len() - 1;
+    for (j, s) in w.blocks.iter().enumerate() {
         dims = double(dims);
         let v = vox(dims);
         let res_out = if j == last { 0 } else { o.saturating_mul(v) };
-        total = sat_sum(&[total, o.saturating_mul(v), res_out, res_block_scratch(&s.res, v)]);
+        total = sat_sum(&[total, o.saturating_mul(v), res_out, res_block_scratch(&s.res_block, v)]);
     }
     total
 }
@@ -91,22 +91,22 @@ fn skip_path(
 ) -> Result<(), ForwardError> {
     let o = w.shape.out_ch;
     let mut dims = double(grid);
-    if w.stages.is_empty() {
-        conv_transpose3d(z, grid, &w.init, ConvGeometry::UP2, out);
+    if w.blocks.is_empty() {
+        conv_transpose3d(z, grid, &w.transp_conv_init, ConvGeometry::UP2, out);
         return Ok(());
     }
     let mut arena = Arena::new(scratch);
     let mut cur: &mut [f32] = arena.take(o * voxels(dims))?;
-    conv_transpose3d(z, grid, &w.init, ConvGeometry::UP2, cur);
+    conv_transpose3d(z, grid, &w.transp_conv_init, ConvGeometry::UP2, cur);
     let mut out = Some(out);
-    let last = w.stages.len() - 1;
-    for (j, s) in w.stages.iter().enumerate() {
+    let last = w.blocks.len() - 1;
+    for (j, s) in w.blocks.iter().enumerate() {
         let up = arena.take(o * voxels(double(dims)))?;
-        conv_transpose3d(cur, dims, &s.transp, ConvGeometry::UP2, up);
+        conv_transpose3d(cur, dims, &s.transp_conv, ConvGeometry::UP2, up);
         dims = double(dims);
         let res_out =
             if j == last { out.take().unwrap_or_default() } else { arena.take(o * voxels(dims))? };
-        res_block(&s.res, up, dims, res_out, arena.rest())?;
+        res_block(&s.res_block, up, dims, res_out, arena.rest())?;
         cur = res_out;
     }
     Ok(())
@@ -115,7 +115,7 @@ fn skip_path(
 /// Scratch for [`up_block`] at output resolution `v` voxels, given its skip's own scratch.
 fn up_block_scratch(w: &UpWeights<'_>, v: usize, skip_scratch: usize) -> usize {
     let o = w.shape.out_ch;
-    sat_sum(&[o.saturating_mul(2).saturating_mul(v), skip_scratch.max(res_block_scratch(&w.res, v))])
+    sat_sum(&[o.saturating_mul(2).saturating_mul(v), skip_scratch.max(res_block_scratch(&w.conv_block, v))])
 }
 
 /// MONAI's `UnetrUpBlock`: upsample `x` (on `coarse`), concatenate the skip that `skip` writes,
@@ -134,8 +134,8 @@ fn up_block(
     let cat = arena.take(2 * ov)?;
     let (upsampled, skipped) = cat.split_at_mut(ov);
     skip(skipped, arena.rest())?;
-    conv_transpose3d(x, coarse, &w.transp, ConvGeometry::UP2, upsampled);
-    res_block(&w.res, cat, dims, out, arena.rest())
+    conv_transpose3d(x, coarse, &w.transp_conv, ConvGeometry::UP2, upsampled);
+    res_block(&w.conv_block, cat, dims, out, arena.rest())
 }
 
 impl<'a> Unetr<'a> {
@@ -175,11 +175,11 @@ impl<'a> Unetr<'a> {
         // Each decoder output stays alive while the finer stages run (a bump allocator).
         let mut held = 0usize;
         let mut peak = vd.scratch_len();
-        for (k, up) in w.ups.iter().enumerate() {
+        for (k, up) in w.ups().into_iter().enumerate() {
             let v = vox(levels[k]);
             let skip = match k {
                 3 => res_block_scratch(&w.encoder1, v),
-                _ => skip_path_scratch(&w.skips[2 - k], g),
+                _ => skip_path_scratch(w.skips()[2 - k], g),
             };
             let out = up.shape.out_ch.saturating_mul(v);
             peak = peak.max(sat_sum(&[held, out, up_block_scratch(up, v, skip)]));
@@ -234,17 +234,17 @@ impl<'a> Unetr<'a> {
         let (z9, z12) = rest.split_at(ne);
 
         let d3_dims = double(g);
-        let d3 = arena.take(w.ups[0].shape.out_ch * voxels(d3_dims))?;
-        up_block(&w.ups[0], z12, g, |o, s| skip_path(&w.skips[2], z9, g, o, s), d3, arena.rest())?;
+        let d3 = arena.take(w.decoder5.shape.out_ch * voxels(d3_dims))?;
+        up_block(&w.decoder5, z12, g, |o, s| skip_path(&w.encoder4, z9, g, o, s), d3, arena.rest())?;
         let d2_dims = double(d3_dims);
-        let d2 = arena.take(w.ups[1].shape.out_ch * voxels(d2_dims))?;
-        up_block(&w.ups[1], d3, d3_dims, |o, s| skip_path(&w.skips[1], z6, g, o, s), d2, arena.rest())?;
+        let d2 = arena.take(w.decoder4.shape.out_ch * voxels(d2_dims))?;
+        up_block(&w.decoder4, d3, d3_dims, |o, s| skip_path(&w.encoder3, z6, g, o, s), d2, arena.rest())?;
         let d1_dims = double(d2_dims);
-        let d1 = arena.take(w.ups[2].shape.out_ch * voxels(d1_dims))?;
-        up_block(&w.ups[2], d2, d2_dims, |o, s| skip_path(&w.skips[0], z3, g, o, s), d1, arena.rest())?;
-        let d0 = arena.take(w.ups[3].shape.out_ch * voxels(window))?;
+        let d1 = arena.take(w.decoder3.shape.out_ch * voxels(d1_dims))?;
+        up_block(&w.decoder3, d2, d2_dims, |o, s| skip_path(&w.encoder2, z3, g, o, s), d1, arena.rest())?;
+        let d0 = arena.take(w.decoder2.shape.out_ch * voxels(window))?;
         up_block(
-            &w.ups[3],
+            &w.decoder2,
             d1,
             d1_dims,
             |o, s| res_block(&w.encoder1, input, window, o, s),
@@ -252,7 +252,7 @@ impl<'a> Unetr<'a> {
             arena.rest(),
         )?;
 
-        conv3d(d0, window, &w.out_weight, Some(&w.out_bias), ConvGeometry::K1, logits);
+        conv3d(d0, window, &w.out.weight, Some(&w.out.bias), ConvGeometry::K1, logits);
         Ok(())
     }
 

@@ -61,20 +61,20 @@ fn block(
     let (n, e) = (d.tokens, d.hidden);
     let eps = cfg.layer_norm_eps;
     layer_norm(x, n, &b.norm1.weight, &b.norm1.bias, eps, ln);
-    linear(ln, n, &b.qkv_weight, b.qkv_bias.as_ref(), qkv);
+    linear(ln, n, &b.attn.qkv, b.attn.qkv_bias.as_ref(), qkv);
     let attn = &mut *ln; // the normed tokens are spent; reuse their buffer
     self_attention(qkv, n, e, cfg.num_heads as usize, attn, tmp.scores);
     for t in 0..n {
-        linear(&attn[t * e..(t + 1) * e], 1, &b.out_weight, Some(&b.out_bias), tmp.vec);
+        linear(&attn[t * e..(t + 1) * e], 1, &b.attn.out_proj.weight, Some(&b.attn.out_proj.bias), tmp.vec);
         for (xv, &y) in x[t * e..(t + 1) * e].iter_mut().zip(tmp.vec.iter()) {
             *xv += y;
         }
     }
     layer_norm(x, n, &b.norm2.weight, &b.norm2.bias, eps, ln);
     for t in 0..n {
-        linear(&ln[t * e..(t + 1) * e], 1, &b.fc1_weight, Some(&b.fc1_bias), tmp.hidden);
+        linear(&ln[t * e..(t + 1) * e], 1, &b.mlp.linear1.weight, Some(&b.mlp.linear1.bias), tmp.hidden);
         gelu_in_place(tmp.hidden);
-        linear(tmp.hidden, 1, &b.fc2_weight, Some(&b.fc2_bias), tmp.vec);
+        linear(tmp.hidden, 1, &b.mlp.linear2.weight, Some(&b.mlp.linear2.bias), tmp.vec);
         for (xv, &y) in x[t * e..(t + 1) * e].iter_mut().zip(tmp.vec.iter()) {
             *xv += y;
         }
@@ -108,8 +108,9 @@ pub(crate) fn encode(
         Temps { scores: arena.take(d.tokens)?, hidden: arena.take(d.mlp)?, vec: arena.take(d.hidden)? };
     let patch_buf = arena.take(d.patch_values)?;
 
-    patch_embed(input, window, &w.patch_weight, &w.patch_bias, x, patch_buf);
-    match (cfg.pos_embed, w.position) {
+    let pe = &w.patch_embedding;
+    patch_embed(input, window, &pe.patch_embeddings.weight, &pe.patch_embeddings.bias, x, patch_buf);
+    match (cfg.pos_embed, pe.position_embeddings) {
         (PosEmbed::Learned, Some(table)) => {
             for (i, v) in x.iter_mut().enumerate() {
                 *v += table.get(i);

@@ -167,8 +167,12 @@ struct Skip {
 impl Skip {
     fn new(w: &PrUpWeights<'_>) -> Self {
         Self {
-            init: UpConvWeights::new(&w.init),
-            stages: w.stages.iter().map(|s| (UpConvWeights::new(&s.transp), Res::new(&s.res))).collect(),
+            init: UpConvWeights::new(&w.transp_conv_init),
+            stages: w
+                .blocks
+                .iter()
+                .map(|s| (UpConvWeights::new(&s.transp_conv), Res::new(&s.res_block)))
+                .collect(),
         }
     }
 
@@ -207,7 +211,7 @@ struct Up {
 
 impl Up {
     fn new(w: &UpWeights<'_>) -> Self {
-        Self { transp: UpConvWeights::new(&w.transp), res: Res::new(&w.res) }
+        Self { transp: UpConvWeights::new(&w.transp_conv), res: Res::new(&w.conv_block) }
     }
 
     /// MONAI's `UnetrUpBlock`: upsample `x`, concatenate (channels-last, so the skip writes the
@@ -432,9 +436,9 @@ impl FastUnetr {
             isa: Isa::detect(),
             vit: vit::FastVit::new(&w.vit, &config.vit),
             encoder1: Res::new(&w.encoder1),
-            skips: [Skip::new(&w.skips[0]), Skip::new(&w.skips[1]), Skip::new(&w.skips[2])],
-            ups: [Up::new(&w.ups[0]), Up::new(&w.ups[1]), Up::new(&w.ups[2]), Up::new(&w.ups[3])],
-            out: ConvWeights::new(&w.out_weight, Some(&w.out_bias)),
+            skips: w.skips().map(Skip::new),
+            ups: w.ups().map(Up::new),
+            out: ConvWeights::new(&w.out.weight, Some(&w.out.bias)),
             // Opt-in: quantising activations costs accuracy (docs/performance.md).
             qisa: None,
             algorithms: ConvAlgorithms::default(),

@@ -85,11 +85,11 @@ impl Block {
     fn new(b: &BlockWeights<'_>) -> Self {
         Self {
             norm1: Norm::new(&b.norm1),
-            qkv: Linear::new(&b.qkv_weight, b.qkv_bias.as_ref()),
-            proj: Linear::new(&b.out_weight, Some(&b.out_bias)),
+            qkv: Linear::new(&b.attn.qkv, b.attn.qkv_bias.as_ref()),
+            proj: Linear::new(&b.attn.out_proj.weight, Some(&b.attn.out_proj.bias)),
             norm2: Norm::new(&b.norm2),
-            fc1: Linear::new(&b.fc1_weight, Some(&b.fc1_bias)),
-            fc2: Linear::new(&b.fc2_weight, Some(&b.fc2_bias)),
+            fc1: Linear::new(&b.mlp.linear1.weight, Some(&b.mlp.linear1.bias)),
+            fc2: Linear::new(&b.mlp.linear2.weight, Some(&b.mlp.linear2.bias)),
         }
     }
 }
@@ -108,17 +108,20 @@ pub(crate) struct FastVit {
 
 impl FastVit {
     pub(crate) fn new(w: &VitWeights<'_>, cfg: &VitConfig) -> Self {
-        let d = w.patch_weight.shape();
-        let (hidden, rest) = (d.dims()[0] as usize, w.patch_weight.len() / d.dims()[0] as usize);
+        let d = w.patch_embedding.patch_embeddings.weight.shape();
+        let (hidden, rest) =
+            (d.dims()[0] as usize, w.patch_embedding.patch_embeddings.weight.len() / d.dims()[0] as usize);
         let patch = Linear {
             // The patch Conv3d is a Linear over the patch's (in_ch, p, p, p) values.
-            w: PackedB::from_fn(rest, hidden, |i, o| w.patch_weight.get(o * rest + i)),
-            bias: Some(pad_bias((0..hidden).map(|i| w.patch_bias.get(i)), hidden)),
+            w: PackedB::from_fn(rest, hidden, |i, o| {
+                w.patch_embedding.patch_embeddings.weight.get(o * rest + i)
+            }),
+            bias: Some(pad_bias((0..hidden).map(|i| w.patch_embedding.patch_embeddings.bias.get(i)), hidden)),
         };
         Self {
             cfg: *cfg,
             patch,
-            position: match w.position {
+            position: match w.patch_embedding.position_embeddings {
                 Some(t) => (0..t.len()).map(|i| t.get(i)).collect(),
                 None => sincos_table(cfg.img_size.map(|s| (s / cfg.patch_size) as usize), hidden),
             },
