@@ -7,6 +7,14 @@ use crate::config::UnetrConfig;
 use crate::format::{FormatError, ModelBuilder, OwnedPreprocessing, Precision};
 use crate::params::{ParamKind, ParamSpec, for_each_param};
 
+/// SplitMix64's output function (Stafford's mix 13): a bijection of 64-bit words that spreads
+/// every input bit over the output; also used to derive independent seeds.
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64: tiny, seedable, and identical on every platform.
 pub struct SplitMix64(u64);
 
@@ -19,10 +27,7 @@ impl SplitMix64 {
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        mix64(self.0)
     }
 
     /// Uniform in `[-1, 1)`.

@@ -25,6 +25,8 @@
 use std::f32::consts::TAU;
 use std::ops::Range;
 
+use glmae_core::synthetic::{SplitMix64, mix64};
+
 /// Size and sampling of generated volumes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PhantomConfig {
@@ -346,7 +348,7 @@ struct Patient {
 
 impl Patient {
     fn draw(seed: u64) -> Self {
-        let mut r = Rng::stream(seed, 5);
+        let mut r = PhantomRng::stream(seed, 5);
         // Skewed towards thin-to-average builds: a lateral diameter over 320 mm (cut by the
         // default field of view) for about a quarter of the seeds.
         let habitus = r.unit().powf(2.5);
@@ -405,7 +407,7 @@ struct Hu {
 impl Hu {
     fn draw(seed: u64, phase: Phase) -> Self {
         let e = phase.enhancement();
-        let mut r = Rng::stream(seed, 2);
+        let mut r = PhantomRng::stream(seed, 2);
         let kidney = r.sym(ORGAN_HU_JITTER);
         let ivc = e.ivc + r.sym(ORGAN_HU_JITTER);
         let aorta = match e.aorta_range {
@@ -469,7 +471,7 @@ struct Layout {
 
 impl Layout {
     fn draw(seed: u64) -> Self {
-        let mut r = Rng::stream(seed, 3);
+        let mut r = PhantomRng::stream(seed, 3);
         Self {
             // Organ positions vary by about a vertebral body between patients (more craniocaudally,
             // with breathing and build).
@@ -530,7 +532,7 @@ struct Body {
 }
 
 impl Body {
-    fn draw(r: &mut Rng, habitus: f32) -> Self {
+    fn draw(r: &mut PhantomRng, habitus: f32) -> Self {
         let visceral = clamp01(habitus * r.range(0.5, 1.5));
         Self {
             half_width: 118.0 * (1.0 + r.sym(0.05)) + 8.0 * visceral,
@@ -579,7 +581,7 @@ struct Rib {
     half_height: f32,
 }
 
-fn draw_ribs(r: &mut Rng) -> Vec<Rib> {
+fn draw_ribs(r: &mut PhantomRng) -> Vec<Rib> {
     let top = 125.0 + r.sym(8.0);
     let pitch = 24.0 + r.sym(2.0);
     (0..7)
@@ -617,7 +619,7 @@ fn diaphragm_z(q: V3, right_dome: f32, left_dome: f32) -> f32 {
 /// Air, skin fat, wall muscle and ribs; inside the wall, lung bases above the diaphragm and a
 /// mixture of mesenteric fat and bowel loops below it. Organs are painted over this later.
 fn body_and_background(scene: &mut Scene, seed: u64, patient: &Patient, hu: &Hu) {
-    let mut r = Rng::stream(seed, 10);
+    let mut r = PhantomRng::stream(seed, 10);
     let body = Body::draw(&mut r, patient.habitus);
     let ribs = draw_ribs(&mut r);
     let right_dome = 106.0 + r.sym(6.0);
@@ -683,7 +685,7 @@ fn body_and_background(scene: &mut Scene, seed: u64, patient: &Patient, hu: &Hu)
 /// Vertebrae (bodies, discs, canal, arches, spinous and transverse processes), erector spinae,
 /// quadratus lumborum and psoas. All protected from organ painting.
 fn spine_and_back_muscles(scene: &mut Scene, seed: u64, hu: &Hu) {
-    let mut r = Rng::stream(seed, 20);
+    let mut r = PhantomRng::stream(seed, 20);
     let y_body = -38.0 + r.sym(3.0);
     let period = 31.0 + r.sym(2.0);
     let phase = r.range(0.0, period);
@@ -749,7 +751,7 @@ fn heart(scene: &mut Scene, hu: &Hu) {
 
 /// Colon from caecum round to the sigmoid: stool mottled with gas.
 fn colon(scene: &mut Scene, seed: u64, hu: &Hu) {
-    let mut r = Rng::stream(seed, 30);
+    let mut r = PhantomRng::stream(seed, 30);
     let o = r.jitter([6.0, 6.0, 8.0]);
     let ctrl = [
         ([78.0, 15.0, -125.0], 24.0),
@@ -811,7 +813,7 @@ fn duodenum(scene: &mut Scene, layout: &Layout, hu: &Hu) {
 /// Liver: a large right lobe and a thinner left lobe draped anteriorly, with an oblique inferior
 /// surface and enhancing hepatic veins converging on the IVC.
 fn liver(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 40);
+    let mut r = PhantomRng::stream(seed, 40);
     let s = layout.liver_size;
     let right = Blob::new(
         layout.in_liver(LIVER_CENTRE),
@@ -852,7 +854,7 @@ fn liver(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 
 /// Spleen: a crescent against the left posterolateral wall.
 fn spleen(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 50);
+    let mut r = PhantomRng::stream(seed, 50);
     let centre = add([-80.0, -36.0, 58.0], layout.spleen);
     // Thin axis points out of the body, long axis tilted forward-down like the 10th rib.
     let outward = normalize([centre[0], centre[1], 0.0]);
@@ -873,7 +875,7 @@ fn spleen(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 /// Kidneys: beans with cortex, darker medulla, a urine-filled pelvis and a fatty hilum facing
 /// anteromedially; long axes tilted so the upper poles are medial and posterior.
 fn kidneys(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 60);
+    let mut r = PhantomRng::stream(seed, 60);
     for (side, label, nominal, offset, size) in [
         (1.0, KIDNEY_R, KIDNEY_R_CENTRE, layout.kidney_r, layout.kidney_r_size),
         (-1.0, KIDNEY_L, KIDNEY_L_CENTRE, layout.kidney_l, layout.kidney_l_size),
@@ -931,7 +933,7 @@ fn renal_veins(scene: &mut Scene, layout: &Layout, hu: &Hu) {
 /// Stomach: a J-shaped tube from the fundus to the pylorus, wall around fluid with gas floating
 /// anteriorly (the patient is supine).
 fn stomach(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 70);
+    let mut r = PhantomRng::stream(seed, 70);
     let o = layout.stomach;
     // Collapsed to distended.
     let g = r.range(0.8, 1.25);
@@ -964,7 +966,7 @@ fn stomach(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 /// Esophagus: a collapsed tube anterior to the aorta, swinging left to the cardia, sometimes with
 /// a little air in its lumen.
 fn esophagus(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 80);
+    let mut r = PhantomRng::stream(seed, 80);
     let a = layout.aorta;
     let s = layout.stomach;
     let ctrl = [
@@ -982,7 +984,7 @@ fn esophagus(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 
 /// Gallbladder: a pear in the fossa on the liver's inferior surface, fundus anterior and low.
 fn gallbladder(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 90);
+    let mut r = PhantomRng::stream(seed, 90);
     let centre = add(layout.in_liver([62.0, 34.0, -4.0]), r.jitter([5.0, 5.0, 5.0]));
     // Contracted after a meal to distended when fasting: 0.4-2.2 times the nominal volume.
     let blob = Blob::new(
@@ -1005,7 +1007,7 @@ fn gallbladder(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
 /// Pancreas: head in the duodenal loop, neck in front of the portal confluence, body across the
 /// aorta and tail up to the splenic hilum; lobulated texture comes from `TEXTURE_HU`.
 fn pancreas(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 100);
+    let mut r = PhantomRng::stream(seed, 100);
     // Thickness varies from atrophic (elderly) to full: about 0.8-1.15 of nominal.
     let g = r.range(0.8, 1.15);
     let ctrl: Vec<(V3, f32)> =
@@ -1029,7 +1031,7 @@ fn pancreas_path(layout: &Layout) -> [(V3, f32); 6] {
 
 /// Adrenals: thin inverted-Y plates above and medial to the upper pole of each kidney.
 fn adrenals(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) {
-    let mut r = Rng::stream(seed, 110);
+    let mut r = PhantomRng::stream(seed, 110);
     for (right, label, apex) in
         [(true, ADRENAL_R, [40.0, -28.0, 62.0]), (false, ADRENAL_L, [-38.0, -22.0, 58.0])]
     {
@@ -1156,7 +1158,7 @@ fn aorta(scene: &mut Scene, layout: &Layout, hu: &Hu) {
 /// 5-30 mm across, in the liver, spleen or kidneys. They only repaint voxels of their organ and keep
 /// its label, as BTCV's annotations do.
 fn lesions(scene: &mut Scene, seed: u64, layout: &Layout, hu: &Hu) -> Vec<Lesion> {
-    let mut r = Rng::stream(seed, 120);
+    let mut r = PhantomRng::stream(seed, 120);
     if r.unit() >= 0.35 {
         return Vec::new();
     }
@@ -1257,7 +1259,7 @@ struct Frame {
 
 impl Frame {
     fn draw(seed: u64, lo: V3, hi: V3) -> Self {
-        let mut r = Rng::stream(seed, 1);
+        let mut r = PhantomRng::stream(seed, 1);
         let size = r.range(0.95, 1.05);
         let scale = [size * (1.0 + r.sym(0.04)), size * (1.0 + r.sym(0.04)), size * (1.0 + r.sym(0.04))];
         let shift = r.jitter([8.0, 6.0, 10.0]);
@@ -1505,7 +1507,7 @@ impl Scene {
         let slice_sigma = patient.slice_fwhm_mm / (8.0 * std::f32::consts::LN_2).sqrt() / self.spacing[2];
         let kernel = gaussian_kernel(PARTIAL_VOLUME_SIGMA.hypot(slice_sigma));
         blur_axis(&mut self.hu, self.shape, 2, &kernel);
-        let mut r = Rng::stream(seed, 8);
+        let mut r = PhantomRng::stream(seed, 8);
         for v in &mut self.hu {
             *v += patient.noise_sigma * r.normal();
         }
@@ -1590,7 +1592,7 @@ impl Wobble {
     }
 
     /// `amp` is the largest displacement of one term, `freq` its angular frequency.
-    fn draw(r: &mut Rng, amp: f32, freq: f32) -> Self {
+    fn draw(r: &mut PhantomRng, amp: f32, freq: f32) -> Self {
         let mut w = Self::none();
         for m in 0..3 {
             w.freq[m] = scale(r.direction(), freq * r.range(0.7, 1.3));
@@ -1748,27 +1750,21 @@ fn catmull_rom(p0: V3, p1: V3, p2: V3, p3: V3, t: f32) -> V3 {
 // Random numbers and value noise
 // ------------------------------------------------------------------------------------------------
 
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The `SplitMix64` generator. Each structure draws from its own stream so adding draws to one structure does not
-/// change the others.
-struct Rng {
-    state: u64,
+/// The phantom's shape draws: glmae-core's `SplitMix64`, one stream per structure so adding
+/// draws to one structure does not change the others. (The augmentations' generator is
+/// `transforms::Rng`.)
+struct PhantomRng {
+    bits: SplitMix64,
     spare: Option<f32>,
 }
 
-impl Rng {
+impl PhantomRng {
     fn stream(seed: u64, tag: u64) -> Self {
-        Self { state: mix64(seed ^ mix64(tag.wrapping_add(0x5EED_0000))), spare: None }
+        Self { bits: SplitMix64::new(mix64(seed ^ mix64(tag.wrapping_add(0x5EED_0000)))), spare: None }
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.state)
+        self.bits.next_u64()
     }
 
     /// Uniform in `[0, 1)`.

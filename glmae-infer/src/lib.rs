@@ -180,7 +180,7 @@ pub fn segment_volume(
                 .num_threads(opts.threads.max(1))
                 .build()
                 .context("cannot start the worker threads")?;
-            let total = spec_windows(&shape, &spec);
+            let total = glmae_data::sliding_window::window_count(shape, &spec);
             bar.set_length(total as u64);
             // One window at a time, all threads inside it: memory stays at one window's worth.
             pool.install(|| {
@@ -255,14 +255,17 @@ pub fn segment_file_with(
     let roi = model.config.vit.img_size.map(|s| s as usize);
     let classes = model.config.out_channels as usize;
     let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
-    let windows = spec_windows(&vol.shape, &spec);
-    if opts.progress && windows > 8 * spec_windows(&vol.shape, &WindowSpec { overlap: 0.5, ..spec }) {
+    let windows = glmae_data::sliding_window::window_count(vol.shape, &spec);
+    if opts.progress
+        && windows
+            > 8 * glmae_data::sliding_window::window_count(vol.shape, &WindowSpec { overlap: 0.5, ..spec })
+    {
         // A high overlap multiplies the windows by about (1 - 0.5)^3 / (1 - overlap)^3.
         eprintln!(
             "note: {}: overlap {} means {windows} windows (overlap 0.5: {}); this will take a while",
             input.display(),
             opts.overlap,
-            spec_windows(&vol.shape, &WindowSpec { overlap: 0.5, ..spec })
+            glmae_data::sliding_window::window_count(vol.shape, &WindowSpec { overlap: 0.5, ..spec })
         );
     }
     let logits = segment_volume(model, &vol.data, vol.shape, opts, engine)
@@ -300,12 +303,4 @@ pub fn segment_file_with(
         counts[l as usize] += 1;
     }
     Ok(SegmentSummary { counts, windows })
-}
-
-fn spec_windows(shape: &[usize; 3], spec: &glmae_data::sliding_window::WindowSpec) -> usize {
-    (0..3)
-        .map(|a| {
-            glmae_data::sliding_window::starts(shape[a].max(spec.roi[a]), spec.roi[a], spec.overlap).len()
-        })
-        .product()
 }
