@@ -6,14 +6,15 @@ use anyhow::{Result, bail};
 use burn::tensor::{Device, FloatDType};
 use serde::{Deserialize, Serialize};
 
-/// The floating-point type every float tensor of a run is stored and computed in.
+/// The floating-point type every float tensor of a training run is stored and computed in
+/// (not the `.glmae` file's weight storage, which is `glmae_core::format::Precision`).
 ///
 /// burn 0.22 sets this per device (`Device::configure`), for parameters and activations alike:
 /// `bf16` halves memory and is meant for GPUs' bf16 matrix units, without an f32 master copy of the
 /// weights (what burn supports today, unlike PyTorch's autocast).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Precision {
+pub enum ComputePrecision {
     /// 32-bit IEEE floats (the default).
     #[default]
     F32,
@@ -30,7 +31,7 @@ pub fn training_device(name: &str) -> Result<Device> {
 
 /// Training devices from a command-line list (`cpu`, `cuda:1`, `cuda:0,cuda:1`, `cuda:all`), each
 /// configured for `precision` and wrapped for autodiff.
-pub fn training_devices(spec: &str, precision: Precision) -> Result<Vec<Device>> {
+pub fn training_devices(spec: &str, precision: ComputePrecision) -> Result<Vec<Device>> {
     let names: Vec<String> = if spec == "cuda:all" {
         (0..cuda_count()?).map(|i| format!("cuda:{i}")).collect()
     } else {
@@ -52,11 +53,11 @@ pub fn training_devices(spec: &str, precision: Precision) -> Result<Vec<Device>>
 
 /// Sets the device's default float type. burn fixes it once per device and process, so asking
 /// again for the type it already has is fine and asking for another is an error.
-fn configure(device: &mut Device, precision: Precision) -> Result<()> {
+fn configure(device: &mut Device, precision: ComputePrecision) -> Result<()> {
     let dtype = match precision {
-        Precision::F32 => FloatDType::F32,
-        Precision::Bf16 => FloatDType::BF16,
-        Precision::F16 => FloatDType::F16,
+        ComputePrecision::F32 => FloatDType::F32,
+        ComputePrecision::Bf16 => FloatDType::BF16,
+        ComputePrecision::F16 => FloatDType::F16,
     };
     if device.configure(dtype).is_ok() || device.settings().float_dtype == dtype {
         return Ok(());
@@ -84,7 +85,7 @@ pub fn base_device(name: &str) -> Result<Device> {
 }
 
 /// A device from its command-line name, its float type set to `precision` when given.
-fn device_named(name: &str, precision: Option<Precision>) -> Result<Device> {
+fn device_named(name: &str, precision: Option<ComputePrecision>) -> Result<Device> {
     let mut device = match name {
         "cpu" | "flex" => Device::flex(),
         // Deprecated in burn 0.22 in favour of flex; kept selectable for comparison.
@@ -103,7 +104,7 @@ fn device_named(name: &str, precision: Option<Precision>) -> Result<Device> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(index: &str, precision: Option<Precision>) -> Result<Device> {
+fn cuda(index: &str, precision: Option<ComputePrecision>) -> Result<Device> {
     let i: usize = index.parse().map_err(|_| anyhow::anyhow!("invalid CUDA device index {index:?}"))?;
     // cudarc loads the driver on first use and panics when it cannot: turn that into an error,
     // without the panic message the default hook would print first.
@@ -138,7 +139,7 @@ fn cuda_count() -> Result<usize> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_index: &str, _precision: Option<Precision>) -> Result<Device> {
+fn cuda(_index: &str, _precision: Option<ComputePrecision>) -> Result<Device> {
     bail!(
         "this glmae-train was built without CUDA support; rebuild with `cargo build --release -p glmae-train --features cuda`"
     )
@@ -166,16 +167,19 @@ mod tests {
         assert!(base_device("cuda:1").unwrap_err().to_string().contains("--features cuda"));
         #[cfg(not(feature = "cuda"))]
         assert!(
-            training_devices("cuda:all", Precision::F32).unwrap_err().to_string().contains("--features cuda")
+            training_devices("cuda:all", ComputePrecision::F32)
+                .unwrap_err()
+                .to_string()
+                .contains("--features cuda")
         );
     }
 
     #[test]
     fn device_lists_are_checked() {
-        assert_eq!(training_devices("cpu", Precision::F32).unwrap().len(), 1);
-        let e = training_devices("cpu,cpu", Precision::F32).unwrap_err().to_string();
+        assert_eq!(training_devices("cpu", ComputePrecision::F32).unwrap().len(), 1);
+        let e = training_devices("cpu,cpu", ComputePrecision::F32).unwrap_err().to_string();
         assert!(e.contains("listed twice"), "{e}");
-        let e = training_devices("cpu,ndarray", Precision::F32).unwrap_err().to_string();
+        let e = training_devices("cpu,ndarray", ComputePrecision::F32).unwrap_err().to_string();
         assert!(e.contains("need CUDA"), "{e}");
     }
 }

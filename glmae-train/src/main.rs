@@ -403,7 +403,7 @@ struct PretrainArgs {
     device: String,
     /// Float type of all tensors: f32, bf16 or f16 (bf16/f16 on GPUs; saved with the run).
     #[arg(long, value_enum)]
-    precision: Option<glmae_train::device::Precision>,
+    precision: Option<glmae_train::device::ComputePrecision>,
     /// Optimisation steps.
     #[arg(long, conflicts_with = "resume")]
     steps: Option<usize>,

@@ -69,7 +69,7 @@ pub struct PretrainConfig {
     pub seed: u64,
     /// Float type of every tensor (set on the device before the model is made).
     #[serde(default)]
-    pub precision: crate::device::Precision,
+    pub precision: crate::device::ComputePrecision,
 }
 
 impl PretrainConfig {

@@ -4,7 +4,7 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Tensor};
-use glmae_train::device::{Precision, training_devices};
+use glmae_train::device::{ComputePrecision, training_devices};
 use glmae_train::pretrain::{PretrainConfig, Pretrainer};
 use glmae_train::run::RunDir;
 
@@ -25,9 +25,9 @@ fn dtypes(m: &impl Module) -> Vec<DType> {
 
 #[test]
 fn bf16_training_stores_bf16_and_learns() {
-    let device = training_devices("cpu", Precision::Bf16).unwrap().remove(0);
+    let device = training_devices("cpu", ComputePrecision::Bf16).unwrap().remove(0);
     let mut cfg = PretrainConfig::tiny();
-    cfg.precision = Precision::Bf16;
+    cfg.precision = ComputePrecision::Bf16;
     cfg.batch_size = 2;
     let mut run = Pretrainer::new(cfg.clone(), device.clone());
     assert!(dtypes(&run.student).iter().all(|d| *d == DType::BF16), "{:?}", dtypes(&run.student));
@@ -55,7 +55,7 @@ fn bf16_training_stores_bf16_and_learns() {
 fn precision_is_fixed_once_per_device() {
     // The first test (or this one) fixed the CPU device's float type; asking again for a different
     // one must be a clear error, not a silent mix of types.
-    let _ = training_devices("cpu", Precision::Bf16);
-    let e = training_devices("cpu", Precision::F16).unwrap_err().to_string();
+    let _ = training_devices("cpu", ComputePrecision::Bf16);
+    let e = training_devices("cpu", ComputePrecision::F16).unwrap_err().to_string();
     assert!(e.contains("precision must be chosen before"), "{e}");
 }
