@@ -398,6 +398,9 @@ pub struct Vit<T> {
 }
 
 impl<T> Vit<T> {
+    // Inlined: the encoder tree holds MAX_DEPTH blocks inline (tens of KB with tensor leaves);
+    // built in the caller's frame, it is not copied through each return on a microcontroller's stack.
+    #[inline(always)]
     fn build<E>(mut b: ParamBuilder<'_, T, E>, v: &crate::config::VitConfig) -> Result<Self, E> {
         let (e, p, c) = (v.hidden_size as usize, v.patch_size as usize, v.in_channels as usize);
         let patch_embedding = {
@@ -611,6 +614,7 @@ pub struct UnetrParams<T> {
 
 impl<T> UnetrParams<T> {
     /// Builds the tree for `cfg`, making each leaf with `b`'s function.
+    #[inline(always)]
     pub fn build<E>(cfg: &UnetrConfig, mut b: ParamBuilder<'_, T, E>) -> Result<Self, E> {
         let d = DecoderLayout::new(cfg);
         let e = cfg.vit.hidden_size as usize;

@@ -26,6 +26,7 @@ pub type UpWeights<'a> = Up<Tensor<'a>>;
 impl<'a> UnetrParams<Tensor<'a>> {
     /// Finds every parameter of `file.config` in `file`, checking shapes, and rejects tensors the
     /// model does not have.
+    #[inline(always)]
     pub fn bind(file: &ModelFile<'a>) -> Result<Self, FormatError> {
         let mut bound = 0usize;
         let mut get = |spec: crate::params::ParamSpec| {
