@@ -755,7 +755,7 @@ mod tests {
     /// a random model differs), for learned and sin-cos positions, with and without a qkv bias.
     #[cfg(feature = "alloc")]
     #[test]
-    fn tree_walks_leaves_in_build_order() {
+    fn tree_walks_leaves_in_build_order() -> Result<(), crate::format::FormatError> {
         use crate::format::{ModelFile, Precision};
         extern crate alloc;
         use alloc::vec::Vec;
@@ -763,9 +763,9 @@ mod tests {
             let mut cfg = crate::testing_config();
             cfg.vit.pos_embed = pos;
             cfg.vit.qkv_bias = qkv_bias;
-            let bytes = crate::synthetic::random_model(&cfg, 3, Precision::F32).unwrap();
-            let file = ModelFile::parse(&bytes).unwrap();
-            let weights = crate::model::UnetrWeights::bind(&file).unwrap();
+            let bytes = crate::synthetic::random_model(&cfg, 3, Precision::F32)?;
+            let file = ModelFile::parse(&bytes)?;
+            let weights = crate::model::UnetrWeights::bind(&file)?;
             let mut specs = Vec::new();
             UnetrParams::specs(&cfg).visit(|s| specs.push(s.clone()));
             let mut leaves = Vec::new();
@@ -773,12 +773,13 @@ mod tests {
             assert_eq!(specs.len(), leaves.len());
             assert_eq!(specs.len(), param_count(&cfg));
             for (spec, leaf) in specs.iter().zip(&leaves) {
-                let stored = file.tensor(&spec.name, spec.shape).unwrap();
+                let stored = file.tensor(&spec.name, spec.shape)?;
                 assert_eq!(leaf.shape(), spec.shape, "{}", spec.name);
                 let same = (0..leaf.len()).all(|i| leaf.get(i) == stored.get(i));
                 assert!(same, "leaf at {} holds another tensor", spec.name);
             }
         }
+        Ok(())
     }
 
     #[test]
