@@ -246,52 +246,38 @@ impl<'f, T, E> ParamBuilder<'f, T, E> {
 /// The leaves' function for [`UnetrParams::try_map`]: owned values in, new values out.
 pub type MapFn<'f, T, U, E> = &'f mut dyn FnMut(T) -> Result<U, E>;
 
-/// A Linear (or a biased convolution): `weight` and `bias`.
+/// A `weight` and its `bias`: a Linear or biased convolution ([`Linear`]) or a LayerNorm's scale
+/// and shift ([`Norm`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Linear<T> {
-    /// Linear `(out, in)`; Conv3d `(out, in, k, k, k)`.
+pub struct WeightBias<T> {
+    /// Linear `(out, in)`; Conv3d `(out, in, k, k, k)`; LayerNorm scale `(hidden,)`.
     pub weight: T,
-    /// `(out,)`.
+    /// `(out,)`; LayerNorm shift `(hidden,)`.
     pub bias: T,
 }
 
-impl<T> Linear<T> {
+/// A Linear or biased convolution.
+pub type Linear<T> = WeightBias<T>;
+/// A LayerNorm: scale `weight` and shift `bias`.
+pub type Norm<T> = WeightBias<T>;
+
+impl<T> WeightBias<T> {
+    /// `weight` of shape `w` and `bias` of shape `(w[0],)`.
     fn build<E>(mut b: ParamBuilder<'_, T, E>, w: &[usize], kind: ParamKind) -> Result<Self, E> {
         Ok(Self { weight: b.get("weight", w, kind)?, bias: b.get("bias", &w[..1], ParamKind::Vector)? })
     }
 
-    fn try_map<U, E>(self, f: MapFn<'_, T, U, E>) -> Result<Linear<U>, E> {
-        Ok(Linear { weight: f(self.weight)?, bias: f(self.bias)? })
+    /// A LayerNorm over `e` features.
+    fn layer_norm<E>(b: ParamBuilder<'_, T, E>, e: usize) -> Result<Self, E> {
+        Self::build(b, &[e], ParamKind::Vector)
     }
 
-    fn as_ref(&self) -> Linear<&T> {
-        Linear { weight: &self.weight, bias: &self.bias }
-    }
-}
-
-/// A LayerNorm: scale `weight` and shift `bias`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Norm<T> {
-    /// Scale `(hidden,)`.
-    pub weight: T,
-    /// Shift `(hidden,)`.
-    pub bias: T,
-}
-
-impl<T> Norm<T> {
-    fn build<E>(mut b: ParamBuilder<'_, T, E>, e: usize) -> Result<Self, E> {
-        Ok(Self {
-            weight: b.get("weight", &[e], ParamKind::Vector)?,
-            bias: b.get("bias", &[e], ParamKind::Vector)?,
-        })
+    fn try_map<U, E>(self, f: MapFn<'_, T, U, E>) -> Result<WeightBias<U>, E> {
+        Ok(WeightBias { weight: f(self.weight)?, bias: f(self.bias)? })
     }
 
-    fn try_map<U, E>(self, f: MapFn<'_, T, U, E>) -> Result<Norm<U>, E> {
-        Ok(Norm { weight: f(self.weight)?, bias: f(self.bias)? })
-    }
-
-    fn as_ref(&self) -> Norm<&T> {
-        Norm { weight: &self.weight, bias: &self.bias }
+    fn as_ref(&self) -> WeightBias<&T> {
+        WeightBias { weight: &self.weight, bias: &self.bias }
     }
 }
 
@@ -339,7 +325,7 @@ impl<T> Block<T> {
                 linear2: Linear::build(b.pp("linear2"), &[e, m], L)?,
             }
         };
-        let norm1 = Norm::build(b.pp("norm1"), e)?;
+        let norm1 = Norm::layer_norm(b.pp("norm1"), e)?;
         let attn = {
             let mut b = b.pp("attn");
             let out_proj = Linear::build(b.pp("out_proj"), &[e, e], L)?;
@@ -348,7 +334,7 @@ impl<T> Block<T> {
             let qkv_bias = if v.qkv_bias { Some(q.get("bias", &[3 * e], ParamKind::Vector)?) } else { None };
             Attention { out_proj, qkv, qkv_bias }
         };
-        let norm2 = Norm::build(b.pp("norm2"), e)?;
+        let norm2 = Norm::layer_norm(b.pp("norm2"), e)?;
         Ok(Self { mlp, norm1, attn, norm2 })
     }
 
@@ -423,7 +409,7 @@ impl<T> Vit<T> {
             // Cannot overflow: at most MAX_DEPTH (validate() caps depth there too).
             let _ = blocks.push(Block::build(bb.pp(i), v)?);
         }
-        Ok(Self { patch_embedding, blocks, norm: Norm::build(b.pp("norm"), e)? })
+        Ok(Self { patch_embedding, blocks, norm: Norm::layer_norm(b.pp("norm"), e)? })
     }
 
     fn try_map<U, E>(self, f: MapFn<'_, T, U, E>) -> Result<Vit<U>, E> {
@@ -673,10 +659,10 @@ impl<T> UnetrParams<T> {
 
     /// Calls `f` on every leaf, in the file's order.
     pub fn visit(&self, mut f: impl FnMut(&T)) {
-        let _ = self.as_ref().try_map(|t| {
+        infallible(self.as_ref().try_map(|t| {
             f(t);
-            Ok::<(), core::convert::Infallible>(())
-        });
+            Ok(())
+        }));
     }
 
     /// `encoder2..4`, the skip paths from the hidden states after blocks 3, 6 and 9.
@@ -693,31 +679,33 @@ impl<T> UnetrParams<T> {
 impl Vit<ParamSpec> {
     /// The encoder's names, shapes and kinds (`vit.*`), as [`UnetrParams::specs`] has them.
     pub fn specs(cfg: &crate::config::VitConfig) -> Self {
-        let mut keep = |s: ParamSpec| Ok::<_, core::convert::Infallible>(s);
-        match Self::build(ParamBuilder::new(&mut keep).pp("vit"), cfg) {
-            Ok(t) => t,
-            Err(never) => match never {},
-        }
+        let mut keep = |s: ParamSpec| Ok(s);
+        infallible(Self::build(ParamBuilder::new(&mut keep).pp("vit"), cfg))
     }
 }
 
 impl UnetrParams<ParamSpec> {
     /// Every parameter's name, shape and kind for `cfg`.
     pub fn specs(cfg: &UnetrConfig) -> Self {
-        let mut keep = |s: ParamSpec| Ok::<_, core::convert::Infallible>(s);
-        match Self::build(cfg, ParamBuilder::new(&mut keep)) {
-            Ok(t) => t,
-            Err(never) => match never {},
-        }
+        let mut keep = |s: ParamSpec| Ok(s);
+        infallible(Self::build(cfg, ParamBuilder::new(&mut keep)))
     }
 }
 
 /// Calls `f` once for every parameter of `cfg`, in the file's order (encoder, then decoder).
 pub fn for_each_param(cfg: &UnetrConfig, mut f: impl FnMut(ParamSpec)) {
-    let _ = UnetrParams::specs(cfg).try_map(|s| {
+    infallible(UnetrParams::specs(cfg).try_map(|s| {
         f(s);
-        Ok::<(), core::convert::Infallible>(())
-    });
+        Ok(())
+    }));
+}
+
+/// The value of a walk whose leaf function cannot fail.
+fn infallible<T>(r: Result<T, core::convert::Infallible>) -> T {
+    match r {
+        Ok(t) => t,
+        Err(never) => match never {},
+    }
 }
 
 /// Number of parameters (tensors) of `cfg`.

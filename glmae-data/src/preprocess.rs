@@ -93,19 +93,23 @@ impl Preprocessor {
     /// as it is reoriented: a source CT is the largest buffer of a segmentation (512 x 512 x 600
     /// is 629 MB as float32) and nothing after this step needs it.
     pub fn apply_owned(&self, image: Volume) -> Result<(Volume, Inverse)> {
-        ensure!(image.data.iter().all(|v| v.is_finite()), "image holds NaN or infinite values");
-        let map = AxisMap::to_codes(&image.affine, &self.orientation)?;
+        let map = self.orientation_map(&image)?;
         let img = map.apply_owned(image);
         let (img, _, inv) = self.after_orientation(map, img, None)?;
         Ok((img, inv))
     }
 
     fn run(&self, image: &Volume, labels: Option<&Labels>) -> Result<(Volume, Option<Labels>, Inverse)> {
-        ensure!(image.data.iter().all(|v| v.is_finite()), "image holds NaN or infinite values");
-        let map = AxisMap::to_codes(&image.affine, &self.orientation)?;
+        let map = self.orientation_map(image)?;
         let img = map.apply(image);
         let lab = labels.map(|l| map.apply(l));
         self.after_orientation(map, img, lab)
+    }
+
+    /// The reorientation of a finite image to the target axis codes.
+    fn orientation_map(&self, image: &Volume) -> Result<AxisMap> {
+        ensure!(image.data.iter().all(|v| v.is_finite()), "image holds NaN or infinite values");
+        AxisMap::to_codes(&image.affine, &self.orientation)
     }
 
     /// Spacing, intensity and crop, on an image (and labels) already reoriented by `map`.
@@ -274,7 +278,17 @@ impl AxisMap {
                 }
             }
         }
-        // New index o maps to old index: old[from[a]] = flip ? n-1-o : o.
+        Volume {
+            data,
+            shape: out_shape,
+            channels: v.channels,
+            affine: self.affine_after(&v.affine, out_shape),
+        }
+    }
+
+    /// The affine of the reoriented grid (shape `out_shape`) of a grid with `affine`: new index
+    /// `o` is old index `old[from[a]] = flip ? n-1-o : o`, so every voxel keeps its position.
+    fn affine_after(&self, affine: &Affine, out_shape: [usize; 3]) -> Affine {
         let mut t = [[0.0; 4]; 4];
         for a in 0..3 {
             let f = self.from[a];
@@ -286,7 +300,7 @@ impl AxisMap {
             }
         }
         t[3][3] = 1.0;
-        Volume { data, shape: out_shape, channels: v.channels, affine: v.affine.compose(&Affine(t)) }
+        affine.compose(&Affine(t))
     }
 
     /// [`AxisMap::apply`] on a volume it may reuse: flips alone (LPS to RAS, the common case)
@@ -318,16 +332,7 @@ impl AxisMap {
                 }
             }
         }
-        // The affine as `apply` computes it for the same map.
-        let mut t = [[0.0; 4]; 4];
-        for (a, row) in t.iter_mut().enumerate().take(3) {
-            row[a] = if self.flip[a] { -1.0 } else { 1.0 };
-            if self.flip[a] {
-                row[3] = (v.shape[a] - 1) as f64;
-            }
-        }
-        t[3][3] = 1.0;
-        v.affine = v.affine.compose(&Affine(t));
+        v.affine = self.affine_after(&v.affine, v.shape);
         v
     }
 

@@ -228,7 +228,7 @@ pub fn segment_file_with(
 ) -> Result<SegmentSummary> {
     use glmae_data::nifti_io::LabelType;
     use glmae_data::preprocess::Preprocessor;
-    use glmae_data::sliding_window::WindowSpec;
+    use glmae_data::sliding_window::{WindowSpec, window_count};
     glmae_data::io::ensure_not_input(input, output)?;
     if let Some(p) = &opts.probabilities {
         glmae_data::io::ensure_not_input(input, p)?;
@@ -255,17 +255,14 @@ pub fn segment_file_with(
     let roi = model.config.vit.img_size.map(|s| s as usize);
     let classes = model.config.out_channels as usize;
     let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
-    let windows = glmae_data::sliding_window::window_count(vol.shape, &spec);
-    if opts.progress
-        && windows
-            > 8 * glmae_data::sliding_window::window_count(vol.shape, &WindowSpec { overlap: 0.5, ..spec })
-    {
+    let windows = window_count(vol.shape, &spec);
+    let windows_at_half = window_count(vol.shape, &WindowSpec { overlap: 0.5, ..spec });
+    if opts.progress && windows > 8 * windows_at_half {
         // A high overlap multiplies the windows by about (1 - 0.5)^3 / (1 - overlap)^3.
         eprintln!(
-            "note: {}: overlap {} means {windows} windows (overlap 0.5: {}); this will take a while",
+            "note: {}: overlap {} means {windows} windows (overlap 0.5: {windows_at_half}); this will take a while",
             input.display(),
             opts.overlap,
-            glmae_data::sliding_window::window_count(vol.shape, &WindowSpec { overlap: 0.5, ..spec })
         );
     }
     let logits = segment_volume(model, &vol.data, vol.shape, opts, engine)

@@ -96,10 +96,11 @@ pub fn walk_vit(
     table: Option<&mut Param<Tensor<2>>>,
 ) -> Result<()> {
     let specs = params::Vit::specs(cfg);
-    let (e, c, p) = (cfg.hidden_size as usize, cfg.in_channels as usize, cfg.patch_size as usize);
     let pe = &mut vit.patch_embedding.patch_embeddings;
     let names = &specs.patch_embedding.patch_embeddings;
-    let kernel = Layout::PatchKernel([e, c, p, p, p]);
+    // The Conv3d kernel shape (hidden, in_channels, p, p, p), from the tree.
+    let dims = names.weight.shape.dims();
+    let kernel = Layout::PatchKernel(std::array::from_fn(|i| dims.get(i).map_or(1, |&d| d as usize)));
     pe.weight = v.param(&names.weight.name, pe.weight.clone(), kernel)?;
     if let Some(b) = pe.bias.clone() {
         pe.bias = Some(v.param(&names.bias.name, b, Layout::Same)?);
