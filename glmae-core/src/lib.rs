@@ -27,6 +27,7 @@
 //! # Ok::<(), Box<dyn core::error::Error>>(())
 //! ```
 #![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Errors carry the offending tensor's name inline because there is no allocator to box it; they
 // are returned once per load, never on a hot path.

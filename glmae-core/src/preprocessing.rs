@@ -6,6 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::Seq;
 
+/// UNETR's BTCV recipe (MONAI's `Orientationd` and `Spacingd` pixdim): the orientation every
+/// owned preprocessing type starts from.
+pub const BTCV_ORIENTATION: &str = "RAS";
+
+/// UNETR's BTCV target spacing in mm per array axis.
+pub const BTCV_SPACING: [f32; 3] = [1.5, 1.5, 2.0];
+
 /// The 13 BTCV organs plus background, in BTCV's label order.
 pub const BTCV_CLASSES: [&str; 14] = [
     "background",
@@ -148,7 +155,7 @@ impl Preprocessing<'_> {
         if self.class_names.len() != out_channels as usize {
             return Err(PreprocessingError::ClassCount { names: self.class_names.len(), out_channels });
         }
-        if let Some(i) = self.class_names.iter().position(|n| n.is_empty()) {
+        if let Some(i) = self.class_names.iter().position(str::is_empty) {
             return Err(PreprocessingError::EmptyClassName(i));
         }
         Ok(())

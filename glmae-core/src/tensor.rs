@@ -3,10 +3,12 @@
 //! Values stay as little-endian bytes where they lie (flash, a memory map, a `Vec`): nothing is
 //! copied or aligned, so reading costs no allocation on any target.
 
+use serde::{Deserialize, Serialize};
+
 use crate::params::Shape;
 
-/// How a tensor's values are stored.
-#[derive(Clone, Copy, Debug)]
+/// How a tensor's values are stored, in a file's tensor table (postcard) and in a [`Tensor`].
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub enum TensorData<'a> {
     /// Little-endian f32 values.
     F32(&'a [u8]),
@@ -14,7 +16,7 @@ pub enum TensorData<'a> {
     /// `value = scale[channel] * q`.
     Int8 {
         /// The axis the scales run along (the output channels).
-        axis: usize,
+        axis: u8,
         /// Little-endian f32 scales, one per channel.
         scales: &'a [u8],
         /// Quantised values, as bytes of `i8`.
@@ -42,7 +44,9 @@ impl<'a> Tensor<'a> {
     pub(crate) fn new(shape: Shape, data: TensorData<'a>) -> Self {
         let inner = match data {
             TensorData::F32(_) => 1,
-            TensorData::Int8 { axis, .. } => shape.dims()[axis + 1..].iter().map(|&d| d as usize).product(),
+            TensorData::Int8 { axis, .. } => {
+                shape.dims()[axis as usize + 1..].iter().map(|&d| d as usize).product()
+            }
         };
         Self { shape, data, inner }
     }
@@ -78,7 +82,7 @@ impl<'a> Tensor<'a> {
         match self.data {
             TensorData::F32(b) => f32_at(b, i),
             TensorData::Int8 { axis, scales, values } => {
-                let channel = (i / self.inner) % self.shape.dims()[axis] as usize;
+                let channel = (i / self.inner) % self.shape.dims()[axis as usize] as usize;
                 f32_at(scales, channel) * (values[i] as i8) as f32
             }
         }

@@ -52,7 +52,7 @@ fn load(name: &str) -> Golden {
 fn run(g: &Golden, precision: Precision) -> Vec<f32> {
     let prep = OwnedPreprocessing::for_classes(g.config.out_channels as usize);
     let bytes = ModelBuilder::from_params(g.config, prep, precision, |p| {
-        g.tensors.get(p.name.as_str()).map(|v| v.as_slice())
+        g.tensors.get(p.name.as_str()).map(std::vec::Vec::as_slice)
     })
     .unwrap()
     .to_bytes()

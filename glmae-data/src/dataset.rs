@@ -164,7 +164,7 @@ impl Dataset {
     /// grids that differ from their image, empty label maps, labels outside the class list.
     pub fn scan(&self) -> Result<()> {
         let cases: Vec<&Case> = self.training.iter().chain(&self.validation).chain(&self.test).collect();
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         let problems: Vec<String> = crate::parallel::map_indexed(
             cases.len(),
             workers,
@@ -244,16 +244,40 @@ fn ensure_dir(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` names a NIfTI image by the rule every folder listing uses: a `.nii` or
+/// `.nii.gz` file name that is not hidden (macOS's `._x.nii.gz` resource forks are not images).
+pub fn is_nifti_name(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    (name.ends_with(".nii") || name.ends_with(".nii.gz")) && !name.starts_with('.')
+}
+
+/// The NIfTI images directly in `dir` (no sub-folders), sorted by path: a folder of inputs to
+/// segment.
+pub fn nifti_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in entries {
+        let p = e.with_context(|| format!("cannot list {}", dir.display()))?.path();
+        if !p.is_dir() && is_nifti_name(&p) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The NIfTI images under `dir` and its sub-folders, except folders named `labels*`: a folder
+/// of unlabelled images to pretrain on.
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
     for e in entries {
         let p = e?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if p.is_dir() {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if !name.starts_with("labels") {
                 collect_images(&p, out)?;
             }
-        } else if (name.ends_with(".nii") || name.ends_with(".nii.gz")) && !name.starts_with('.') {
+        } else if is_nifti_name(&p) {
             out.push(p);
         }
     }

@@ -5,6 +5,8 @@
 //! and a synthetic abdominal CT phantom. Training and inference both use this crate, so
 //! preprocessing is written once.
 
+#![forbid(unsafe_code)]
+
 pub mod dataset;
 pub mod io;
 pub mod loader;

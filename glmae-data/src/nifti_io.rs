@@ -397,6 +397,8 @@ pub fn read_nifti(path: &Path) -> Result<NiftiImage> {
 /// float32 volume, a row (of at most 65,536 voxels) at a time, so reading takes the volume's 4
 /// bytes per voxel and under 1 MiB of buffers, whatever the stored type or compression.
 pub fn read_nifti_limited(path: &Path, max_bytes: u64) -> Result<NiftiImage> {
+    /// Voxels read and decoded at a time.
+    const PIECE: usize = 1 << 16;
     let (mut stream, header_file_len) = open_stream(path, max_bytes)?;
     let (h, consumed) = read_header(&mut *stream, path)?;
     let name = path.display();
@@ -469,7 +471,6 @@ pub fn read_nifti_limited(path: &Path, max_bytes: u64) -> Result<NiftiImage> {
 
     // Disk order is i fastest; ours is k fastest, channel slowest. Rows are read in pieces of
     // at most PIECE voxels and scattered into place.
-    const PIECE: usize = 1 << 16;
     let [ni, nj, nk] = shape;
     let mut data = vec![0.0f32; count];
     let mut raw = vec![0u8; ni.min(PIECE) * stored.size()];
@@ -716,7 +717,7 @@ impl ChannelWriter {
                 Sink::Plain(b) => b,
                 Sink::Gz(g) => g.finish()?,
             };
-            buffered.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            buffered.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
             std::fs::rename(&self.tmp, &self.path)?;
             Ok(())
         })();

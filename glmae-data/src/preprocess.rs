@@ -38,8 +38,8 @@ impl Preprocessor {
     /// UNETR's BTCV recipe: RAS, 1.5 x 1.5 x 2.0 mm, HU [-175, 250] -> [0, 1], foreground crop.
     pub fn btcv() -> Self {
         Self {
-            orientation: "RAS".into(),
-            spacing: [1.5, 1.5, 2.0],
+            orientation: glmae_core::preprocessing::BTCV_ORIENTATION.into(),
+            spacing: glmae_core::preprocessing::BTCV_SPACING,
             intensity: IntensityScaling::ABDOMEN_CT,
             foreground_crop: true,
         }

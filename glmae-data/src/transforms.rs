@@ -164,7 +164,7 @@ pub fn flip<T: Copy>(v: &mut Volume<T>, axis: usize) {
                     }
                 }
             }
-            _ => ch.chunks_exact_mut(n2).for_each(|row| row.reverse()),
+            _ => ch.chunks_exact_mut(n2).for_each(<[T]>::reverse),
         }
     }
 }

@@ -127,3 +127,29 @@ fn scan_reports_every_problem_naming_each_file() {
     assert!(!e.contains("good.nii.gz"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A folder of inputs lists the `.nii` and `.nii.gz` files directly in it, sorted, without
+/// hidden files (`._x.nii.gz` resource forks), sub-folders or other files; pretraining's
+/// recursive listing applies the same file rule below the top.
+#[test]
+fn folder_listings_share_one_nifti_rule() {
+    use glmae_data::dataset::nifti_files_in;
+    let dir = std::env::temp_dir().join(format!("glmae-listing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::create_dir_all(dir.join("labelsTr")).unwrap();
+    for name in ["b.nii.gz", "a.nii", "._c.nii.gz", "sub/d.nii", "labelsTr/e.nii"] {
+        write(&dir.join(name), [2, 2, 2], [1.0; 3], |_| 0.0, StoredType::F32);
+    }
+    std::fs::write(dir.join("notes.txt"), "x").unwrap();
+    let flat = nifti_files_in(&dir).unwrap();
+    assert_eq!(flat, vec![dir.join("a.nii"), dir.join("b.nii.gz")]);
+    let recursive: Vec<_> = Dataset::from_folders(std::slice::from_ref(&dir))
+        .unwrap()
+        .training
+        .into_iter()
+        .map(|c| c.image)
+        .collect();
+    assert_eq!(recursive, vec![dir.join("a.nii"), dir.join("b.nii.gz"), dir.join("sub/d.nii")]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

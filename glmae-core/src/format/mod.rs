@@ -50,22 +50,6 @@ pub struct Metadata<'a> {
     pub preprocessing: Preprocessing<'a>,
 }
 
-/// How one tensor's values are stored in the file.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub enum RecordData<'a> {
-    /// Little-endian f32 values.
-    F32(&'a [u8]),
-    /// Symmetric int8 with per-channel f32 scales along `axis`.
-    Int8 {
-        /// Channel axis of the scales.
-        axis: u8,
-        /// Little-endian f32 scales.
-        scales: &'a [u8],
-        /// `i8` values as bytes.
-        values: &'a [u8],
-    },
-}
-
 /// One entry of the tensor table.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TensorRecord<'a> {
@@ -75,7 +59,7 @@ pub struct TensorRecord<'a> {
     pub shape: heapless::Vec<u32, { crate::params::MAX_RANK }>,
     /// The values.
     #[serde(borrow)]
-    pub data: RecordData<'a>,
+    pub data: TensorData<'a>,
 }
 
 /// What is wrong with one tensor.
@@ -260,7 +244,7 @@ impl<'a> ModelFile<'a> {
         let Some(shape) = Shape::new(&r.shape) else { return err(TensorProblem::Rank) };
         let n = shape.numel();
         match r.data {
-            RecordData::F32(values) => {
+            TensorData::F32(values) => {
                 let expected = n.saturating_mul(4);
                 if values.len() != expected {
                     return err(TensorProblem::DataLength { expected, found: values.len() });
@@ -269,7 +253,7 @@ impl<'a> ModelFile<'a> {
                     return err(TensorProblem::NonFinite { index });
                 }
             }
-            RecordData::Int8 { axis, scales, values } => {
+            TensorData::Int8 { axis, scales, values } => {
                 if values.len() != n {
                     return err(TensorProblem::DataLength { expected: n, found: values.len() });
                 }
@@ -335,11 +319,7 @@ impl<'a> ModelFile<'a> {
 
 fn record_tensor<'a>(r: &TensorRecord<'a>) -> Option<Tensor<'a>> {
     let shape = Shape::new(&r.shape)?;
-    let data = match r.data {
-        RecordData::F32(v) => TensorData::F32(v),
-        RecordData::Int8 { axis, scales, values } => TensorData::Int8 { axis: axis as usize, scales, values },
-    };
-    Some(Tensor::new(shape, data))
+    Some(Tensor::new(shape, r.data))
 }
 
 /// Checks that every stored tensor name is a parameter of the model, given the number of

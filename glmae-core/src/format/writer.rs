@@ -5,12 +5,13 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::{
-    FORMAT_VERSION, FormatError, MAGIC, Metadata, ModelFile, RecordData, Seq, TensorProblem, TensorRecord,
-    crc32, seq, tensor_error,
+    FORMAT_VERSION, FormatError, MAGIC, Metadata, ModelFile, Seq, TensorProblem, TensorRecord, crc32, seq,
+    tensor_error,
 };
 use crate::config::UnetrConfig;
 use crate::params::{ParamSpec, for_each_param};
-use crate::preprocessing::{BTCV_CLASSES, IntensityScaling, Preprocessing};
+use crate::preprocessing::{BTCV_CLASSES, BTCV_ORIENTATION, BTCV_SPACING, IntensityScaling, Preprocessing};
+use crate::tensor::TensorData;
 
 /// How weight matrices are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub struct OwnedPreprocessing {
 impl OwnedPreprocessing {
     /// The BTCV convention: RAS, 1.5 x 1.5 x 2.0 mm, HU [-175, 250] -> [0, 1], 14 classes.
     pub fn btcv() -> Self {
-        Self::with_classes(BTCV_CLASSES.iter().map(|s| s.to_string()).collect())
+        Self::with_classes(BTCV_CLASSES.iter().map(alloc::string::ToString::to_string).collect())
     }
 
     /// BTCV conventions with `n` classes named `background`, `class 1`, ... (BTCV's names when
@@ -56,8 +57,8 @@ impl OwnedPreprocessing {
 
     fn with_classes(class_names: Vec<String>) -> Self {
         Self {
-            orientation: "RAS".to_string(),
-            target_spacing: [1.5, 1.5, 2.0],
+            orientation: BTCV_ORIENTATION.to_string(),
+            target_spacing: BTCV_SPACING,
             intensity: IntensityScaling::ABDOMEN_CT,
             foreground_crop: true,
             class_names,
@@ -168,13 +169,14 @@ impl ModelBuilder {
             let shape = heapless::Vec::from_slice(&t.shape)
                 .map_err(|_| tensor_error(&t.name, TensorProblem::Rank))?;
             let data = match &t.data {
-                OwnedData::F32(v) => RecordData::F32(v),
-                OwnedData::Int8 { axis, scales, values } => RecordData::Int8 { axis: *axis, scales, values },
+                OwnedData::F32(v) => TensorData::F32(v),
+                OwnedData::Int8 { axis, scales, values } => TensorData::Int8 { axis: *axis, scales, values },
             };
             records.push(TensorRecord { name: &t.name, shape, data });
         }
         let tensor_bytes = seq::encode(&records).map_err(encode_err)?;
-        let names: Vec<&str> = self.preprocessing.class_names.iter().map(|s| s.as_str()).collect();
+        let names: Vec<&str> =
+            self.preprocessing.class_names.iter().map(alloc::string::String::as_str).collect();
         let name_bytes = seq::encode(&names).map_err(encode_err)?;
         let p = &self.preprocessing;
         let class_names =
