@@ -1,5 +1,5 @@
 //! Seconds for one training convolution (forward, input gradient, weight gradient) on the CPU:
-//! burn 0.22 flex's `conv3d` against `glmae_train::conv::conv3d`, in interleaved rounds, on the
+//! burn 0.22 flex's `conv3d` against `glmae_train::nets::conv::conv3d`, in interleaved rounds, on the
 //! fine-tuning step's shapes (3x3x3, batch 2, 32^3 and 16^3). `cargo bench -p glmae-train --bench
 //! train_conv -- [rounds]`; docs/performance.md has the results.
 
@@ -14,7 +14,7 @@ fn round(ours: bool, x: &Tensor<5>, w: &Tensor<5>, r: &Tensor<5>) -> f64 {
     let (x, w) = (x.clone().require_grad(), w.clone().require_grad());
     let t = Instant::now();
     let y = if ours {
-        glmae_train::conv::conv3d(x.clone(), w.clone(), None)
+        glmae_train::nets::conv::conv3d(x.clone(), w.clone(), None)
     } else {
         burn_conv3d(x.clone(), w.clone(), None, ConvOptions::new([1; 3], [1; 3], [1; 3], 1))
     };

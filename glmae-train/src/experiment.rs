@@ -24,13 +24,15 @@ use glmae_data::preprocess::Preprocessor;
 use glmae_data::{Case, Dataset, VolumeCache};
 use serde::{Deserialize, Serialize};
 
+use crate::finetune::train::TrainOptions;
 use crate::finetune::{FinetuneConfig, Finetuner};
+use crate::pretrain::run::RunDir;
+use crate::pretrain::train::{LoopOptions, train_loop};
 use crate::pretrain::{Ablation, PretrainConfig, Pretrainer};
-use crate::run::{LoopOptions, RunDir, train_loop};
 
 /// How big the experiment is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-pub enum Scale {
+pub enum ExperimentScale {
     /// Seconds: checks that every stage runs and the bookkeeping is right; the Dice is noise.
     Tiny,
     /// The quickstart's model on more phantoms, about 46 minutes on 2 shared CPU cores.
@@ -83,7 +85,9 @@ impl Arm {
     }
 }
 
-/// Everything that fixes the experiment's numbers; saved as `experiment.json`.
+/// Everything that fixes a study's numbers: the phantoms, the model, pretraining and
+/// fine-tuning. The experiment saves its plan as `experiment.json`; the quickstart runs one too
+/// ([`crate::quickstart`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Phantom volumes written (the last fifth validates).
@@ -135,9 +139,9 @@ fn default_finetune_lr() -> f64 {
 
 impl Plan {
     /// The plan of a scale, before command-line overrides.
-    pub fn new(scale: Scale, seeds: u64) -> Self {
+    pub fn new(scale: ExperimentScale, seeds: u64) -> Self {
         match scale {
-            Scale::Tiny => Plan {
+            ExperimentScale::Tiny => Plan {
                 phantoms: 5,
                 phantom_shape: [48, 40, 32],
                 spacing: [6.0, 6.0, 7.5],
@@ -162,7 +166,7 @@ impl Plan {
             // ones (8 and 64 tokens per view, no convolutional decoder), so they get 4x as many; the
             // 12 fine-tuning runs of 200 steps and their evaluations take most of the 46 minutes
             // measured (docs/experiments.md).
-            Scale::Small => Plan {
+            ExperimentScale::Small => Plan {
                 phantoms: 20,
                 phantom_shape: [96, 80, 64],
                 spacing: [3.0, 3.0, 3.75],
@@ -190,7 +194,7 @@ impl Plan {
             // pretraining sees the volume at 3-6 mm, near the fine-tuning scale; local views keep
             // 32^3 (8 tokens). 2e-3 is the fine-tuning rate measured to learn the liver in 300
             // steps (docs/experiments.md).
-            Scale::Coarse => Plan {
+            ExperimentScale::Coarse => Plan {
                 phantoms: 20,
                 phantom_shape: [48, 40, 40],
                 spacing: [6.0, 6.0, 6.0],
@@ -213,7 +217,8 @@ impl Plan {
         }
     }
 
-    fn pretrain_config(&self, ablation: Ablation) -> PretrainConfig {
+    /// The pretraining run of an arm.
+    pub fn pretrain_config(&self, ablation: Ablation) -> PretrainConfig {
         let mut c = PretrainConfig::narrow(
             self.hidden,
             self.heads,
@@ -228,7 +233,8 @@ impl Plan {
         c
     }
 
-    fn finetune_config(&self, seed: u64, init: Option<PathBuf>) -> FinetuneConfig {
+    /// A fine-tuning run (no validation: the last model is evaluated), from scratch or from `init`.
+    pub fn finetune_config(&self, seed: u64, init: Option<PathBuf>) -> FinetuneConfig {
         let mut unetr = glmae_core::UnetrConfig::vit_t([self.roi; 3], LABELS.len() as u32);
         unetr.vit = self.pretrain_config(Ablation::Full).encoder;
         unetr.vit.img_size = [self.roi; 3];
@@ -271,7 +277,7 @@ pub struct AblationArgs {
     /// tiny (seconds, a smoke test), small (about 46 minutes on 2 shared cores) or coarse
     /// (6 mm voxels, where fine-tuning from scratch learns the liver).
     #[arg(long, value_enum, default_value = "small")]
-    pub scale: Scale,
+    pub scale: ExperimentScale,
     /// cpu, ndarray, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -415,7 +421,7 @@ pub fn ablation_stages(
         let cfg = PhantomConfig { shape: plan.phantom_shape, spacing: plan.spacing };
         glmae_data::phantom_dataset::write_phantom_dataset(&data, plan.phantoms, 0, &cfg, 2)?
     };
-    let labelled = crate::finetune::label_subset(&ds.training, plan.label_fraction, 0).len();
+    let labelled = crate::finetune::crops::label_subset(&ds.training, plan.label_fraction, 0).len();
     println!(
         "[phantoms] {} training ({labelled} with labels at {:.0}%), {} validation; {:.1} s",
         ds.training.len(),
@@ -499,7 +505,7 @@ fn probe_arms(out: &Path, plan: &Plan, ds: &Dataset, device: &burn::tensor::Devi
         let encoder = match arm.ablation() {
             None => {
                 device.seed(cfg.seed);
-                crate::model::Vit::new(&cfg.encoder, device)
+                crate::nets::vit::Vit::new(&cfg.encoder, device)
             }
             Some(_) => {
                 RunDir::open(&out.join("pretrain").join(arm.name()))?
@@ -658,7 +664,10 @@ fn finetune_arm(
     }
     let t = Instant::now();
     let seed = cfg.seed;
-    let ft = train_last(Finetuner::new(cfg, device.clone())?, ds, dir)?;
+    let mut ft = Finetuner::new(cfg, device.clone())?;
+    // No validation: the last model is evaluated, so nothing is tuned on the reported cases.
+    let opts = TrainOptions { loader_threads: 1, validate: false, progress_bar: false };
+    crate::finetune::train::train(&mut ft, ds, dir, opts)?;
     let finetune_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let report = crate::evaluate::evaluate(&ft, &ds.validation, &dir.join("eval"))?;
@@ -679,48 +688,6 @@ fn finetune_arm(
         r.eval_s
     );
     Ok(r)
-}
-
-/// `finetune::train` without its validation passes: the experiment selects no model (the last
-/// one is evaluated, so nothing is tuned on the reported cases), and `train`'s closing
-/// validation would repeat the evaluation, which costs as much as a few hundred steps here.
-/// Crops come from the same seeded stream as `train`'s, so `glmae-train finetune` with the same
-/// settings takes the same steps. Writes `label_subset.json`, `metrics.csv`, `loss.png` and
-/// `last.bin`.
-fn train_last(mut ft: Finetuner, ds: &Dataset, out: &Path) -> Result<Finetuner> {
-    use std::io::Write;
-    let cfg = ft.cfg.clone();
-    ensure!(!ds.training.is_empty(), "the dataset lists no training cases");
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let subset = crate::finetune::label_subset(&ds.training, cfg.label_fraction, cfg.seed);
-    write_json(&out.join("label_subset.json"), &subset)?;
-    let cache = Arc::new(VolumeCache::new(cfg.preprocessing.clone(), Some(out.join("cache"))));
-    cache.warm(&subset, 2)?;
-    crate::finetune::ensure_labels_fit(&cache, &subset, cfg.unetr.out_channels as usize)?;
-    let (c2, s2, cfg2) = (cache.clone(), subset.clone(), cfg.clone());
-    let batches = glmae_data::Prefetcher::new(cfg.steps, 1, 2, cfg.seed, move |step, _| {
-        let mut rng = glmae_data::transforms::Rng::for_item(cfg2.seed, step as u64);
-        let p = c2.get(&s2[rng.below(s2.len())])?;
-        let labels = p.labels.as_ref().context("a training case has no labels")?;
-        Ok(crate::finetune::crops(&cfg2, &p.image, labels, &mut rng))
-    });
-    let path = out.join("metrics.csv");
-    let mut metrics =
-        std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(metrics, "step,loss,dice_loss,ce,lr")?;
-    for batch in batches {
-        let (images, labels) = batch?;
-        let m = ft.step(images, &labels);
-        ensure!(m.loss.is_finite(), "loss became {} at step {}", m.loss, m.step);
-        writeln!(metrics, "{},{:.6},{:.6},{:.6},{:.6e}", m.step, m.loss, m.dice_loss, m.ce, m.lr)?;
-        if ft.step.is_multiple_of((cfg.steps / 5).max(1)) {
-            println!("  step {}/{}: DiceCE {:.4}", ft.step, cfg.steps, m.loss);
-        }
-    }
-    drop(metrics);
-    crate::finetune::plot_curves(out)?;
-    ft.save(out, "last")?;
-    Ok(ft)
 }
 
 /// `arm,seed,<13 classes>,mean` with Dice in [0, 1] (empty: class absent from every case).
@@ -745,7 +712,7 @@ fn summary_markdown(out: &Path, plan: &Plan, ds: &Dataset, results: &[RunResult]
     let arms: Vec<(Arm, Vec<&RunResult>)> =
         Arm::ALL.into_iter().map(|a| (a, results.iter().filter(|r| r.arm == a.name()).collect())).collect();
     let mut s = String::from("# Pretraining ablation on phantoms\n\n");
-    let labelled = crate::finetune::label_subset(&ds.training, plan.label_fraction, 0).len();
+    let labelled = crate::finetune::crops::label_subset(&ds.training, plan.label_fraction, 0).len();
     let _ = writeln!(
         s,
         "{} phantoms of {:?} voxels at {:?} mm: {} training ({} labelled at {:.0}%), {} validation. \
@@ -824,7 +791,7 @@ mod tests {
     /// and a plan written before the field existed reads as method.md's recipe.
     #[test]
     fn no_flips_turns_off_flips_and_rot90_only() {
-        let mut plan = Plan::new(Scale::Coarse, 1);
+        let mut plan = Plan::new(ExperimentScale::Coarse, 1);
         let with = plan.finetune_config(0, None).augment;
         assert!(with.flip_p > 0.0 && with.rot_p > 0.0);
         plan.no_flips = true;

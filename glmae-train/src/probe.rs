@@ -28,8 +28,8 @@ use glmae_data::transforms::Rng;
 use glmae_data::{Case, Dataset, Labels, Volume, VolumeCache};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Vit, tensor};
-use crate::views::{patchify, sincos_table};
+use crate::nets::vit::{Vit, tensor};
+use crate::pretrain::views::{patchify, sincos_table};
 
 /// Settings of a probe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -797,7 +797,7 @@ pub fn probe_run(
     spacing: Option<[f32; 3]>,
     device: &Device,
 ) -> Result<ProbeReport> {
-    let dir = crate::run::RunDir::open(run)?;
+    let dir = crate::pretrain::run::RunDir::open(run)?;
     ensure!(
         dir.checkpoint_path().is_file(),
         "{}: no checkpoint.bin; the run has not saved weights yet",

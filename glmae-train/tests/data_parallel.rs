@@ -5,7 +5,7 @@
 use burn::tensor::{Device, Tensor};
 use glmae_data::Volume;
 use glmae_data::transforms::Rng;
-use glmae_train::data_parallel::DataParallel;
+use glmae_train::pretrain::data_parallel::DataParallel;
 use glmae_train::pretrain::{PretrainConfig, Pretrainer, make_sample};
 
 mod common;
@@ -22,7 +22,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn two_replicas_follow_the_single_device_run() {
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.batch_size = 4;
     cfg.steps = 3;
     // Clipping would hide a gradient off by a constant factor (and AdamW nearly does): keep it
@@ -69,7 +69,7 @@ fn two_replicas_follow_the_single_device_run() {
 
 #[test]
 fn uneven_batches_are_refused() {
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.batch_size = 3;
     let primary = Pretrainer::new(cfg, device());
     let e = DataParallel::new(&primary, &[device()]).err().unwrap().to_string();

@@ -1,14 +1,14 @@
 //! The ablation at the tiny scale: every arm and seed has a result, summary.md states the mean and
 //! standard deviation of results.csv, and a rerun into the same folder reuses every stage.
 
-use glmae_train::experiment::{Arm, Plan, Scale, ablation, mean_std};
+use glmae_train::experiment::{Arm, ExperimentScale, Plan, ablation, mean_std};
 
 #[test]
 fn tiny_ablation_reports_every_arm_and_seed() {
     let out = std::env::temp_dir().join(format!("glmae-ablation-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let device = burn::tensor::Device::flex().autodiff();
-    let plan = Plan::new(Scale::Tiny, 2);
+    let plan = Plan::new(ExperimentScale::Tiny, 2);
     let s = ablation(&out, &plan, device.clone()).unwrap();
     assert_eq!(s.results.len(), 8);
 

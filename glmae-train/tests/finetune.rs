@@ -8,7 +8,10 @@ use glmae_data::phantom::PhantomConfig;
 use glmae_data::phantom_dataset::write_phantom_dataset;
 use glmae_data::transforms::Rng;
 use glmae_data::{Case, VolumeCache};
-use glmae_train::finetune::{FinetuneConfig, Finetuner, dice_ce, label_subset};
+use glmae_train::finetune::crops::label_subset;
+use glmae_train::finetune::loss::dice_ce;
+use glmae_train::finetune::train::{TrainOptions, train};
+use glmae_train::finetune::{FinetuneConfig, Finetuner};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -46,7 +49,7 @@ fn tiny(classes: usize) -> FinetuneConfig {
     u.out_channels = classes as u32;
     let mut c = FinetuneConfig::new(
         u,
-        glmae_data::phantom::LABELS.iter().take(classes).map(|s| s.to_string()).collect(),
+        glmae_data::phantom::LABELS.iter().take(classes).map(std::string::ToString::to_string).collect(),
     );
     c.preprocessing.spacing = [6.0, 6.0, 6.0];
     c.crops_per_step = 2;
@@ -174,12 +177,44 @@ fn label_values_beyond_the_classes_are_refused() {
     .unwrap();
     // The phantoms carry all 13 organs: 14 classes fit, 5 do not.
     let cache = VolumeCache::new(tiny(14).preprocessing.clone(), None);
-    glmae_train::finetune::ensure_labels_fit(&cache, &ds.training, 14).unwrap();
-    let ft = Finetuner::new(tiny(5), device()).unwrap();
-    let e = format!("{:#}", glmae_train::finetune::train(ft, &ds, &root.join("run"), 1).unwrap_err());
+    glmae_train::finetune::crops::ensure_labels_fit(&cache, &ds.training, 14).unwrap();
+    let mut ft = Finetuner::new(tiny(5), device()).unwrap();
+    let opts = TrainOptions { loader_threads: 1, validate: true, progress_bar: true };
+    let e = format!("{:#}", train(&mut ft, &ds, &root.join("run"), opts).unwrap_err());
     assert!(e.contains("label value") && e.contains("5 classes") && e.contains("label"), "{e}");
     let first_label = ds.training[0].label.as_ref().unwrap();
     assert!(e.contains(first_label.to_str().unwrap()), "the error does not name {first_label:?}: {e}");
     assert!(!root.join("run").join("last.bin").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// `pretrain --model tiny` and `finetune --model tiny --init RUN` name one encoder: a tiny
+/// pretraining run's encoder fits the tiny UNETR (as the command line combines them: the run's
+/// encoder at the UNETR's window), and fine-tuning starts from its weights. The old `tiny`
+/// pretraining preset (patch 4) made a UNETR that could not exist.
+#[test]
+fn tiny_pretraining_initialises_tiny_finetuning() {
+    use glmae_train::pretrain::Pretrainer;
+    use glmae_train::pretrain::run::RunDir;
+    let root = std::env::temp_dir().join(format!("glmae-tiny-presets-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let pre = glmae_train::presets::pretrain("tiny").unwrap();
+    pre.validate().unwrap();
+    let dir = RunDir::create(&root).unwrap();
+    dir.save_config(&pre).unwrap();
+    let run = Pretrainer::new(pre.clone(), device());
+    dir.save_checkpoint(&run).unwrap();
+
+    let mut unetr = glmae_train::presets::unetr("tiny", 3, 32).unwrap();
+    unetr.vit = glmae_core::VitConfig { img_size: unetr.vit.img_size, ..dir.load_config().unwrap().encoder };
+    unetr.validate().unwrap();
+    let mut cfg = FinetuneConfig::new(unetr, vec!["background".into(), "a".into(), "b".into()]);
+    cfg.init_from = Some(root.clone());
+    let ft = Finetuner::new(cfg, device()).unwrap();
+    // The patch embedding is the pretrained student's, not a fresh initialisation.
+    let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let got = values(ft.model.vit.patch_embedding.patch_embeddings.weight.val());
+    let want = values(run.student.vit.patch_embedding.patch_embeddings.weight.val());
+    assert_eq!(got, want);
     std::fs::remove_dir_all(&root).unwrap();
 }

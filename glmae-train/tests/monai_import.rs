@@ -9,7 +9,7 @@
 use std::process::Command;
 
 use glmae_core::format::{OwnedPreprocessing, Precision};
-use glmae_train::import::{ImportOptions, import_unetr, model_bytes, read_tensors};
+use glmae_train::io::import::{ImportOptions, import_unetr, model_bytes, read_tensors};
 
 #[path = "../../scripts/rust/monai_reference.rs"]
 mod monai_reference;

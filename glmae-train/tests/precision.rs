@@ -5,8 +5,8 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Tensor};
 use glmae_train::device::{ComputePrecision, training_devices};
+use glmae_train::pretrain::run::RunDir;
 use glmae_train::pretrain::{PretrainConfig, Pretrainer};
-use glmae_train::run::RunDir;
 
 mod common;
 use common::{first_and_last_five, phantom_volume, reconstruction_losses};
@@ -26,7 +26,7 @@ fn dtypes(m: &impl Module) -> Vec<DType> {
 #[test]
 fn bf16_training_stores_bf16_and_learns() {
     let device = training_devices("cpu", ComputePrecision::Bf16).unwrap().remove(0);
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.precision = ComputePrecision::Bf16;
     cfg.batch_size = 2;
     let mut run = Pretrainer::new(cfg.clone(), device.clone());

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use glmae_data::transforms::Rng;
-use glmae_train::loss::{ConsistencyConfig, consistency, masked_mse, teacher_probs};
+use glmae_train::pretrain::loss::{ConsistencyConfig, consistency, masked_mse, teacher_probs};
 use glmae_train::pretrain::{Ablation, PretrainConfig, Pretrainer, make_sample};
 
 mod common;
@@ -61,7 +61,7 @@ fn consistency_matches_a_hand_computation() {
 
 #[test]
 fn teacher_follows_the_ema_formula() {
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.teacher_momentum = 0.9; // large steps make a wrong formula visible
     cfg.steps = 4;
     let mut run = Pretrainer::new(cfg.clone(), device());
@@ -99,7 +99,7 @@ fn ablations_use_the_terms_they_name() {
         (Ablation::GlobalLocal, true, false),
         (Ablation::Full, true, true),
     ] {
-        let mut cfg = PretrainConfig::tiny();
+        let mut cfg = PretrainConfig::for_tests();
         cfg.ablation = ablation;
         let mut run = Pretrainer::new(cfg.clone(), device());
         let m = run.step(&[make_sample(&cfg, &vol, &mut Rng::new(0))]);
@@ -113,7 +113,7 @@ fn ablations_use_the_terms_they_name() {
 
 #[test]
 fn loss_falls_on_phantom_data() {
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.steps = 40;
     cfg.batch_size = 2;
     let mut run = Pretrainer::new(cfg.clone(), device());
@@ -125,11 +125,11 @@ fn loss_falls_on_phantom_data() {
 
 #[test]
 fn resuming_from_a_checkpoint_continues_exactly() {
-    use glmae_train::run::RunDir;
+    use glmae_train::pretrain::run::RunDir;
     let root = std::env::temp_dir().join(format!("glmae-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let dir = RunDir::create(&root).unwrap();
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.steps = 6;
     dir.save_config(&cfg).unwrap();
     let vol = phantom_volume(5);
@@ -212,7 +212,7 @@ fn default_learning_rate_is_the_base_rule_and_lr_overrides_it() {
 fn weight_decay_spares_biases_norms_and_the_mask_token() {
     let vol = phantom_volume(2);
     let after_one_step = |wd: f64| {
-        let mut cfg = PretrainConfig::tiny();
+        let mut cfg = PretrainConfig::for_tests();
         cfg.weight_decay = wd;
         cfg.warmup_steps = 0; // a full-size step makes the decay visible in f32
         let mut run = Pretrainer::new(cfg.clone(), device());
@@ -247,7 +247,7 @@ fn weight_decay_spares_biases_norms_and_the_mask_token() {
 /// and zero biases, not burn's U(+-1/sqrt(fan_in)) on both.
 #[test]
 fn linear_layers_are_initialised_as_mae() {
-    let cfg = PretrainConfig::tiny();
+    let cfg = PretrainConfig::for_tests();
     let run = Pretrainer::new(cfg, device());
     let params = named_params(&run.student);
     let qkv = &params.iter().find(|(n, _)| n == "vit.blocks.0.attn.qkv.weight").unwrap().1;
@@ -266,9 +266,9 @@ fn linear_layers_are_initialised_as_mae() {
 /// and mi.
 #[test]
 fn collapse_watch_fires_on_identical_inputs() {
-    use glmae_train::loss::CollapseWatch;
-    use glmae_train::run::RunDir;
-    let mut cfg = PretrainConfig::tiny();
+    use glmae_train::pretrain::loss::CollapseWatch;
+    use glmae_train::pretrain::run::RunDir;
+    let mut cfg = PretrainConfig::for_tests();
     cfg.steps = 100;
     cfg.batch_size = 2;
     cfg.views.n_global = 1;
@@ -305,15 +305,15 @@ fn collapse_watch_fires_on_identical_inputs() {
 /// (zero local views crashed burn with a segmentation fault).
 #[test]
 fn impossible_configurations_are_refused() {
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.validate().unwrap();
     cfg.views.n_local = 0;
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("local view"), "{e}");
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.views.mask_ratio = 1.0;
     assert!(cfg.validate().unwrap_err().to_string().contains("mask ratio"));
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.lr = Some(f64::NAN);
     assert!(cfg.validate().unwrap_err().to_string().contains("learning rate"));
 }
@@ -325,8 +325,8 @@ fn impossible_configurations_are_refused() {
 /// (docs/experiments.md, "Consistency collapse").
 #[test]
 fn collapse_watch_stays_healthy_on_varied_inputs() {
-    use glmae_train::loss::CollapseWatch;
-    let mut cfg = PretrainConfig::tiny();
+    use glmae_train::pretrain::loss::CollapseWatch;
+    let mut cfg = PretrainConfig::for_tests();
     cfg.steps = 60;
     cfg.batch_size = 2;
     cfg.head.batch_norm = true;
@@ -357,8 +357,8 @@ fn collapse_watch_stays_healthy_on_varied_inputs() {
 fn pretrain_refuses_to_start_over_an_existing_run() {
     let root = std::env::temp_dir().join(format!("glmae-pretrain-exists-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let dir = glmae_train::run::RunDir::create(&root).unwrap();
-    dir.save_config(&PretrainConfig::tiny()).unwrap();
+    let dir = glmae_train::pretrain::run::RunDir::create(&root).unwrap();
+    dir.save_config(&PretrainConfig::for_tests()).unwrap();
     let run = |extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_glmae-train"))
             .args(["pretrain", "--model", "tiny", "--data", "no-such-dataset.json", "--out"])

@@ -9,12 +9,13 @@ use glmae_data::phantom::PhantomConfig;
 use glmae_data::preprocess::Preprocessor;
 use glmae_data::transforms::Rng;
 use glmae_data::{Affine, Case, Volume, VolumeCache};
+use glmae_train::pretrain::run::RunDir;
+use glmae_train::pretrain::train::{LoopOptions, train_loop};
 use glmae_train::pretrain::{PretrainConfig, Pretrainer};
 use glmae_train::probe::{
     ProbeOptions, ProbeVolume, fit_linear, grid_offsets, knn_predict, patch_labels, probe_run, scores,
     standardise,
 };
-use glmae_train::run::{LoopOptions, RunDir, train_loop};
 
 fn temp(name: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("glmae-probe-{name}-{}", std::process::id()));
@@ -189,7 +190,7 @@ fn tiny_run(root: &Path) -> (PathBuf, PathBuf) {
     let ds = glmae_data::phantom_dataset::write_phantom_dataset(&data, 5, 0, &phantom, 2).unwrap();
     let run = root.join("run");
     let dir = RunDir::create(&run).unwrap();
-    let mut cfg = PretrainConfig::tiny();
+    let mut cfg = PretrainConfig::for_tests();
     cfg.steps = 2;
     dir.save_config(&cfg).unwrap();
     let mut prep = Preprocessor::pretraining();
@@ -279,8 +280,8 @@ fn datasets_without_validation_cases_or_labels_are_refused() {
     std::fs::create_dir_all(&root).unwrap();
     let run = root.join("run");
     let dir = RunDir::create(&run).unwrap();
-    dir.save_config(&PretrainConfig::tiny()).unwrap();
-    dir.save_checkpoint(&Pretrainer::new(PretrainConfig::tiny(), Device::flex())).unwrap();
+    dir.save_config(&PretrainConfig::for_tests()).unwrap();
+    dir.save_checkpoint(&Pretrainer::new(PretrainConfig::for_tests(), Device::flex())).unwrap();
     let data = root.join("dataset.json");
     std::fs::write(
         &data,

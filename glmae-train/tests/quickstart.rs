@@ -5,7 +5,8 @@ fn tiny_quickstart_produces_every_result() {
     let out = std::env::temp_dir().join(format!("glmae-qs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let device = burn::tensor::Device::flex().autodiff();
-    let s = glmae_train::quickstart::quickstart(&out, glmae_train::quickstart::Scale::Tiny, device).unwrap();
+    let s = glmae_train::quickstart::quickstart(&out, glmae_train::quickstart::QuickstartScale::Tiny, device)
+        .unwrap();
     for p in [
         s.data.join("dataset.json"),
         s.pretrain.join("loss.png"),

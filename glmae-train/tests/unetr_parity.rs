@@ -4,7 +4,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use glmae_core::format::{OwnedPreprocessing, Precision};
 use glmae_core::{ModelFile, testing_config};
-use glmae_train::unetr::Unetr;
+use glmae_train::nets::unetr::Unetr;
 
 fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
@@ -14,10 +14,10 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
 /// A `.glmae` file of `named` (3 classes).
 fn model_file(
     cfg: glmae_core::UnetrConfig,
-    named: &[glmae_train::naming::NamedTensor],
+    named: &[glmae_train::nets::naming::NamedTensor],
     precision: Precision,
 ) -> Vec<u8> {
-    glmae_train::import::model_bytes(cfg, OwnedPreprocessing::for_classes(3), precision, named).unwrap()
+    glmae_train::io::import::model_bytes(cfg, OwnedPreprocessing::for_classes(3), precision, named).unwrap()
 }
 
 /// glmae-core's logits for `input` from the model file `bytes`.

@@ -13,7 +13,7 @@
 use glmae_core::format::{OwnedPreprocessing, Precision};
 use glmae_data::sliding_window::Blend;
 use glmae_infer::{Engine, SegmentOptions, segment_file_with};
-use glmae_train::import::{ImportOptions, import_unetr, model_bytes};
+use glmae_train::io::import::{ImportOptions, import_unetr, model_bytes};
 
 #[path = "../../scripts/rust/monai_reference.rs"]
 mod monai_reference;

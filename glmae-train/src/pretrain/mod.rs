@@ -1,5 +1,18 @@
-//! One GL-MAE optimisation step and the state it updates: student, EMA teacher, AdamW, the
-//! teacher-output centre and the step counter (method.md, "Optimisation").
+//! GL-MAE pretraining (paper section 3, method.md): [`views`] cuts random global and local views
+//! into masked patch tokens, [`model`] holds the student (encoder, MAE decoder, projection head) and
+//! its EMA teacher, [`loss`] the reconstruction and consistency losses, [`run`] the run folder
+//! (configuration, metrics, checkpoints) and [`train`] the loop, on one device or several
+//! ([`data_parallel`]).
+//!
+//! This module holds one optimisation step and the state it updates: student, EMA teacher, AdamW,
+//! the teacher-output centre and the step counter (method.md, "Optimisation").
+
+pub mod data_parallel;
+pub mod loss;
+pub mod model;
+pub mod run;
+pub mod train;
+pub mod views;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -9,9 +22,12 @@ use glmae_data::Volume;
 use glmae_data::transforms::{Rng, ViewSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::loss::{CollapseStats, ConsistencyConfig, consistency, masked_mse, teacher_probs, update_center};
-use crate::model::{DecoderConfig, HeadConfig, Student, Teacher, int_tensor, tensor};
-use crate::views::{ViewBatch, ViewConfig, concat, make_views, sincos_table};
+use crate::nets::vit::{int_tensor, tensor};
+use crate::pretrain::loss::{
+    CollapseStats, ConsistencyConfig, consistency, masked_mse, teacher_probs, update_center,
+};
+use crate::pretrain::model::{DecoderConfig, HeadConfig, Student, Teacher};
+use crate::pretrain::views::{ViewBatch, ViewConfig, concat, make_views, sincos_table};
 
 /// Which terms the loss has (the paper's Table 4 ablation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -126,22 +142,32 @@ impl PretrainConfig {
         c
     }
 
-    /// A tiny configuration for tests: patch 4, width 12, 16^3 global and 8^3 local views.
+    /// The `tiny` preset (`pretrain --model tiny`), a seconds-long smoke test: the encoder of the
+    /// `tiny` UNETR ([`glmae_core::testing_config`]: patch 16, width 24, 12 blocks), so
+    /// `finetune --model tiny --init RUN` can start from it, with 64^3 global and 32^3 local
+    /// views (64 and 8 tokens) and a one-block decoder.
     pub fn tiny() -> Self {
         let mut encoder = glmae_core::testing_config().vit;
-        encoder.patch_size = 4;
-        encoder.hidden_size = 12;
-        encoder.num_heads = 2;
-        encoder.mlp_dim = 24;
-        encoder.depth = 2;
-        encoder.img_size = [16; 3];
-        let mut c = Self::with_encoder(encoder, DecoderConfig { width: 12, depth: 1, heads: 2 });
+        encoder.img_size = [64; 3];
+        let mut c = Self::with_encoder(encoder, DecoderConfig { width: 24, depth: 1, heads: 2 });
         c.head = HeadConfig { hidden: 32, out: 16, bottleneck: 0, batch_norm: false };
-        c.views.global = ViewSpec { size: 16, ..ViewSpec::GLOBAL };
-        c.views.local = ViewSpec { size: 8, ..ViewSpec::LOCAL };
+        c.views.global = ViewSpec { size: 64, ..ViewSpec::GLOBAL };
+        c.views.local = ViewSpec { size: 32, ..ViewSpec::LOCAL };
         c.steps = 40;
         c.warmup_steps = 4;
         c.base_lr = 0.5;
+        c
+    }
+
+    /// The configuration unit tests train: patch 4, width 12, 2 blocks, 16^3 global and 8^3
+    /// local views (no UNETR can use a patch-4 encoder; the `tiny` preset is [`Self::tiny`]).
+    pub fn for_tests() -> Self {
+        let mut c = Self::tiny();
+        let e = &mut c.encoder;
+        (e.patch_size, e.hidden_size, e.mlp_dim, e.depth, e.img_size) = (4, 12, 24, 2, [16; 3]);
+        c.decoder.width = 12;
+        c.views.global.size = 16;
+        c.views.local.size = 8;
         c
     }
 
@@ -403,8 +429,10 @@ impl Pretrainer {
                 self.center.clone()
             };
             let p_t = match self.cfg.consistency.centering {
-                crate::loss::Centering::Mean => teacher_probs(t.clone(), center, tau_t),
-                crate::loss::Centering::Sinkhorn => crate::loss::sinkhorn_probs(t.clone(), tau_t, 3),
+                crate::pretrain::loss::Centering::Mean => teacher_probs(t.clone(), center, tau_t),
+                crate::pretrain::loss::Centering::Sinkhorn => {
+                    crate::pretrain::loss::sinkhorn_probs(t.clone(), tau_t, 3)
+                }
             }
             .detach();
             let c = consistency(

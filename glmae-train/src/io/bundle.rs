@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::import::ImportPreprocessing;
+use crate::io::import::ImportPreprocessing;
 
 /// What a bundle says about a UNETR: its weights and what its configs say.
 #[derive(Clone, Debug, PartialEq)]
@@ -155,7 +155,7 @@ fn class_names(path: &Path) -> Result<Option<Vec<String>>> {
         return Ok(None);
     };
     let obj = def.as_object().with_context(|| format!("{}: channel_def is not a map", path.display()))?;
-    crate::import::numbered_names(obj, &path.display().to_string()).map(Some)
+    crate::io::import::numbered_names(obj, &path.display().to_string()).map(Some)
 }
 
 /// `_target_` without its module path: `monai.transforms.Spacingd` -> `Spacingd`.

@@ -11,11 +11,11 @@ use burn::tensor::activation::leaky_relu;
 use burn::tensor::{Device, Distribution, Tensor};
 use glmae_core::UnetrConfig;
 use glmae_core::config::PosEmbed;
-use glmae_core::params::{self, DecoderLayout, ParamSpec, ResBlockShape, UnetrParams};
+use glmae_core::params::{self, DecoderLayout, ParamSpec, PrUpShape, ResBlockShape, UnetrParams, UpShape};
 
-use crate::model::Vit;
-use crate::naming::{Layout, NamedTensor, ParamVisitor, Reader, Writer, walk_vit};
-use crate::views::sincos_table;
+use crate::nets::naming::{Layout, NamedTensor, ParamVisitor, Reader, Writer, walk_vit};
+use crate::nets::vit::Vit;
+use crate::pretrain::views::sincos_table;
 
 fn conv(i: usize, o: usize, k: usize, bias: bool, device: &Device) -> Conv3d {
     Conv3dConfig::new([i, o], [k; 3])
@@ -24,9 +24,9 @@ fn conv(i: usize, o: usize, k: usize, bias: bool, device: &Device) -> Conv3d {
         .init(device)
 }
 
-/// `c.forward(x)` through [`crate::conv::conv3d`], the faster training convolution on the CPU.
+/// `c.forward(x)` through [`crate::nets::conv::conv3d`], the faster training convolution on the CPU.
 fn apply(c: &Conv3d, x: Tensor<5>) -> Tensor<5> {
-    crate::conv::conv3d(x, c.weight.val(), c.bias.as_ref().map(|b| b.val()))
+    crate::nets::conv::conv3d(x, c.weight.val(), c.bias.as_ref().map(|b| b.val()))
 }
 
 fn up(i: usize, o: usize, device: &Device) -> ConvTranspose3d {
@@ -75,31 +75,87 @@ impl ResBlock {
     }
 }
 
-/// One upsampling stage of a skip path.
+/// One upsampling stage of a skip path (`encoderN.blocks.i`).
 #[derive(Module, Debug)]
-pub struct UpStage {
+pub struct PrUpStage {
     /// 2x2x2 transposed conv.
-    pub transp: ConvTranspose3d,
+    pub transp_conv: ConvTranspose3d,
     /// Residual block.
-    pub res: ResBlock,
+    pub res_block: ResBlock,
 }
 
-/// MONAI's `UnetrPrUpBlock`.
+/// MONAI's `UnetrPrUpBlock` (`encoder2..4`).
 #[derive(Module, Debug)]
 pub struct PrUp {
     /// First transposed conv from the token grid.
     pub transp_conv_init: ConvTranspose3d,
     /// Further stages.
-    pub blocks: Vec<UpStage>,
+    pub blocks: Vec<PrUpStage>,
 }
 
-/// MONAI's `UnetrUpBlock`.
+impl PrUp {
+    fn new(hidden: usize, s: &PrUpShape, device: &Device) -> Self {
+        Self {
+            transp_conv_init: up(hidden, s.out_ch, device),
+            blocks: (0..s.layers)
+                .map(|_| PrUpStage {
+                    transp_conv: up(s.out_ch, s.out_ch, device),
+                    res_block: ResBlock::new(ResBlockShape { in_ch: s.out_ch, out_ch: s.out_ch }, device),
+                })
+                .collect(),
+        }
+    }
+
+    /// The skip path from hidden states `(batch, hidden, grid...)`.
+    fn forward(&self, volume: Tensor<5>) -> Tensor<5> {
+        let mut y = self.transp_conv_init.forward(volume);
+        for stage in &self.blocks {
+            y = stage.res_block.forward(stage.transp_conv.forward(y));
+        }
+        y
+    }
+
+    fn walk(&mut self, v: &mut impl ParamVisitor, spec: &params::PrUp<ParamSpec>) -> Result<()> {
+        kernel(v, &spec.transp_conv_init, &mut self.transp_conv_init.weight)?;
+        ensure!(
+            self.blocks.len() == spec.blocks.len(),
+            "{}: stage count differs from the config",
+            spec.shape.prefix
+        );
+        for (stage, stage_spec) in self.blocks.iter_mut().zip(&spec.blocks) {
+            kernel(v, &stage_spec.transp_conv, &mut stage.transp_conv.weight)?;
+            walk_res(v, &stage_spec.res_block, &mut stage.res_block)?;
+        }
+        Ok(())
+    }
+}
+
+/// MONAI's `UnetrUpBlock` (`decoder5..2`).
 #[derive(Module, Debug)]
 pub struct Up {
     /// Transposed conv.
     pub transp_conv: ConvTranspose3d,
     /// Residual block on the concatenation with the skip.
     pub conv_block: ResBlock,
+}
+
+impl Up {
+    fn new(s: &UpShape, device: &Device) -> Self {
+        Self {
+            transp_conv: up(s.in_ch, s.out_ch, device),
+            conv_block: ResBlock::new(ResBlockShape { in_ch: 2 * s.out_ch, out_ch: s.out_ch }, device),
+        }
+    }
+
+    /// Upsamples `y` and joins it with `skip` (concatenated along channels).
+    fn forward(&self, y: Tensor<5>, skip: Tensor<5>) -> Tensor<5> {
+        self.conv_block.forward(Tensor::cat(vec![self.transp_conv.forward(y), skip], 1))
+    }
+
+    fn walk(&mut self, v: &mut impl ParamVisitor, spec: &params::Up<ParamSpec>) -> Result<()> {
+        kernel(v, &spec.transp_conv, &mut self.transp_conv.weight)?;
+        walk_res(v, &spec.conv_block, &mut self.conv_block)
+    }
 }
 
 /// UNETR: the ViT encoder and MONAI's decoder.
@@ -109,10 +165,20 @@ pub struct Unetr {
     pub vit: Vit,
     /// Residual block on the input.
     pub encoder1: ResBlock,
-    /// `encoder2..4`.
-    pub skips: Vec<PrUp>,
-    /// `decoder5..2`.
-    pub ups: Vec<Up>,
+    /// Skip path from the hidden state after block 3.
+    pub encoder2: PrUp,
+    /// Skip path from the hidden state after block 6.
+    pub encoder3: PrUp,
+    /// Skip path from the hidden state after block 9.
+    pub encoder4: PrUp,
+    /// Decoder stage from the encoder's output, joined with `encoder4`.
+    pub decoder5: Up,
+    /// Decoder stage joined with `encoder3`.
+    pub decoder4: Up,
+    /// Decoder stage joined with `encoder2`.
+    pub decoder3: Up,
+    /// Decoder stage joined with `encoder1`, at full resolution.
+    pub decoder2: Up,
     /// 1x1x1 output conv with bias.
     pub out: Conv3d,
     /// MONAI's learned position table `(tokens, hidden)` for the configured window, when the
@@ -141,30 +207,13 @@ impl Unetr {
         Self {
             vit: Vit::new(&cfg.vit, device),
             encoder1: ResBlock::new(l.encoder1, device),
-            skips: l
-                .skips
-                .iter()
-                .map(|s| PrUp {
-                    transp_conv_init: up(e, s.out_ch, device),
-                    blocks: (0..s.layers)
-                        .map(|_| UpStage {
-                            transp: up(s.out_ch, s.out_ch, device),
-                            res: ResBlock::new(ResBlockShape { in_ch: s.out_ch, out_ch: s.out_ch }, device),
-                        })
-                        .collect(),
-                })
-                .collect(),
-            ups: l
-                .ups
-                .iter()
-                .map(|u| Up {
-                    transp_conv: up(u.in_ch, u.out_ch, device),
-                    conv_block: ResBlock::new(
-                        ResBlockShape { in_ch: 2 * u.out_ch, out_ch: u.out_ch },
-                        device,
-                    ),
-                })
-                .collect(),
+            encoder2: PrUp::new(e, &l.skips[0], device),
+            encoder3: PrUp::new(e, &l.skips[1], device),
+            encoder4: PrUp::new(e, &l.skips[2], device),
+            decoder5: Up::new(&l.ups[0], device),
+            decoder4: Up::new(&l.ups[1], device),
+            decoder3: Up::new(&l.ups[2], device),
+            decoder2: Up::new(&l.ups[3], device),
             out: conv(l.out_in_ch, l.classes, 1, true, device),
             // MONAI initialises its learned table with trunc_normal(std 0.02).
             position_embeddings: (cfg.vit.pos_embed == PosEmbed::Learned).then(|| {
@@ -203,28 +252,17 @@ impl Unetr {
         let pos = match &self.position_embeddings {
             // The table is for the configured window; sliding windows always have that shape.
             Some(table) => table.val(),
-            None => crate::model::tensor(sincos_table(grid, e), [n, e], &x.device()),
+            None => crate::nets::vit::tensor(sincos_table(grid, e), [n, e], &x.device()),
         };
         let (taps, last) = self.vit.forward_with_taps(patchify(x.clone(), p), pos);
         let volume = |t: Tensor<3>| -> Tensor<5> {
             t.reshape([b, grid[0], grid[1], grid[2], e]).permute([0, 4, 1, 2, 3])
         };
-        let skip = |k: usize, z: Tensor<3>| {
-            let s = &self.skips[k];
-            let mut y = s.transp_conv_init.forward(volume(z));
-            for stage in &s.blocks {
-                y = stage.res.forward(stage.transp.forward(y));
-            }
-            y
-        };
         let [z3, z6, z9] = taps;
-        let decode = |u: &Up, y: Tensor<5>, skip: Tensor<5>| {
-            u.conv_block.forward(Tensor::cat(vec![u.transp_conv.forward(y), skip], 1))
-        };
-        let d3 = decode(&self.ups[0], volume(last), skip(2, z9));
-        let d2 = decode(&self.ups[1], d3, skip(1, z6));
-        let d1 = decode(&self.ups[2], d2, skip(0, z3));
-        let d0 = decode(&self.ups[3], d1, self.encoder1.forward(x));
+        let d3 = self.decoder5.forward(volume(last), self.encoder4.forward(volume(z9)));
+        let d2 = self.decoder4.forward(d3, self.encoder3.forward(volume(z6)));
+        let d1 = self.decoder3.forward(d2, self.encoder2.forward(volume(z3)));
+        let d0 = self.decoder2.forward(d1, self.encoder1.forward(x));
         apply(&self.out, d0)
     }
 
@@ -242,22 +280,13 @@ impl Unetr {
         let specs = UnetrParams::specs(cfg);
         walk_vit(v, &mut self.vit, &cfg.vit, self.position_embeddings.as_mut())?;
         walk_res(v, &specs.encoder1, &mut self.encoder1)?;
-        for (s, spec) in self.skips.iter_mut().zip(specs.skips()) {
-            kernel(v, &spec.transp_conv_init, &mut s.transp_conv_init.weight)?;
-            ensure!(
-                s.blocks.len() == spec.blocks.len(),
-                "{}: stage count differs from the config",
-                spec.shape.prefix
-            );
-            for (stage, stage_spec) in s.blocks.iter_mut().zip(&spec.blocks) {
-                kernel(v, &stage_spec.transp_conv, &mut stage.transp.weight)?;
-                walk_res(v, &stage_spec.res_block, &mut stage.res)?;
-            }
-        }
-        for (u, spec) in self.ups.iter_mut().zip(specs.ups()) {
-            kernel(v, &spec.transp_conv, &mut u.transp_conv.weight)?;
-            walk_res(v, &spec.conv_block, &mut u.conv_block)?;
-        }
+        self.encoder2.walk(v, &specs.encoder2)?;
+        self.encoder3.walk(v, &specs.encoder3)?;
+        self.encoder4.walk(v, &specs.encoder4)?;
+        self.decoder5.walk(v, &specs.decoder5)?;
+        self.decoder4.walk(v, &specs.decoder4)?;
+        self.decoder3.walk(v, &specs.decoder3)?;
+        self.decoder2.walk(v, &specs.decoder2)?;
         kernel(v, &specs.out.weight, &mut self.out.weight)?;
         if let Some(b) = self.out.bias.clone() {
             self.out.bias = Some(v.param(&specs.out.bias.name, b, Layout::Same)?);

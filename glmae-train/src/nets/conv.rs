@@ -97,6 +97,7 @@ fn im2col_slice(x: &[f32], g: &Geometry, z: usize, col: &mut [f32]) {
 /// `dst (m, n) = lhs (m, k) rhs (k, n)` (or `+=` with `accumulate`), row-major with the given row
 /// strides of `dst` and `lhs`; `rhs` as `(row stride, column stride)`.
 #[allow(clippy::too_many_arguments)]
+#[allow(unsafe_code)] // the GEMM crate takes raw pointers; see the SAFETY note below
 fn matmul(
     dst: &mut [f32],
     dst_rs: usize,

@@ -12,11 +12,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use glmae_core::params::for_each_param;
+use glmae_core::config::MAX_DEPTH;
+use glmae_core::params::{UnetrParams, for_each_param};
 use glmae_core::{PosEmbed, UnetrConfig, VitConfig};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::naming::NamedTensor;
+use crate::nets::naming::NamedTensor;
 
 /// What the weights cannot tell: MONAI's defaults are 12 heads and LayerNorm eps 1e-5.
 #[derive(Clone, Debug, PartialEq)]
@@ -227,6 +228,7 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {
 }
 
 fn read_pytorch(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {
+    use pytorch_reader::DType;
     let name = path.display();
     let reader = pytorch_reader::PytorchReader::new(path)
         .map_err(|e| anyhow::anyhow!("{name}: neither safetensors nor a readable PyTorch checkpoint: {e}"))?;
@@ -245,7 +247,6 @@ fn read_pytorch(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {
             },
             None => full.as_str(),
         };
-        use pytorch_reader::DType;
         let format = match t.dtype() {
             DType::F32 => Float::F32,
             DType::F64 => Float::F64,
@@ -329,17 +330,34 @@ pub fn import_unetr(path: &Path, opts: &ImportOptions) -> Result<(UnetrConfig, V
     let mut t = read_tensors(path)?;
     t.retain(|k, _| !ignored(k));
     let name = path.display();
-    let pe = dims(&t, "vit.patch_embedding.patch_embeddings.weight").with_context(|| format!("{name}"))?;
+    // The names come from glmae-core's parameter tree for a probe configuration that has every
+    // optional tensor (qkv bias, learned positions) and the most blocks; only names are read.
+    let probe = UnetrParams::specs(&UnetrConfig {
+        vit: VitConfig {
+            depth: MAX_DEPTH as u32,
+            qkv_bias: true,
+            pos_embed: PosEmbed::Learned,
+            ..VitConfig::vit_t([96; 3])
+        },
+        feature_size: 16,
+        out_channels: 2,
+    });
+    let first = probe.vit.blocks.first().context("the probe configuration has blocks")?;
+    let pe = dims(&t, &probe.vit.patch_embedding.patch_embeddings.weight.name)
+        .with_context(|| format!("{name}"))?;
     ensure!(
         pe.len() == 5,
         "{name}: patch embedding weight has shape {pe:?}, expected (hidden, channels, p, p, p)"
     );
     let (hidden, in_channels, patch) = (pe[0] as u32, pe[1] as u32, pe[2] as u32);
-    let mlp = dims(&t, "vit.blocks.0.mlp.linear1.weight").with_context(|| format!("{name}"))?[0] as u32;
-    let depth = (0..).take_while(|i| t.contains_key(&format!("vit.blocks.{i}.norm1.weight"))).count() as u32;
-    let feature = dims(&t, "encoder1.layer.conv1.conv.weight").with_context(|| format!("{name}"))?[0] as u32;
-    let classes = dims(&t, "out.conv.conv.weight").with_context(|| format!("{name}"))?[0] as u32;
-    let qkv_bias = t.contains_key("vit.blocks.0.attn.qkv.bias");
+    let mlp = dims(&t, &first.mlp.linear1.weight.name).with_context(|| format!("{name}"))?[0] as u32;
+    let depth =
+        probe.vit.blocks.iter().take_while(|b| t.contains_key(b.norm1.weight.name.as_str())).count() as u32;
+    let feature = dims(&t, &probe.encoder1.conv1.name).with_context(|| format!("{name}"))?[0] as u32;
+    let classes = dims(&t, &probe.out.weight.name).with_context(|| format!("{name}"))?[0] as u32;
+    let qkv_bias = first.attn.qkv_bias.as_ref().is_some_and(|b| t.contains_key(b.name.as_str()));
+    let position_name =
+        probe.vit.patch_embedding.position_embeddings.as_ref().map(|p| p.name.as_str()).unwrap_or_default();
     let mut vit = VitConfig {
         in_channels,
         img_size: [96; 3],
@@ -354,15 +372,15 @@ pub fn import_unetr(path: &Path, opts: &ImportOptions) -> Result<(UnetrConfig, V
     };
     // MONAI stores the position table even when it is sin-cos; a cubic grid is assumed for the
     // window (MONAI's ROIs are cubic), and a table equal to our sin-cos one is dropped.
-    if let Some(pos) = t.get("vit.patch_embedding.position_embeddings") {
+    if let Some(pos) = t.get(position_name) {
         let n = pos.shape.get(1).copied().unwrap_or(0);
         let g = (n as f64).cbrt().round() as usize;
         ensure!(g * g * g == n, "{name}: {n} position embeddings do not form a cubic token grid");
         vit.img_size = [g as u32 * patch; 3];
-        let sincos = crate::views::sincos_table([g; 3], hidden as usize);
+        let sincos = crate::pretrain::views::sincos_table([g; 3], hidden as usize);
         if hidden % 6 == 0 && sincos.iter().zip(&pos.values).all(|(a, b)| (a - b).abs() < 1e-4) {
             vit.pos_embed = PosEmbed::SinCos;
-            t.remove("vit.patch_embedding.position_embeddings");
+            t.remove(position_name);
         }
     } else {
         vit.pos_embed = PosEmbed::SinCos;

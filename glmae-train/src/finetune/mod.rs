@@ -1,25 +1,32 @@
 //! UNETR fine-tuning (method.md, "Fine-tuning"): DiceCE on positive/negative label crops with
 //! augmentation, AdamW with warm-up and cosine decay, optional frozen encoder (linear evaluation),
 //! a seeded label fraction, and sliding-window validation that keeps the best model.
+//!
+//! [`loss`] holds the DiceCE loss, [`crops`] what a step trains on, [`train`] the loop; this
+//! module holds the run's configuration and the [`Finetuner`] (one step, prediction, validation,
+//! save and load). The `.glmae` export is in [`crate::io::export`].
+
+pub mod crops;
+pub mod loss;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::store::ModuleRecord;
-use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Bytes, Device, Tensor};
+use burn::tensor::{Bytes, Device};
 use glmae_core::UnetrConfig;
-use glmae_core::format::{ModelBuilder, OwnedPreprocessing, Precision};
 use glmae_data::preprocess::Preprocessor;
 use glmae_data::sliding_window::{Blend, WindowSpec, dice_per_class, sliding_window};
-use glmae_data::transforms::{Augment, Rng, pos_neg_crop};
+use glmae_data::transforms::{Augment, Rng};
 use glmae_data::{Case, Labels, Volume, VolumeCache};
 use serde::{Deserialize, Serialize};
 
-use crate::model::tensor;
-use crate::unetr::Unetr;
+use crate::finetune::loss::{dice_ce, one_hot};
+use crate::nets::unetr::Unetr;
+use crate::nets::vit::tensor;
 
 /// Everything that defines a fine-tuning run; saved as `RUN_DIR/finetune.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,90 +127,6 @@ pub fn is_model_file(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "glmae")
 }
 
-/// The seeded subset of `cases` a label fraction keeps (at least one case).
-pub fn label_subset(cases: &[Case], fraction: f64, seed: u64) -> Vec<Case> {
-    let keep = ((cases.len() as f64 * fraction).round() as usize).clamp(1.min(cases.len()), cases.len());
-    let mut order: Vec<usize> = (0..cases.len()).collect();
-    let mut rng = Rng::new(seed ^ 0x001a_be15);
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.below(i + 1));
-    }
-    let mut chosen: Vec<usize> = order[..keep].to_vec();
-    chosen.sort_unstable();
-    chosen.into_iter().map(|i| cases[i].clone()).collect()
-}
-
-/// MONAI's `DiceCELoss(softmax=True, squared_pred=True, smooth_nr=0, smooth_dr=1e-6)` with
-/// one-hot targets: mean over (crop, class) of `1 - 2 sum(p g) / (sum p^2 + sum g^2 + 1e-6)`,
-/// plus the mean cross-entropy over voxels. `logits` is `(b, k, d, h, w)`, `onehot` likewise.
-pub fn dice_ce(logits: Tensor<5>, onehot: Tensor<5>) -> (Tensor<1>, Tensor<1>) {
-    let [b, k, d, h, w] = logits.dims();
-    let v = d * h * w;
-    let flat = |t: Tensor<5>| -> Tensor<3> { t.reshape([b, k, v]) };
-    let (logits, g) = (flat(logits), flat(onehot));
-    let p = softmax(logits.clone(), 1);
-    let inter: Tensor<2> = (p.clone() * g.clone()).sum_dim(2).squeeze_dim(2);
-    let denom: Tensor<2> = (p.powi_scalar(2).sum_dim(2) + g.clone().powi_scalar(2).sum_dim(2)).squeeze_dim(2);
-    let dice = inter.mul_scalar(2.0).div(denom.add_scalar(1e-6)).neg().add_scalar(1.0).mean();
-    let ce = (log_softmax(logits, 1) * g).sum_dim(1).mean().neg();
-    (dice, ce)
-}
-
-/// One step's training crops from a prepared case: `crops_per_step` ROI crops centred on
-/// foreground and background alternately at random (1:1), augmented; image `(crops, 1, roi)` and
-/// labels `(crops, roi)`.
-pub fn crops(cfg: &FinetuneConfig, image: &Volume, labels: &Labels, rng: &mut Rng) -> (Vec<f32>, Vec<u8>) {
-    let roi = cfg.roi();
-    let mut imgs = Vec::new();
-    let mut labs = Vec::new();
-    for _ in 0..cfg.crops_per_step {
-        let (mut ci, mut cl) = pos_neg_crop(image, labels, roi, 1.0, 1.0, rng);
-        cfg.augment.apply(&mut ci, &mut cl, rng);
-        // rot90 swaps axes 0 and 1; for a non-cubic ROI, turn once more to restore the shape.
-        if ci.shape != roi {
-            glmae_data::transforms::rot90(&mut ci, 1);
-            glmae_data::transforms::rot90(&mut cl, 1);
-        }
-        imgs.extend_from_slice(&ci.data);
-        labs.extend_from_slice(&cl.data);
-    }
-    (imgs, labs)
-}
-
-/// Refuses label maps with a value the model has no class for (a label 200 with 14 classes
-/// would otherwise train as one of them), naming the file, the value and the class count.
-pub fn ensure_labels_fit<'a>(
-    cache: &VolumeCache,
-    cases: impl IntoIterator<Item = &'a glmae_data::Case>,
-    classes: usize,
-) -> Result<()> {
-    for case in cases {
-        let p = cache.get(case)?;
-        let Some(labels) = p.labels.as_ref() else { continue };
-        if let Some(&max) = labels.data.iter().max().filter(|&&m| m as usize >= classes) {
-            let path = case.label.as_deref().unwrap_or(&case.image);
-            bail!(
-                "{}: label value {max} but the model has {classes} classes (0..={}); fix the label map \
-                 or give the dataset's label list",
-                path.display(),
-                classes - 1
-            );
-        }
-    }
-    Ok(())
-}
-
-/// One-hot `(b, classes, d, h, w)` host values for label crops.
-fn one_hot(labels: &[u8], crops: usize, classes: usize) -> Vec<f32> {
-    let v = labels.len() / crops.max(1);
-    let mut out = vec![0.0; crops * classes * v];
-    for (i, &l) in labels.iter().enumerate() {
-        let (c, x) = (i / v, i % v);
-        out[(c * classes + (l as usize).min(classes - 1)) * v + x] = 1.0;
-    }
-    out
-}
-
 /// Metrics of one fine-tuning step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneMetrics {
@@ -251,7 +174,7 @@ impl Finetuner {
             );
             model = Unetr::from_model_file(&file, &device).with_context(|| format!("{}", path.display()))?;
         } else if let Some(run) = &cfg.init_from {
-            let dir = crate::run::RunDir::open(run)?;
+            let dir = crate::pretrain::run::RunDir::open(run)?;
             let pre = dir.load_weights(device.clone())?;
             let (a, b) = (&pre.cfg.encoder, &cfg.unetr.vit);
             ensure!(
@@ -283,9 +206,9 @@ impl Finetuner {
         Ok(Self { cfg, model, optimizer, step: 0, device })
     }
 
-    /// Draws one step's crops from a prepared case (see [`crops`]).
+    /// Draws one step's crops from a prepared case (see [`crops::crops`]).
     pub fn crops(&self, image: &Volume, labels: &Labels, rng: &mut Rng) -> (Vec<f32>, Vec<u8>) {
-        crops(&self.cfg, image, labels, rng)
+        crops::crops(&self.cfg, image, labels, rng)
     }
 
     /// One optimisation step on `crops` crops.
@@ -373,108 +296,4 @@ impl Finetuner {
         t.model = t.model.load_record(record);
         Ok(t)
     }
-
-    /// The `.glmae` file of this model with its preprocessing and class names.
-    pub fn export(&self, precision: Precision) -> Result<Vec<u8>> {
-        let named = self.model.named_tensors(&self.cfg.unetr)?;
-        let p = &self.cfg.preprocessing;
-        let prep = OwnedPreprocessing {
-            orientation: p.orientation.clone(),
-            target_spacing: p.spacing,
-            intensity: p.intensity,
-            foreground_crop: p.foreground_crop,
-            class_names: self.cfg.class_names.clone(),
-        };
-        let builder = ModelBuilder::from_params(self.cfg.unetr, prep, precision, |spec| {
-            named.iter().find(|t| t.name == spec.name.as_str()).map(|t| t.values.as_slice())
-        })?;
-        match builder.to_bytes() {
-            Ok(b) => Ok(b),
-            Err(e) => bail!("exported model is inconsistent: {e}"),
-        }
-    }
-}
-
-/// Runs fine-tuning into `out`: the seeded label subset, cached preprocessing, prefetched crops,
-/// metrics in `metrics.csv`, validation Dice in `validation.csv`, the best model (by mean
-/// validation Dice) in `best.bin` and the final one in `last.bin`.
-pub fn train(mut ft: Finetuner, ds: &glmae_data::Dataset, out: &Path, loader_threads: usize) -> Result<f64> {
-    use std::io::Write;
-    let cfg = ft.cfg.clone();
-    ensure!(!ds.training.is_empty(), "the dataset lists no training cases");
-    ensure!(!ds.validation.is_empty(), "the dataset lists no validation cases");
-    if let Some(c) = ds.training.iter().chain(&ds.validation).find(|c| c.label.is_none()) {
-        bail!("{} has no label; fine-tuning needs labelled training and validation cases", c.image.display());
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let subset = label_subset(&ds.training, cfg.label_fraction, cfg.seed);
-    glmae_data::io::atomic_write(
-        &out.join("label_subset.json"),
-        serde_json::to_string_pretty(&subset)?.as_bytes(),
-    )?;
-    let cache = std::sync::Arc::new(VolumeCache::new(cfg.preprocessing.clone(), Some(out.join("cache"))));
-    cache.warm(&subset, loader_threads.max(2))?;
-    cache.warm(&ds.validation, loader_threads.max(2))?;
-    let classes = cfg.unetr.out_channels as usize;
-    ensure_labels_fit(&cache, subset.iter().chain(&ds.validation), classes)?;
-    let (c2, s2, cfg2) = (cache.clone(), subset.clone(), cfg.clone());
-    let batches = glmae_data::Prefetcher::new(cfg.steps, loader_threads, 2, cfg.seed, move |step, _| {
-        let mut rng = Rng::for_item(cfg2.seed, step as u64);
-        let p = c2.get(&s2[rng.below(s2.len())])?;
-        let labels = p.labels.as_ref().context("a training case lost its labels")?;
-        Ok(crops(&cfg2, &p.image, labels, &mut rng))
-    });
-    let bar = crate::progress::bar("finetune", cfg.steps as u64);
-    let open = |name: &str, header: &str| -> Result<std::fs::File> {
-        let p = out.join(name);
-        let mut f = std::fs::File::create(&p).with_context(|| format!("cannot write {}", p.display()))?;
-        writeln!(f, "{header}")?;
-        Ok(f)
-    };
-    let mut metrics = open("metrics.csv", "step,loss,dice_loss,ce,lr")?;
-    let mut val = open("validation.csv", "step,mean_dice")?;
-    let mut best = -1.0f64;
-    for batch in batches {
-        let (imgs, labs) = batch?;
-        let m = ft.step(imgs, &labs);
-        ensure!(m.loss.is_finite(), "loss became {} at step {}", m.loss, m.step);
-        writeln!(metrics, "{},{:.6},{:.6},{:.6},{:.6e}", m.step, m.loss, m.dice_loss, m.ce, m.lr)?;
-        bar.set_message(format!("DiceCE {:.4} best val Dice {:.4}", m.loss, best.max(0.0)));
-        bar.inc(1);
-        let last_step = ft.step == cfg.steps;
-        if (cfg.val_every > 0 && ft.step.is_multiple_of(cfg.val_every)) || last_step {
-            let (mean, _) = ft.validate(&cache, &ds.validation)?;
-            writeln!(val, "{},{mean:.6}", ft.step)?;
-            if mean > best {
-                best = mean;
-                ft.save(out, "best")?;
-            }
-        }
-    }
-    ft.save(out, "last")?;
-    drop((metrics, val));
-    plot_curves(out)?;
-    bar.finish();
-    Ok(best)
-}
-
-/// Draws `metrics.csv` (DiceCE, Dice and CE terms) into `loss.png` and, where the run
-/// validated, `validation.csv` (mean Dice) into `validation.png`, both against the step.
-pub fn plot_curves(out: &Path) -> Result<()> {
-    crate::plot::csv_chart(
-        &out.join("metrics.csv"),
-        &out.join("loss.png"),
-        "UNETR FINE-TUNING LOSS",
-        &[("dicece", "loss"), ("dice_loss", "dice_loss"), ("ce", "ce")],
-    )?;
-    let validation = out.join("validation.csv");
-    if !validation.is_file() {
-        return Ok(());
-    }
-    crate::plot::csv_chart(
-        &validation,
-        &out.join("validation.png"),
-        "VALIDATION MEAN DICE",
-        &[("mean_dice", "mean_dice")],
-    )
 }

@@ -1,5 +1,5 @@
 //! MONAI's names and PyTorch's layouts for the burn networks' parameters, in both directions:
-//! [`walk_vit`] and [`Unetr::walk`](crate::unetr::Unetr::walk) name every parameter once, and a
+//! [`walk_vit`] and [`Unetr::walk`](crate::nets::unetr::Unetr::walk) name every parameter once, and a
 //! [`ParamVisitor`] either reads them out ([`Reader`]: `.glmae` export, MONAI state dicts) or
 //! writes values in ([`Writer`]: fine-tuning from a `.glmae` model).
 
@@ -12,7 +12,7 @@ use burn::tensor::{Tensor, TensorData};
 use glmae_core::VitConfig;
 use glmae_core::params::{self, ParamSpec};
 
-use crate::model::Vit;
+use crate::nets::vit::Vit;
 
 /// A named tensor in PyTorch layout.
 #[derive(Clone, Debug, PartialEq)]
