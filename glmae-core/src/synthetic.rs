@@ -36,6 +36,34 @@ impl SplitMix64 {
     }
 }
 
+/// Knuth's MMIX linear congruential generator: the test data of every crate's kernel and
+/// agreement tests (inputs and weights whose tolerances were measured on it). Weights of
+/// synthetic models and phantoms use [`SplitMix64`]; this one is only for test inputs.
+pub struct Lcg(u64);
+
+impl Lcg {
+    /// A generator whose first output is the step after `state`.
+    pub fn new(state: u64) -> Self {
+        Self(state)
+    }
+
+    /// The next 64 bits of state.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0
+    }
+
+    /// Uniform in `[-1, 1)` from the state's top 24 bits.
+    pub fn symmetric(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// `n` values of [`Self::symmetric`].
+    pub fn symmetric_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.symmetric()).collect()
+    }
+}
+
 /// Values for every parameter of `cfg`: weights uniform in `+-1/sqrt(fan_in)`, LayerNorm scales
 /// near 1, biases and shifts small, so activations stay in a sensible range through the network.
 pub fn random_params(cfg: &UnetrConfig, seed: u64) -> Vec<(ParamSpec, Vec<f32>)> {

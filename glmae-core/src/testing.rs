@@ -4,17 +4,13 @@ extern crate std;
 use std::vec::Vec;
 
 use crate::params::Shape;
+use crate::synthetic::Lcg;
 use crate::tensor::{Tensor, TensorData};
 
-/// A linear congruential sequence mapped to `offset + scale * [-1, 1)`.
+/// `n` values of [`Lcg`] in `scale * [-1, 1)`, the generator seeded by one step from `seed`.
 pub fn lcg_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-        })
-        .collect()
+    let mut g = Lcg::new(Lcg::new(seed).next_u64());
+    (0..n).map(|_| g.symmetric() * scale).collect()
 }
 
 /// Like [`lcg_vec`], as an array shifted by `offset`.

@@ -113,10 +113,10 @@ fn corruption_fails_the_checksum() {
 fn resealed_damage_is_an_error_never_a_panic() {
     // With the checksum recomputed, damage reaches the decoder and the consistency checks.
     let good = tiny_model(Precision::Int8);
-    let mut state = 0x1234_5678u64;
+    let mut rng = glmae_core::synthetic::SplitMix64::new(0x1234_5678);
     let mut rejected = 0;
     for _ in 0..400 {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let state = rng.next_u64();
         let mut bad = good.clone();
         // Damage the metadata (config, preprocessing, first tensor header), where a byte changes
         // structure rather than a weight value.

@@ -35,6 +35,18 @@ impl Preprocessor {
         }
     }
 
+    /// The preprocessing a model file is written with: these transforms and the class names
+    /// (background first). [`Self::from_model`] reads it back.
+    pub fn to_model(&self, class_names: Vec<String>) -> glmae_core::format::OwnedPreprocessing {
+        glmae_core::format::OwnedPreprocessing {
+            orientation: self.orientation.clone(),
+            target_spacing: self.spacing,
+            intensity: self.intensity,
+            foreground_crop: self.foreground_crop,
+            class_names,
+        }
+    }
+
     /// UNETR's BTCV recipe: RAS, 1.5 x 1.5 x 2.0 mm, HU [-175, 250] -> [0, 1], foreground crop.
     pub fn btcv() -> Self {
         Self {
@@ -582,6 +594,32 @@ impl Inverse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a model file is written with reads back as the same transforms, whichever field
+    /// differs from the BTCV recipe, with the class names beside them.
+    #[test]
+    fn model_preprocessing_round_trips() -> Result<()> {
+        use glmae_core::format::{ModelBuilder, Precision};
+        let p = Preprocessor {
+            orientation: "LPS".into(),
+            spacing: [0.8, 0.9, 3.0],
+            intensity: IntensityScaling { a_min: -100.0, a_max: 300.0, b_min: -1.0, b_max: 1.0, clip: false },
+            foreground_crop: false,
+        };
+        let cfg = glmae_core::testing_config();
+        let names: Vec<String> = ["background", "a", "b"].map(String::from).to_vec();
+        let values = glmae_core::synthetic::random_params(&cfg, 1);
+        let b = ModelBuilder::from_params(cfg, p.to_model(names.clone()), Precision::F32, |spec| {
+            values.iter().find(|(s, _)| s.name == spec.name).map(|(_, v)| v.as_slice())
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let bytes = b.to_bytes().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let file = glmae_core::ModelFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(Preprocessor::from_model(&file.preprocessing), p);
+        let read: Vec<&str> = file.preprocessing.class_names.iter().collect();
+        assert_eq!(read, ["background", "a", "b"]);
+        Ok(())
+    }
 
     /// The foreground crop keeps voxels above 0 after the intensity mapping, as MONAI's
     /// `CropForegroundd` default `select_fn`, also when the window maps to [-1, 1].

@@ -2,7 +2,7 @@
 //! class names, in float32 or int8.
 
 use anyhow::{Result, bail};
-use glmae_core::format::{ModelBuilder, OwnedPreprocessing, Precision};
+use glmae_core::format::{ModelBuilder, Precision};
 
 use crate::finetune::Finetuner;
 
@@ -10,14 +10,7 @@ impl Finetuner {
     /// The `.glmae` file of this model with its preprocessing and class names.
     pub fn export(&self, precision: Precision) -> Result<Vec<u8>> {
         let named = self.model.named_tensors(&self.cfg.unetr)?;
-        let p = &self.cfg.preprocessing;
-        let prep = OwnedPreprocessing {
-            orientation: p.orientation.clone(),
-            target_spacing: p.spacing,
-            intensity: p.intensity,
-            foreground_crop: p.foreground_crop,
-            class_names: self.cfg.class_names.clone(),
-        };
+        let prep = self.cfg.preprocessing.to_model(self.cfg.class_names.clone());
         let builder = ModelBuilder::from_params(self.cfg.unetr, prep, precision, |spec| {
             named.iter().find(|t| t.name == spec.name.as_str()).map(|t| t.values.as_slice())
         })?;
