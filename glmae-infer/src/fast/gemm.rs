@@ -30,6 +30,8 @@ macro_rules! with_rows {
         }
     };
 }
+// Only the x86_64 SIMD kernels (here and in qconv) use it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use with_rows;
 /// Columns of C per micro-tile (output channels or features): two AVX registers.
 pub const NR: usize = 16;

@@ -144,8 +144,8 @@ impl Transformed for i16 {
 
 /// Transforms every tile of block `b` of `x` into `v` (`[tile][position][in_ch]`), scaled by
 /// `inv` when `T` is i16. `cols` is scratch for the AVX2 path.
-// Without x86_64 only the portable path exists.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
+// Without x86_64 only the portable path exists (and `cols`, the AVX2 path's scratch, is not resized).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut, clippy::ptr_arg))]
 pub(super) fn input_transform<W: Points<M, A>, const M: usize, const A: usize, T: Transformed>(
     kernels: F32Kernels,
     x: &Vol,
