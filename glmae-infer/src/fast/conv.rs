@@ -627,6 +627,22 @@ mod tests {
                         channel_first_1x1_matches_conv_then_transpose_on(k);
                     }
                 }
+
+                /// The 3x3x3 implicit GEMM against an f64 convolution.
+                #[test]
+                fn conv3_matches_f64() {
+                    if let Some(k) = $kernels {
+                        conv3_matches_f64_on(k);
+                    }
+                }
+
+                /// The transposed convolution against an f64 one.
+                #[test]
+                fn conv_transpose_matches_f64() {
+                    if let Some(k) = $kernels {
+                        conv_transpose_matches_f64_on(k);
+                    }
+                }
             }
         };
     }
@@ -645,6 +661,69 @@ mod tests {
         let mut got = vec![f32::NAN; co * 84];
         conv1x1_channel_first(kernels, &x, &cw, &mut got);
         assert_eq!(got, want.to_channel_first(0, co), "{kernels:?}");
+    }
+
+    /// Odd sizes and channel counts (tails of the 6-row tiles and 16-column panels), an output
+    /// channel offset; channels outside the written range stay untouched.
+    fn conv3_matches_f64_on(kernels: F32Kernels) {
+        let (ci, co, d) = (5, 19, [3, 4, 7]);
+        let w = super::super::lcg(co * ci * 27, 4);
+        let bias = super::super::lcg(co, 5);
+        let cw = ConvWeights::from_fn(co, ci, 3, |i| w[i], Some(&bias));
+        let x = Vol::from_channel_first(&super::super::lcg(ci * 84, 6), d, ci);
+        let mut got = Vol::zeros(d, co + 2);
+        got.data.fill(7.0);
+        conv(kernels, &x, &cw, &mut got, 1);
+        for z in 1..=d[0] {
+            for y in 1..=d[1] {
+                for xx in 1..=d[2] {
+                    let o = got.at(z, y, xx);
+                    assert_eq!((got.data[o], got.data[o + co + 1]), (7.0, 7.0), "{kernels:?} wrote outside");
+                    for c in 0..co {
+                        let mut e = bias[c] as f64;
+                        for k in 0..ci {
+                            for t in 0..27 {
+                                let v = x.data[x.at(z + t / 9 - 1, y + t / 3 % 3 - 1, xx + t % 3 - 1) + k];
+                                e += w[(c * ci + k) * 27 + t] as f64 * v as f64;
+                            }
+                        }
+                        let g = got.data[o + 1 + c] as f64;
+                        assert!(
+                            (g - e).abs() < 1e-5 * (1.0 + e.abs()),
+                            "{kernels:?} ({z},{y},{xx}) ch {c}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Odd sizes and channel counts, an output channel offset.
+    fn conv_transpose_matches_f64_on(kernels: F32Kernels) {
+        let (ci, co, d) = (6, 17, [2, 3, 5]);
+        let w = super::super::lcg(ci * co * 8, 7);
+        let uw = UpConvWeights::from_fn(ci, co, |i| w[i]);
+        let x = Vol::from_channel_first(&super::super::lcg(ci * 30, 8), d, ci);
+        let mut got = Vol::zeros(d.map(|v| 2 * v), co + 3);
+        conv_transpose(kernels, &x, &uw, &mut got, 2);
+        for z in 0..2 * d[0] {
+            for y in 0..2 * d[1] {
+                for xx in 0..2 * d[2] {
+                    let o = got.at(z + 1, y + 1, xx + 1);
+                    let src = x.at(z / 2 + 1, y / 2 + 1, xx / 2 + 1);
+                    let t = (z % 2) * 4 + (y % 2) * 2 + xx % 2;
+                    for c in 0..co {
+                        let e: f64 =
+                            (0..ci).map(|k| x.data[src + k] as f64 * w[(k * co + c) * 8 + t] as f64).sum();
+                        let g = got.data[o + 2 + c] as f64;
+                        assert!(
+                            (g - e).abs() < 1e-5 * (1.0 + e.abs()),
+                            "{kernels:?} ({z},{y},{xx}) ch {c}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The layout round trip and the border the convolutions rely on.

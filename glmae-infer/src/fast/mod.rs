@@ -23,7 +23,7 @@
 //! The modules: this one holds the model graph (residual, skip and up blocks, the forward
 //! pass); [`kernels`] the kernel table (which implementation of each kernel this CPU runs,
 //! detected once at load); `policy` which algorithm each convolution runs by; `layer` a
-//! convolution's packings; `pool` the recycled activation buffers; [`gemm`], [`conv`],
+//! convolution's packings; `pool` the recycled activation buffers; [`mod@gemm`], [`mod@conv`],
 //! [`winograd`], [`mod@qconv`] and `math` the kernels themselves.
 
 pub mod conv;
