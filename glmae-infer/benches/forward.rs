@@ -159,8 +159,8 @@ fn cpu_seconds() -> f64 {
 /// Child: one 3x3x3 convolution layer, GFLOP/s by wall and by CPU time.
 fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     use glmae_infer::fast::conv::{ConvWeights, Vol, conv};
-    use glmae_infer::fast::gemm::Isa;
-    use glmae_infer::fast::qconv::{QConvWeights, QIsa, QVol, max_level, qconv};
+    use glmae_infer::fast::kernels::{F32Kernels, Int8Kernels};
+    use glmae_infer::fast::qconv::{QConvWeights, QVol, max_level, qconv};
     use glmae_infer::fast::winograd::Variant;
     let cw = ConvWeights::from_fn(co, ci, 3, |i| ((i * 7919) % 13) as f32 * 0.01, None);
     let q: Vec<i8> = (0..co * ci * 27).map(|i| ((i * 7919) % 13) as i8).collect();
@@ -186,16 +186,15 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     let run = |out: &mut Vol| {
         if let (true, true, Some(qww)) = (int8, winograd, &qww) {
             let amax = glmae_infer::fast::conv::abs_max(&x, 0, ci);
-            let qisa = QIsa::detect().unwrap_or(QIsa::Scalar);
-            glmae_infer::fast::winograd::conv_qwinograd(qisa, &x, amax, qww, out, 0);
+            glmae_infer::fast::winograd::conv_qwinograd(Int8Kernels::best(), &x, amax, qww, out, 0);
         } else if int8 {
             let amax = glmae_infer::fast::conv::abs_max(&x, 0, ci);
             let qx = QVol::quantize(&x, amax, max_level(qw.k()), Vec::new());
-            qconv(QIsa::detect().unwrap_or(QIsa::Scalar), &qx, &qw, out, 0);
+            qconv(Int8Kernels::best(), &qx, &qw, out, 0);
         } else if winograd {
-            glmae_infer::fast::winograd::conv_winograd(Isa::detect(), &x, &ww, out, 0);
+            glmae_infer::fast::winograd::conv_winograd(F32Kernels::best(), &x, &ww, out, 0);
         } else {
-            conv(Isa::detect(), &x, &cw, out, 0);
+            conv(F32Kernels::best(), &x, &cw, out, 0);
         }
     };
     pool.install(|| run(&mut out));
@@ -219,7 +218,7 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
 /// Child: one 2x2x2 stride-2 transposed convolution from EDGE^3 to (2 EDGE)^3.
 fn child_up(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     use glmae_infer::fast::conv::{UpConvWeights, Vol, conv_transpose};
-    use glmae_infer::fast::gemm::Isa;
+    use glmae_infer::fast::kernels::F32Kernels;
     let w = UpConvWeights::from_fn(ci, co, |i| ((i * 7919) % 13) as f32 * 0.01);
     let mut x = Vol::zeros([edge; 3], ci);
     for (i, v) in x.data.iter_mut().enumerate() {
@@ -227,11 +226,11 @@ fn child_up(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     }
     let mut out = Vol::zeros([2 * edge; 3], 2 * co);
     let pool = pool(threads)?;
-    pool.install(|| conv_transpose(Isa::detect(), &x, &w, &mut out, 0));
+    pool.install(|| conv_transpose(F32Kernels::best(), &x, &w, &mut out, 0));
     let t0 = Instant::now();
     let reps = 5;
     for _ in 0..reps {
-        pool.install(|| conv_transpose(Isa::detect(), &x, &w, &mut out, 0));
+        pool.install(|| conv_transpose(F32Kernels::best(), &x, &w, &mut out, 0));
     }
     let wall = t0.elapsed().as_secs_f64() / reps as f64;
     let flop = 2.0 * (8 * ci * co * edge * edge * edge) as f64;

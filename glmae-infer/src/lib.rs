@@ -173,7 +173,8 @@ pub fn segment_volume(
         Engine::Fast | Engine::FastInt8Kernels => {
             let mut fast = fast::FastUnetr::new(model)?;
             if engine == Engine::FastInt8Kernels {
-                let q = fast::QIsa::detect().unwrap_or(fast::QIsa::Scalar);
+                // The table's int8 set: VNNI where the CPU has it, else portable.
+                let q = fast.kernels().int8.qisa();
                 fast = fast.with_int8_kernels(Some(q))?;
             }
             let pool = rayon::ThreadPoolBuilder::new()

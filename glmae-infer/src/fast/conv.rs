@@ -9,7 +9,8 @@ use glmae_core::kernels::{Dims3, INSTANCE_NORM_EPS, LEAKY_RELU_SLOPE};
 use glmae_core::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::gemm::{Isa, NR, PackedB, Tile, pad_bias};
+use super::gemm::{NR, PackedB, Tile, pad_bias};
+use super::kernels::F32Kernels;
 
 /// A channel-last volume with a one-voxel zero border on every side.
 #[derive(Clone, Debug)]
@@ -188,7 +189,7 @@ impl ConvWeights {
 }
 
 /// Runs `w` on `x` into channels `off..off + w.out_ch()` of `out` (same interior size).
-pub fn conv(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
+pub fn conv(kernels: F32Kernels, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
     assert_eq!(x.c, w.in_ch, "conv input channels");
     assert_eq!(x.dims, out.dims, "conv keeps the size");
     assert!(off + w.out_ch <= out.c, "conv output channels");
@@ -222,7 +223,7 @@ pub fn conv(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
                     mr: wd,
                     nc,
                 };
-                tile.run(isa, &mut oplane[((y + 1) * (wd + 2) + 1) * oc + off + p * NR..]);
+                tile.run(kernels, &mut oplane[((y + 1) * (wd + 2) + 1) * oc + off + p * NR..]);
             }
         }
     });
@@ -243,7 +244,7 @@ fn planes_by_z(out: &mut [f32], d0: usize, plane: usize) -> Vec<Vec<&mut [f32]>>
 /// planes of `x`'s interior), one x-row at a time through an L1 scratch row: the model's last
 /// layer, whose logits would otherwise be written channel-last and read back to transpose them
 /// (100 MB of traffic at 96^3 and 14 classes).
-pub fn conv1x1_channel_first(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut [f32]) {
+pub fn conv1x1_channel_first(kernels: F32Kernels, x: &Vol, w: &ConvWeights, out: &mut [f32]) {
     assert_eq!((x.c, w.kernel), (w.in_ch, 1), "a 1x1x1 conv on its input channels");
     let [d0, h, wd] = x.dims;
     let (ci, co, pv) = (x.c, w.out_ch, h * wd);
@@ -266,7 +267,7 @@ pub fn conv1x1_channel_first(isa: Isa, x: &Vol, w: &ConvWeights, out: &mut [f32]
                     mr: wd,
                     nc: w.packed.panel_cols(p),
                 };
-                tile.run(isa, &mut row[p * NR..]);
+                tile.run(kernels, &mut row[p * NR..]);
             }
             for (k, seg) in segs.iter_mut().enumerate() {
                 for (o, v) in seg[y * wd..(y + 1) * wd].iter_mut().zip(row.chunks_exact(ldc)) {
@@ -318,7 +319,7 @@ impl UpConvWeights {
 }
 
 /// Runs `w` on `x` into channels `off..off + w.out_ch()` of `out`, whose interior is twice `x`'s.
-pub fn conv_transpose(isa: Isa, x: &Vol, w: &UpConvWeights, out: &mut Vol, off: usize) {
+pub fn conv_transpose(kernels: F32Kernels, x: &Vol, w: &UpConvWeights, out: &mut Vol, off: usize) {
     assert_eq!(x.c, w.in_ch, "transposed conv input channels");
     assert_eq!(out.dims, x.dims.map(|d| 2 * d), "transposed conv doubles the size");
     assert!(off + w.out_ch <= out.c, "transposed conv output channels");
@@ -353,7 +354,7 @@ pub fn conv_transpose(isa: Isa, x: &Vol, w: &UpConvWeights, out: &mut Vol, off: 
                         nc,
                     };
                     let c0 = a * oplane + ((2 * y + b + 1) * ow + c + 1) * oc + off + p * NR;
-                    tile.run(isa, &mut chunk[c0..]);
+                    tile.run(kernels, &mut chunk[c0..]);
                 }
             }
         }
@@ -573,6 +574,7 @@ pub fn norm_add_lrelu(out: &mut Vol, off: usize, stats: &NormStats, res: &Vol, r
 
 #[cfg(test)]
 mod tests {
+    use super::super::kernels::for_each_f32_kernels;
     use super::*;
 
     /// Large offsets and one outlier must not cost the one-pass statistics their precision.
@@ -610,22 +612,117 @@ mod tests {
         }
     }
 
-    /// The fused output layer equals a 1x1x1 convolution followed by the layout change, for
-    /// more classes than one 16-column panel, on every kernel ISA of this CPU.
-    #[test]
-    fn channel_first_1x1_matches_conv_then_transpose() {
+    /// The direct convolution kernels' conformance tests for one kernel set (`$kernels`, an
+    /// `Option<F32Kernels>`: `None` where this CPU lacks it), in module `$name`.
+    macro_rules! conv_conformance {
+        ($name:ident, $kernels:expr) => {
+            mod $name {
+                use super::*;
+
+                /// The fused output layer equals a 1x1x1 convolution followed by the layout
+                /// change, for more classes than one 16-column panel.
+                #[test]
+                fn channel_first_1x1_matches_conv_then_transpose() {
+                    if let Some(k) = $kernels {
+                        channel_first_1x1_matches_conv_then_transpose_on(k);
+                    }
+                }
+
+                /// The 3x3x3 implicit GEMM against an f64 convolution.
+                #[test]
+                fn conv3_matches_f64() {
+                    if let Some(k) = $kernels {
+                        conv3_matches_f64_on(k);
+                    }
+                }
+
+                /// The transposed convolution against an f64 one.
+                #[test]
+                fn conv_transpose_matches_f64() {
+                    if let Some(k) = $kernels {
+                        conv_transpose_matches_f64_on(k);
+                    }
+                }
+            }
+        };
+    }
+
+    for_each_f32_kernels!(conv_conformance);
+
+    fn channel_first_1x1_matches_conv_then_transpose_on(kernels: F32Kernels) {
         let (ci, co, d) = (5, 21, [3, 4, 7]);
         let w = super::super::lcg(co * ci, 1);
         let bias = super::super::lcg(co, 2);
         let cw = ConvWeights::from_fn(co, ci, 1, |i| w[i], Some(&bias));
         let vals = super::super::lcg(ci * 84, 3);
         let x = Vol::from_channel_first(&vals, d, ci);
-        for isa in [Isa::Scalar, Isa::Avx2Fma].into_iter().filter(|i| i.supported()) {
-            let mut want = Vol::zeros(d, co);
-            conv(isa, &x, &cw, &mut want, 0);
-            let mut got = vec![f32::NAN; co * 84];
-            conv1x1_channel_first(isa, &x, &cw, &mut got);
-            assert_eq!(got, want.to_channel_first(0, co), "{isa:?}");
+        let mut want = Vol::zeros(d, co);
+        conv(kernels, &x, &cw, &mut want, 0);
+        let mut got = vec![f32::NAN; co * 84];
+        conv1x1_channel_first(kernels, &x, &cw, &mut got);
+        assert_eq!(got, want.to_channel_first(0, co), "{kernels:?}");
+    }
+
+    /// Odd sizes and channel counts (tails of the 6-row tiles and 16-column panels), an output
+    /// channel offset; channels outside the written range stay untouched.
+    fn conv3_matches_f64_on(kernels: F32Kernels) {
+        let (ci, co, d) = (5, 19, [3, 4, 7]);
+        let w = super::super::lcg(co * ci * 27, 4);
+        let bias = super::super::lcg(co, 5);
+        let cw = ConvWeights::from_fn(co, ci, 3, |i| w[i], Some(&bias));
+        let x = Vol::from_channel_first(&super::super::lcg(ci * 84, 6), d, ci);
+        let mut got = Vol::zeros(d, co + 2);
+        got.data.fill(7.0);
+        conv(kernels, &x, &cw, &mut got, 1);
+        for z in 1..=d[0] {
+            for y in 1..=d[1] {
+                for xx in 1..=d[2] {
+                    let o = got.at(z, y, xx);
+                    assert_eq!((got.data[o], got.data[o + co + 1]), (7.0, 7.0), "{kernels:?} wrote outside");
+                    for c in 0..co {
+                        let mut e = bias[c] as f64;
+                        for k in 0..ci {
+                            for t in 0..27 {
+                                let v = x.data[x.at(z + t / 9 - 1, y + t / 3 % 3 - 1, xx + t % 3 - 1) + k];
+                                e += w[(c * ci + k) * 27 + t] as f64 * v as f64;
+                            }
+                        }
+                        let g = got.data[o + 1 + c] as f64;
+                        assert!(
+                            (g - e).abs() < 1e-5 * (1.0 + e.abs()),
+                            "{kernels:?} ({z},{y},{xx}) ch {c}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Odd sizes and channel counts, an output channel offset.
+    fn conv_transpose_matches_f64_on(kernels: F32Kernels) {
+        let (ci, co, d) = (6, 17, [2, 3, 5]);
+        let w = super::super::lcg(ci * co * 8, 7);
+        let uw = UpConvWeights::from_fn(ci, co, |i| w[i]);
+        let x = Vol::from_channel_first(&super::super::lcg(ci * 30, 8), d, ci);
+        let mut got = Vol::zeros(d.map(|v| 2 * v), co + 3);
+        conv_transpose(kernels, &x, &uw, &mut got, 2);
+        for z in 0..2 * d[0] {
+            for y in 0..2 * d[1] {
+                for xx in 0..2 * d[2] {
+                    let o = got.at(z + 1, y + 1, xx + 1);
+                    let src = x.at(z / 2 + 1, y / 2 + 1, xx / 2 + 1);
+                    let t = (z % 2) * 4 + (y % 2) * 2 + xx % 2;
+                    for c in 0..co {
+                        let e: f64 =
+                            (0..ci).map(|k| x.data[src + k] as f64 * w[(k * co + c) * 8 + t] as f64).sum();
+                        let g = got.data[o + 2 + c] as f64;
+                        assert!(
+                            (g - e).abs() < 1e-5 * (1.0 + e.abs()),
+                            "{kernels:?} ({z},{y},{xx}) ch {c}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -6,8 +6,13 @@
 //! an implicit GEMM without an im2col copy) and B packed into 64-byte-aligned panels of `NR`
 //! columns. The accumulators stay in registers for the whole K loop, so C is written once.
 //!
-//! Two implementations: AVX2 + FMA (`std::arch`, chosen at run time) and portable Rust that the
-//! compiler vectorises for whatever target it builds for. Tests check that they agree.
+//! Two implementations: AVX2 + FMA (`std::arch`, chosen once in the [`KernelTable`]) and portable
+//! Rust that the compiler vectorises for whatever target it builds for. Conformance tests check
+//! that they agree.
+//!
+//! [`KernelTable`]: super::kernels::KernelTable
+
+use super::kernels::F32Kernels;
 
 /// Rows of C per micro-tile (voxels along x, or tokens).
 pub const MR: usize = 6;
@@ -25,39 +30,11 @@ macro_rules! with_rows {
         }
     };
 }
+// Only the x86_64 SIMD kernels (here and in qconv) use it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use with_rows;
 /// Columns of C per micro-tile (output channels or features): two AVX registers.
 pub const NR: usize = 16;
-
-/// Which micro-kernel to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// Portable Rust (autovectorised for the build target).
-    Scalar,
-    /// x86_64 AVX2 + FMA intrinsics.
-    Avx2Fma,
-}
-
-impl Isa {
-    /// The fastest kernel this CPU supports.
-    pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return Isa::Avx2Fma;
-            }
-        }
-        Isa::Scalar
-    }
-
-    /// `Some(self)` when this CPU can run it.
-    pub fn supported(self) -> bool {
-        match self {
-            Isa::Scalar => true,
-            Isa::Avx2Fma => Isa::detect() == Isa::Avx2Fma,
-        }
-    }
-}
 
 /// A `k x n` matrix packed as `ceil(n / NR)` panels, each `k` rows of `NR` values (columns past
 /// `n` are zero), starting on a 64-byte boundary so each panel row is one cache line.
@@ -166,7 +143,7 @@ impl<'a> Tile<'a> {
 
     /// Runs the tile into `c` (element `(i, j)` at `i * ldc + j`). Panics if a slice is too short:
     /// the callers size every buffer, so that would be a bug, and it keeps the SIMD reads in bounds.
-    pub fn run(&self, isa: Isa, c: &mut [f32]) {
+    pub fn run(&self, kernels: F32Kernels, c: &mut [f32]) {
         let taps = self.a_offs.len();
         assert!(self.mr >= 1 && self.nc >= 1 && self.nc <= NR);
         assert!(self.b.len() >= taps * self.kc * NR, "B panel too short");
@@ -174,11 +151,12 @@ impl<'a> Tile<'a> {
         let a_last = self.a_offs.iter().copied().max().unwrap_or(0) + (self.mr - 1) * self.lda + self.kc;
         assert!(self.kc == 0 || a_last <= self.a.len(), "A too short");
         assert!((self.mr - 1) * self.ldc + self.nc <= c.len(), "C too short");
-        match isa {
+        match kernels.isa() {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma if Isa::detect() == Isa::Avx2Fma => {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above, cached by std), and the
-                // asserts above bound every A, B, bias and C access the kernel makes.
+            super::kernels::Isa::Avx2Fma => {
+                // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both
+                // (checked when the token was made), and the asserts above bound every A, B, bias
+                // and C access the kernel makes.
                 unsafe { avx2::tiles(self, c) }
             }
             _ => {
@@ -299,7 +277,7 @@ mod avx2 {
 /// stride `ldc`), rows split across the current rayon pool.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
-    isa: Isa,
+    kernels: F32Kernels,
     a: &[f32],
     m: usize,
     lda: usize,
@@ -342,7 +320,7 @@ pub fn gemm(
                     mr,
                     nc,
                 };
-                tile.run(isa, &mut cblk[(i - r0) * ldc + p * NR..]);
+                tile.run(kernels, &mut cblk[(i - r0) * ldc + p * NR..]);
                 i += mr;
             }
         }
@@ -351,12 +329,40 @@ pub fn gemm(
 
 #[cfg(test)]
 mod tests {
+    use super::super::kernels::{F32Kernels, for_each_f32_kernels};
     use super::super::lcg;
     use super::*;
 
-    /// Every ISA against an f64 product, over ragged sizes, taps, bias and accumulation.
-    #[test]
-    fn gemm_matches_f64_on_every_isa() {
+    /// The GEMM micro-kernel's conformance tests for one kernel set (`$kernels`, an
+    /// `Option<F32Kernels>`: `None` where this CPU lacks it), in module `$name`.
+    macro_rules! gemm_conformance {
+        ($name:ident, $kernels:expr) => {
+            mod $name {
+                use super::*;
+
+                /// Against an f64 product, over ragged sizes, bias and accumulation.
+                #[test]
+                fn gemm_matches_f64() {
+                    if let Some(k) = $kernels {
+                        gemm_matches_f64_on(k);
+                    }
+                }
+
+                /// Multi-tap tiles (the implicit-GEMM convolution's form) against f64 and the
+                /// portable kernel.
+                #[test]
+                fn tap_tiles_match_portable() {
+                    if let Some(k) = $kernels {
+                        tap_tiles_match_portable_on(k);
+                    }
+                }
+            }
+        };
+    }
+
+    for_each_f32_kernels!(gemm_conformance);
+
+    fn gemm_matches_f64_on(kernels: F32Kernels) {
         for &(m, k, n) in &[(1, 1, 1), (7, 5, 17), (13, 33, 40), (24, 64, 16), (6, 3, 5)] {
             let a = lcg(m * k, 1);
             let bm = lcg(k * n, 2);
@@ -364,31 +370,24 @@ mod tests {
             let c0 = lcg(m * n, 4);
             let packed = PackedB::from_fn(k, n, |r, col| bm[r * n + col]);
             let pb = pad_bias(bias.iter().copied(), n);
-            for isa in [Isa::Scalar, Isa::Avx2Fma] {
-                if !isa.supported() {
-                    continue;
-                }
-                for accumulate in [false, true] {
-                    let mut c = c0.clone();
-                    gemm(isa, &a, m, k, &packed, Some(&pb), accumulate, &mut c, n);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let mut e = bias[j] as f64 + if accumulate { c0[i * n + j] as f64 } else { 0.0 };
-                            for r in 0..k {
-                                e += a[i * k + r] as f64 * bm[r * n + j] as f64;
-                            }
-                            let got = c[i * n + j] as f64;
-                            assert!((got - e).abs() < 1e-4, "{isa:?} m{m} k{k} n{n} ({i},{j}): {got} vs {e}");
+            for accumulate in [false, true] {
+                let mut c = c0.clone();
+                gemm(kernels, &a, m, k, &packed, Some(&pb), accumulate, &mut c, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut e = bias[j] as f64 + if accumulate { c0[i * n + j] as f64 } else { 0.0 };
+                        for r in 0..k {
+                            e += a[i * k + r] as f64 * bm[r * n + j] as f64;
                         }
+                        let got = c[i * n + j] as f64;
+                        assert!((got - e).abs() < 1e-4, "{kernels:?} m{m} k{k} n{n} ({i},{j}): {got} vs {e}");
                     }
                 }
             }
         }
     }
 
-    /// Multi-tap tiles (the implicit-GEMM convolution's form) agree between the ISAs.
-    #[test]
-    fn tap_tiles_agree_between_isas() {
+    fn tap_tiles_match_portable_on(kernels: F32Kernels) {
         let (kc, lda, taps) = (7, 9, [0usize, 3, 20, 41]);
         let a = lcg(200, 5);
         let b = lcg(taps.len() * kc * NR, 6);
@@ -407,7 +406,7 @@ mod tests {
                     nc,
                 };
                 let mut expected = vec![0.0f32; 20 * MR];
-                tile.run(Isa::Scalar, &mut expected);
+                tile.run(F32Kernels::PORTABLE, &mut expected);
                 for i in 0..mr {
                     for j in 0..nc {
                         let mut e = 0.0f64;
@@ -419,12 +418,10 @@ mod tests {
                         assert!((expected[i * 20 + j] as f64 - e).abs() < 1e-4);
                     }
                 }
-                if Isa::Avx2Fma.supported() {
-                    let mut got = vec![0.0f32; 20 * MR];
-                    tile.run(Isa::Avx2Fma, &mut got);
-                    for (x, y) in got.iter().zip(&expected) {
-                        assert!((x - y).abs() < 1e-5, "mr {mr} nc {nc}: {x} vs {y}");
-                    }
+                let mut got = vec![0.0f32; 20 * MR];
+                tile.run(kernels, &mut got);
+                for (x, y) in got.iter().zip(&expected) {
+                    assert!((x - y).abs() < 1e-5, "{kernels:?} mr {mr} nc {nc}: {x} vs {y}");
                 }
             }
         }

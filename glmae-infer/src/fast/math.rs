@@ -5,7 +5,7 @@
 //! glmae-core's reference keeps libm's functions; the difference is within f32 rounding of the
 //! activations (the tests below bound it, the agreement tests bound the whole pass).
 
-use super::gemm::Isa;
+use super::kernels::F32Kernels;
 
 /// `e^x`, relative error under 2e-7 on `[-87, 88]` (Cephes' `expf` polynomial); inputs below
 /// -87.3 give about 1e-38 instead of underflowing further.
@@ -45,26 +45,29 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf)
 }
 
-/// GELU over a slice.
-pub fn gelu_in_place(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if Isa::detect() == Isa::Avx2Fma {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { avx2::gelu_in_place(x) };
-        return;
+/// GELU over a slice, on `kernels` (the AVX2 copy is the portable loop compiled for AVX2: the
+/// same operations, so the same values).
+pub fn gelu_in_place(kernels: F32Kernels, x: &mut [f32]) {
+    match kernels.isa() {
+        #[cfg(target_arch = "x86_64")]
+        super::kernels::Isa::Avx2Fma => {
+            // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both.
+            unsafe { avx2::gelu_in_place(x) }
+        }
+        _ => gelu_loop(x),
     }
-    gelu_loop(x);
 }
 
 /// Softmax over a slice, shifted by its maximum so large logits cannot overflow.
-pub fn softmax_in_place(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if Isa::detect() == Isa::Avx2Fma {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { avx2::softmax_in_place(x) };
-        return;
+pub fn softmax_in_place(kernels: F32Kernels, x: &mut [f32]) {
+    match kernels.isa() {
+        #[cfg(target_arch = "x86_64")]
+        super::kernels::Isa::Avx2Fma => {
+            // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both.
+            unsafe { avx2::softmax_in_place(x) }
+        }
+        _ => softmax_loop(x),
     }
-    softmax_loop(x);
 }
 
 #[inline(always)]
@@ -124,6 +127,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::kernels::for_each_f32_kernels;
     use super::*;
 
     /// Relative error of `exp` against f64 over the range the softmax uses (and beyond).
@@ -138,14 +142,39 @@ mod tests {
         assert!(worst < 2.5e-7, "exp: relative error {worst:e}");
     }
 
-    /// GELU against f64's exact erf, on every path (the AVX2 copy and the portable loop):
-    /// absolute error under 2e-7 x max(1, |x|) (erf's 1.5e-7, halved, times |x|). The
-    /// reference's own f32 `0.5 x (1 + erff)` is off by up to 1e-7 x |x| where `erff` nears -1.
-    #[test]
-    fn gelu_matches_exact_erf() {
+    /// The elementwise kernels' conformance tests for one kernel set (`$kernels`, an
+    /// `Option<F32Kernels>`: `None` where this CPU lacks it), in module `$name`.
+    macro_rules! math_conformance {
+        ($name:ident, $kernels:expr) => {
+            mod $name {
+                use super::*;
+
+                #[test]
+                fn gelu_matches_exact_erf() {
+                    if let Some(k) = $kernels {
+                        gelu_matches_exact_erf_on(k);
+                    }
+                }
+
+                #[test]
+                fn softmax_matches_reference() {
+                    if let Some(k) = $kernels {
+                        softmax_matches_reference_on(k);
+                    }
+                }
+            }
+        };
+    }
+
+    for_each_f32_kernels!(math_conformance);
+
+    /// GELU against f64's exact erf, on `kernels` and on the portable loop: absolute error under
+    /// 2e-7 x max(1, |x|) (erf's 1.5e-7, halved, times |x|). The reference's own f32
+    /// `0.5 x (1 + erff)` is off by up to 1e-7 x |x| where `erff` nears -1.
+    fn gelu_matches_exact_erf_on(kernels: F32Kernels) {
         let xs: Vec<f32> = (0..=40_000).map(|i| -10.0 + 20.0 * i as f32 / 40_000.0).collect();
         let mut fast = xs.clone();
-        gelu_in_place(&mut fast);
+        gelu_in_place(kernels, &mut fast);
         let mut portable = xs.clone();
         gelu_loop(&mut portable);
         let mut worst = 0.0f64;
@@ -155,22 +184,21 @@ mod tests {
             for got in [f, p] {
                 let err = (got as f64 - want).abs() / x64.abs().max(1.0);
                 worst = worst.max(err);
-                assert!(err < 2e-7, "gelu({x}) = {got}, exact {want}");
+                assert!(err < 2e-7, "{kernels:?} gelu({x}) = {got}, exact {want}");
             }
         }
-        println!("gelu: error up to {worst:.1e} x max(1, |x|)");
+        println!("{kernels:?} gelu: error up to {worst:.1e} x max(1, |x|)");
     }
 
     /// Softmax sums to one, keeps order, survives large logits, and matches the reference's.
-    #[test]
-    fn softmax_matches_reference() {
+    fn softmax_matches_reference_on(kernels: F32Kernels) {
         let mut x: Vec<f32> = (0..219).map(|i| ((i * 37) % 101) as f32 * 0.37 - 10.0).collect();
         x[5] = 1000.0;
         let mut want = x.clone();
         glmae_core::kernels::softmax_in_place(&mut want);
-        softmax_in_place(&mut x);
+        softmax_in_place(kernels, &mut x);
         for (a, b) in x.iter().zip(&want) {
-            assert!((a - b).abs() <= 1e-6 * b.max(1e-30) + 1e-37, "{a} vs {b}");
+            assert!((a - b).abs() <= 1e-6 * b.max(1e-30) + 1e-37, "{kernels:?}: {a} vs {b}");
         }
         let sum: f32 = x.iter().sum();
         assert!((sum - 1.0).abs() < 1e-6);

@@ -19,36 +19,7 @@ use rayon::prelude::*;
 
 use super::conv::Vol;
 use super::gemm::{MR, NR};
-
-/// Which int8 micro-kernel runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QIsa {
-    /// Portable integer Rust.
-    Scalar,
-    /// x86_64 AVX-512 VNNI on 256-bit registers (`avx512vnni` + `avx512vl`).
-    Vnni,
-}
-
-impl QIsa {
-    /// VNNI when the CPU has it.
-    pub fn detect() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx2")
-            {
-                return Some(QIsa::Vnni);
-            }
-        }
-        None
-    }
-
-    /// Whether this CPU can run it.
-    pub fn supported(self) -> bool {
-        self == QIsa::Scalar || QIsa::detect() == Some(self)
-    }
-}
+use super::kernels::Int8Kernels;
 
 /// An int16-quantised channel-last volume with a zero border and channels padded to a multiple
 /// of 2 (the VNNI dot product's width) with zeros.
@@ -231,7 +202,7 @@ impl<'a> QTile<'a> {
     }
 
     /// Runs the tiles into `c` (element `(i, j)` at `i * ldc + j`); panics if a slice is too short.
-    pub fn run(&self, isa: QIsa, c: &mut [f32]) {
+    pub fn run(&self, kernels: Int8Kernels, c: &mut [f32]) {
         let taps = self.a_offs.len();
         assert!(self.mr >= 1 && self.nc >= 1 && self.nc <= NR);
         assert!(self.b.len() >= taps * self.pairs * NR * 2);
@@ -240,11 +211,12 @@ impl<'a> QTile<'a> {
             self.a_offs.iter().copied().max().unwrap_or(0) + (self.mr - 1) * self.lda + 2 * self.pairs;
         assert!(a_last <= self.a.len(), "A too short");
         assert!((self.mr - 1) * self.ldc + self.nc <= c.len(), "C too short");
-        match isa {
+        match kernels.qisa() {
             #[cfg(target_arch = "x86_64")]
-            QIsa::Vnni if QIsa::detect() == Some(QIsa::Vnni) => {
-                // SAFETY: the CPU has AVX2, AVX-512 VNNI and VL (checked just above), and the
-                // asserts above bound every access the kernel makes.
+            super::kernels::QIsa::Vnni => {
+                // SAFETY: an `Int8Kernels` holding VNNI exists only where the CPU has AVX2,
+                // AVX-512 VNNI and VL (checked when the token was made), and the asserts above
+                // bound every access the kernel makes.
                 unsafe { vnni::tiles(self, c) }
             }
             _ => {
@@ -344,7 +316,7 @@ mod vnni {
 }
 
 /// Runs `w` on the quantised `x` into f32 channels `off..off + w.out_ch()` of `out`.
-pub fn qconv(isa: QIsa, x: &QVol, w: &QConvWeights, out: &mut Vol, off: usize) {
+pub fn qconv(kernels: Int8Kernels, x: &QVol, w: &QConvWeights, out: &mut Vol, off: usize) {
     assert_eq!(x.c2, w.c2, "quantised conv input channels");
     assert_eq!(x.dims, out.dims, "conv keeps the size");
     assert!(off + w.out_ch <= out.c, "conv output channels");
@@ -385,7 +357,7 @@ pub fn qconv(isa: QIsa, x: &QVol, w: &QConvWeights, out: &mut Vol, off: usize) {
                         nc,
                     };
                     let c0 = ((y + 1) * (wd + 2) + x0 + 1) * oc + off + p * NR;
-                    tile.run(isa, &mut opl[c0..]);
+                    tile.run(kernels, &mut opl[c0..]);
                     x0 += mr;
                 }
             }
@@ -397,12 +369,31 @@ pub fn qconv(isa: QIsa, x: &QVol, w: &QConvWeights, out: &mut Vol, off: usize) {
 mod tests {
     use super::*;
     use crate::fast::conv::{ConvWeights, conv};
-    use crate::fast::gemm::Isa;
+    use crate::fast::kernels::{F32Kernels, for_each_int8_kernels};
 
-    /// The int8 convolution equals the f32 one on dequantised weights and re-quantised inputs,
-    /// and VNNI equals the portable kernel bit for bit.
-    #[test]
-    fn qconv_matches_f32_conv_on_quantised_values() {
+    /// The direct int8 kernel's conformance tests for one kernel set (`$kernels`, an
+    /// `Option<Int8Kernels>`: `None` where this CPU lacks it), in module `$name`.
+    macro_rules! qconv_conformance {
+        ($name:ident, $kernels:expr) => {
+            mod $name {
+                use super::*;
+
+                /// The int8 convolution equals the f32 one on dequantised weights and
+                /// re-quantised inputs (the portable kernel), and this set equals the portable
+                /// kernel bit for bit.
+                #[test]
+                fn qconv_matches_f32_conv_on_quantised_values() {
+                    if let Some(k) = $kernels {
+                        qconv_matches_f32_conv_on(k);
+                    }
+                }
+            }
+        };
+    }
+
+    for_each_int8_kernels!(qconv_conformance);
+
+    fn qconv_matches_f32_conv_on(kernels: Int8Kernels) {
         for (ci, co, k, d) in [(5, 20, 3, [4, 7, 9]), (16, 16, 3, [6, 6, 6]), (3, 14, 1, [5, 3, 8])] {
             let taps = k * k * k;
             let q: Vec<i8> =
@@ -439,17 +430,15 @@ mod tests {
             }
             let fw = ConvWeights::from_fn(co, ci, k, |i| q[i] as f32 * scales[i / (ci * taps)], Some(&bias));
             let mut expected = Vol::zeros(d, co + 3);
-            conv(Isa::Scalar, &xd, &fw, &mut expected, 2);
+            conv(F32Kernels::PORTABLE, &xd, &fw, &mut expected, 2);
             let mut got = Vol::zeros(d, co + 3);
-            qconv(QIsa::Scalar, &qx, &qw, &mut got, 2);
+            qconv(Int8Kernels::PORTABLE, &qx, &qw, &mut got, 2);
             for (a, b) in got.data.iter().zip(&expected.data) {
                 assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
             }
-            if QIsa::Vnni.supported() {
-                let mut v = Vol::zeros(d, co + 3);
-                qconv(QIsa::Vnni, &qx, &qw, &mut v, 2);
-                assert_eq!(v.data, got.data, "VNNI and portable int8 kernels differ");
-            }
+            let mut v = Vol::zeros(d, co + 3);
+            qconv(kernels, &qx, &qw, &mut v, 2);
+            assert_eq!(v.data, got.data, "{kernels:?} and portable int8 kernels differ");
         }
     }
 

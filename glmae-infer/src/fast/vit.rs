@@ -7,7 +7,8 @@ use glmae_core::model::{BlockWeights, NormWeights, VitWeights};
 use glmae_core::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::gemm::{Isa, PackedB, gemm, pad_bias};
+use super::gemm::{PackedB, gemm, pad_bias};
+use super::kernels::F32Kernels;
 use super::math::{gelu_in_place, softmax_in_place};
 
 /// A Linear layer: `W^T` packed, bias padded.
@@ -28,9 +29,9 @@ impl Linear {
     }
 
     /// `out (+)= x * W^T + b` for `rows` rows of width `in_dim`.
-    fn run(&self, isa: Isa, x: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
+    fn run(&self, kernels: F32Kernels, x: &[f32], rows: usize, out: &mut [f32], accumulate: bool) {
         let (k, n) = (self.w.k(), self.w.n());
-        gemm(isa, x, rows, k, &self.w, self.bias.as_deref(), accumulate, out, n);
+        gemm(kernels, x, rows, k, &self.w, self.bias.as_deref(), accumulate, out, n);
     }
 
     fn bytes(&self) -> usize {
@@ -141,7 +142,7 @@ impl FastVit {
 
     /// The four hidden states UNETR taps (after blocks 3, 6, 9 and the final norm), each as
     /// token rows `(tokens, hidden)`, for a channel-first `input` on `window`.
-    pub(crate) fn encode(&self, isa: Isa, input: &[f32], window: Dims3) -> [Vec<f32>; 4] {
+    pub(crate) fn encode(&self, kernels: F32Kernels, input: &[f32], window: Dims3) -> [Vec<f32>; 4] {
         let cfg = &self.cfg;
         let p = cfg.patch_size as usize;
         let (e, in_ch) = (cfg.hidden_size as usize, cfg.in_channels as usize);
@@ -166,7 +167,7 @@ impl FastVit {
             }
         });
         let mut x = vec![0.0f32; tokens * e];
-        self.patch.run(isa, &patches, tokens, &mut x, false);
+        self.patch.run(kernels, &patches, tokens, &mut x, false);
         drop(patches);
         let configured = cfg.img_size.map(|s| (s / cfg.patch_size) as usize);
         // The learned table only exists for the configured window; other windows take sin-cos.
@@ -189,13 +190,13 @@ impl FastVit {
         let mut taps: [Vec<f32>; 4] = Default::default();
         for (i, b) in self.blocks.iter().enumerate() {
             b.norm1.run(&x, cfg.layer_norm_eps, &mut ln);
-            b.qkv.run(isa, &ln, tokens, &mut qkv, false);
-            attention(isa, &qkv, tokens, e, heads, &mut attn, &mut scores);
-            b.proj.run(isa, &attn, tokens, &mut x, true);
+            b.qkv.run(kernels, &ln, tokens, &mut qkv, false);
+            attention(kernels, &qkv, tokens, e, heads, &mut attn, &mut scores);
+            b.proj.run(kernels, &attn, tokens, &mut x, true);
             b.norm2.run(&x, cfg.layer_norm_eps, &mut ln);
-            b.fc1.run(isa, &ln, tokens, &mut hidden, false);
-            hidden.par_chunks_mut(mlp).for_each(gelu_in_place);
-            b.fc2.run(isa, &hidden, tokens, &mut x, true);
+            b.fc1.run(kernels, &ln, tokens, &mut hidden, false);
+            hidden.par_chunks_mut(mlp).for_each(|row| gelu_in_place(kernels, row));
+            b.fc2.run(kernels, &hidden, tokens, &mut x, true);
             if let Some(k) = UNETR_TAPS.iter().position(|&t| t == i) {
                 taps[k] = x.clone();
             }
@@ -215,17 +216,25 @@ fn sincos_table(grid: Dims3, hidden: usize) -> Vec<f32> {
 
 /// Multi-head attention over a fused `(tokens, 3 * hidden)` qkv (MONAI's (q|k|v, head, dim)
 /// order) into `(tokens, hidden)`: per head, `softmax(Q K^T / sqrt(dh)) V` as two GEMMs.
-fn attention(isa: Isa, qkv: &[f32], t: usize, e: usize, heads: usize, out: &mut [f32], scores: &mut [f32]) {
+fn attention(
+    kernels: F32Kernels,
+    qkv: &[f32],
+    t: usize,
+    e: usize,
+    heads: usize,
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
     let dh = e / heads;
     let scale = 1.0 / (dh as f32).sqrt();
     for h in 0..heads {
         let kt = PackedB::from_fn(dh, t, |d, j| qkv[j * 3 * e + e + h * dh + d]);
-        gemm(isa, &qkv[h * dh..], t, 3 * e, &kt, None, false, scores, t);
+        gemm(kernels, &qkv[h * dh..], t, 3 * e, &kt, None, false, scores, t);
         scores.par_chunks_mut(t).for_each(|row| {
             row.iter_mut().for_each(|s| *s *= scale);
-            softmax_in_place(row);
+            softmax_in_place(kernels, row);
         });
         let v = PackedB::from_fn(t, dh, |j, d| qkv[j * 3 * e + 2 * e + h * dh + d]);
-        gemm(isa, scores, t, t, &v, None, false, &mut out[h * dh..], e);
+        gemm(kernels, scores, t, t, &v, None, false, &mut out[h * dh..], e);
     }
 }

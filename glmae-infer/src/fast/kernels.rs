@@ -1,0 +1,227 @@
+//! The kernel table: which implementation of each kernel this process runs, chosen once.
+//!
+//! As in tract-linalg, the CPU's features are detected once (the first time a table is asked
+//! for, cached for the process) and the choice travels with the model ([`KernelTable`], held by
+//! [`super::FastUnetr`]) down to every kernel call, so no hot path tests the CPU again. A kernel
+//! set is a checked token ([`F32Kernels`], [`Int8Kernels`]): the only ways to get one check
+//! that this CPU runs it, so a kernel handed a SIMD token may call its `#[target_feature]` code
+//! without looking again. Tests build one token per set the CPU has ([`F32Kernels::all`],
+//! [`Int8Kernels::all`]) and compare each with the portable one.
+
+use std::sync::OnceLock;
+
+/// The f32 kernel implementations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust (autovectorised for the build target).
+    Scalar,
+    /// x86_64 AVX2 + FMA intrinsics.
+    Avx2Fma,
+}
+
+impl Isa {
+    /// The fastest set this CPU supports (detected once per process).
+    pub fn detect() -> Self {
+        KernelTable::detect().f32.isa()
+    }
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        F32Kernels::new(self).is_some()
+    }
+}
+
+/// The int8 kernel implementations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QIsa {
+    /// Portable integer Rust.
+    Scalar,
+    /// x86_64 AVX-512 VNNI on 256-bit registers (`avx512vnni` + `avx512vl`, with AVX2 and FMA
+    /// for the integer Winograd kernel's f32 transforms).
+    Vnni,
+}
+
+impl QIsa {
+    /// VNNI when the CPU has it (detected once per process).
+    pub fn detect() -> Option<Self> {
+        Some(KernelTable::detect().int8.qisa()).filter(|&q| q == QIsa::Vnni)
+    }
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        Int8Kernels::new(self).is_some()
+    }
+}
+
+/// What this CPU has, tested once.
+#[derive(Clone, Copy, Debug)]
+struct Features {
+    avx2_fma: bool,
+    /// AVX-512 VNNI and VL, and AVX2 + FMA (which every such CPU has; checked so that
+    /// [`Int8Kernels::f32_transforms`] may rely on it).
+    vnni: bool,
+}
+
+impl Features {
+    /// The process's features: detected on the first call only.
+    fn get() -> Features {
+        static FEATURES: OnceLock<Features> = OnceLock::new();
+        *FEATURES.get_or_init(Self::detect)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn detect() -> Features {
+        use std::arch::is_x86_feature_detected as has;
+        let avx2_fma = has!("avx2") && has!("fma");
+        Features { avx2_fma, vnni: avx2_fma && has!("avx512vnni") && has!("avx512vl") }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn detect() -> Features {
+        Features { avx2_fma: false, vnni: false }
+    }
+}
+
+/// An f32 kernel set this CPU runs. Holding one is the proof the SIMD kernels rely on: it can
+/// only be made by [`Self::new`] (which checks the CPU), [`Self::best`] and [`Self::PORTABLE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct F32Kernels(Isa);
+
+impl F32Kernels {
+    /// The portable kernels, which every CPU runs.
+    pub const PORTABLE: Self = Self(Isa::Scalar);
+
+    /// `isa`'s kernels, if this CPU runs them.
+    pub fn new(isa: Isa) -> Option<Self> {
+        match isa {
+            Isa::Scalar => Some(Self::PORTABLE),
+            Isa::Avx2Fma => Features::get().avx2_fma.then_some(Self(isa)),
+        }
+    }
+
+    /// The fastest set this CPU runs.
+    pub fn best() -> Self {
+        Self::new(Isa::Avx2Fma).unwrap_or(Self::PORTABLE)
+    }
+
+    /// Every set this CPU runs, the portable one first (for tests that compare them).
+    pub fn all() -> Vec<Self> {
+        [Isa::Scalar, Isa::Avx2Fma].into_iter().filter_map(Self::new).collect()
+    }
+
+    /// Which implementation.
+    pub fn isa(self) -> Isa {
+        self.0
+    }
+}
+
+/// An int8 kernel set this CPU runs; like [`F32Kernels`], only made after checking the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Int8Kernels(QIsa);
+
+impl Int8Kernels {
+    /// The portable integer kernels, which every CPU runs.
+    pub const PORTABLE: Self = Self(QIsa::Scalar);
+
+    /// `qisa`'s kernels, if this CPU runs them.
+    pub fn new(qisa: QIsa) -> Option<Self> {
+        match qisa {
+            QIsa::Scalar => Some(Self::PORTABLE),
+            QIsa::Vnni => Features::get().vnni.then_some(Self(qisa)),
+        }
+    }
+
+    /// The fastest set this CPU runs.
+    pub fn best() -> Self {
+        Self::new(QIsa::Vnni).unwrap_or(Self::PORTABLE)
+    }
+
+    /// Every set this CPU runs, the portable one first.
+    pub fn all() -> Vec<Self> {
+        [QIsa::Scalar, QIsa::Vnni].into_iter().filter_map(Self::new).collect()
+    }
+
+    /// Which implementation.
+    pub fn qisa(self) -> QIsa {
+        self.0
+    }
+
+    /// The f32 kernels the integer Winograd kernel transforms with: AVX2 + FMA with VNNI (whose
+    /// detection includes them), portable with the portable integer kernels, so that each
+    /// integer set always pairs with the same transforms.
+    pub fn f32_transforms(self) -> F32Kernels {
+        match self.0 {
+            QIsa::Scalar => F32Kernels::PORTABLE,
+            // Not `F32Kernels::new`: a VNNI token exists only where AVX2 and FMA were found.
+            QIsa::Vnni => F32Kernels(Isa::Avx2Fma),
+        }
+    }
+}
+
+/// The kernels a model runs: the f32 set and the int8 set, each checked against this CPU when
+/// the table is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTable {
+    /// Every f32 product, transform and elementwise kernel.
+    pub f32: F32Kernels,
+    /// The integer convolutions (used only where the policy picks them).
+    pub int8: Int8Kernels,
+}
+
+impl KernelTable {
+    /// The fastest of each set this CPU runs (the CPU is tested once per process).
+    pub fn detect() -> Self {
+        Self { f32: F32Kernels::best(), int8: Int8Kernels::best() }
+    }
+
+    /// The portable kernels only.
+    pub fn portable() -> Self {
+        Self { f32: F32Kernels::PORTABLE, int8: Int8Kernels::PORTABLE }
+    }
+}
+
+/// `$m!(name, kernels)` for each f32 kernel set: `kernels` an `Option<F32Kernels>`, `None` where
+/// this CPU lacks the set (its tests then pass without running). Conformance tests use it to
+/// generate one module of tests per implementation.
+#[cfg(test)]
+macro_rules! for_each_f32_kernels {
+    ($m:ident) => {
+        $m!(portable, Some($crate::fast::kernels::F32Kernels::PORTABLE));
+        $m!(avx2_fma, $crate::fast::kernels::F32Kernels::new($crate::fast::kernels::Isa::Avx2Fma));
+    };
+}
+#[cfg(test)]
+pub(crate) use for_each_f32_kernels;
+
+/// [`for_each_f32_kernels`] for the int8 kernel sets.
+#[cfg(test)]
+macro_rules! for_each_int8_kernels {
+    ($m:ident) => {
+        $m!(portable, Some($crate::fast::kernels::Int8Kernels::PORTABLE));
+        $m!(vnni, $crate::fast::kernels::Int8Kernels::new($crate::fast::kernels::QIsa::Vnni));
+    };
+}
+#[cfg(test)]
+pub(crate) use for_each_int8_kernels;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tokens exist exactly for the sets the CPU runs, and the detected table is the best of each.
+    #[test]
+    fn tokens_only_for_supported_sets() {
+        let table = KernelTable::detect();
+        assert_eq!(table.f32, F32Kernels::best());
+        assert_eq!(table.int8, Int8Kernels::best());
+        assert_eq!(F32Kernels::all()[0], F32Kernels::PORTABLE);
+        assert_eq!(Int8Kernels::all()[0], Int8Kernels::PORTABLE);
+        assert_eq!(F32Kernels::all().len(), 1 + usize::from(Isa::Avx2Fma.supported()));
+        assert_eq!(Int8Kernels::all().len(), 1 + usize::from(QIsa::Vnni.supported()));
+        // VNNI transforms with AVX2 + FMA, so it may only exist where they do.
+        if let Some(v) = Int8Kernels::new(QIsa::Vnni) {
+            assert_eq!(F32Kernels::new(Isa::Avx2Fma), Some(v.f32_transforms()));
+        }
+        assert_eq!(KernelTable::portable().f32.isa(), Isa::Scalar);
+    }
+}

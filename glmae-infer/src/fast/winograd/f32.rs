@@ -1,0 +1,218 @@
+//! Winograd in f32: the transformed weights ([`WinogradWeights`], either variant), the products
+//! on the GEMM micro-kernel, and the convolution ([`conv_winograd`]).
+
+use super::super::conv::{NormStats, Vol};
+use super::super::gemm::{NR, PackedB, Tile};
+use super::super::kernels::F32Kernels;
+use super::blocks::{Scratch, for_each_block, out_geometry};
+use super::transforms::{F2, F4, Points, input_transform, output_transform};
+use super::{TransformedKernels, Variant, padded_bias};
+
+/// A 3x3x3 convolution's weights transformed for Winograd: one packed `(in_ch, out_ch)` matrix
+/// per position of the transformed tile.
+#[derive(Clone, Debug)]
+pub struct WinogradWeights {
+    variant: Variant,
+    u: Vec<PackedB>,
+    bias: Vec<f32>,
+    in_ch: usize,
+    out_ch: usize,
+}
+
+impl WinogradWeights {
+    /// From `weight(i)`, element `i` of a row-major `(out, in, 3, 3, 3)` weight.
+    pub fn from_fn(
+        variant: Variant,
+        out_ch: usize,
+        in_ch: usize,
+        weight: impl Fn(usize) -> f32,
+        bias: Option<&[f32]>,
+    ) -> Self {
+        Self::new(&TransformedKernels::new(variant, out_ch, in_ch, weight), bias)
+    }
+
+    /// From kernels already transformed (rounded to f32 here, once).
+    pub fn new(k: &TransformedKernels, bias: Option<&[f32]>) -> Self {
+        let (t, in_ch, out_ch, n) = (&k.t, k.in_ch, k.out_ch, k.variant.positions());
+        let u = (0..n)
+            .map(|p| PackedB::from_fn(in_ch, out_ch, |ci, co| t[(co * in_ch + ci) * n + p] as f32))
+            .collect();
+        Self { variant: k.variant, u, bias: padded_bias(bias, out_ch), in_ch, out_ch }
+    }
+
+    /// The algorithm these weights are transformed for.
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// Whether these weights run on a volume of interior size `dims` (whole tiles only).
+    pub fn fits(&self, dims: [usize; 3]) -> bool {
+        self.variant.fits(dims)
+    }
+
+    /// Output channels.
+    pub fn out_ch(&self) -> usize {
+        self.out_ch
+    }
+
+    /// Bytes of transformed weights.
+    pub fn bytes(&self) -> usize {
+        self.u.iter().map(PackedB::bytes).sum::<usize>() + self.bias.len() * 4
+    }
+}
+
+/// Runs `w` on `x` into channels `off..off + w.out_ch()` of `out` (same interior size, whole
+/// tiles in every dimension: [`WinogradWeights::fits`]). Returns the InstanceNorm statistics of
+/// those channels ([`super::super::conv::instance_stats`]'s), gathered block by block while the block's
+/// outputs are in cache: every 3x3x3 convolution of the model is normalised next, and a separate
+/// pass would read the whole output again.
+pub fn conv_winograd(
+    kernels: F32Kernels,
+    x: &Vol,
+    w: &WinogradWeights,
+    out: &mut Vol,
+    off: usize,
+) -> NormStats {
+    assert_eq!(x.c, w.in_ch, "conv input channels");
+    assert_eq!(x.dims, out.dims, "conv keeps the size");
+    assert!(w.fits(x.dims), "{:?} Winograd tiles do not divide {:?}", w.variant, x.dims);
+    assert!(off + w.out_ch <= out.c, "conv output channels");
+    match w.variant {
+        Variant::F2 => run::<F2, 2, 4>(kernels, x, w, out, off),
+        Variant::F4 => run::<F4, 4, 6>(kernels, x, w, out, off),
+    }
+}
+
+/// [`conv_winograd`] for one variant's transforms.
+fn run<W: Points<M, A>, const M: usize, const A: usize>(
+    kernels: F32Kernels,
+    x: &Vol,
+    w: &WinogradWeights,
+    out: &mut Vol,
+    off: usize,
+) -> NormStats {
+    let (ci, co, n) = (w.in_ch, w.out_ch, w.variant.positions());
+    let g = out_geometry(x.dims, out.c, off);
+    for_each_block(w.variant, out, co, |(v, m, cols): &mut Scratch<f32>, b, slab, moments| {
+        let nt = b.tiles();
+        v.resize(n * nt * ci, 0.0);
+        m.resize(n * nt * co, 0.0);
+        input_transform::<W, M, A, _>(kernels, x, b, 1.0, v, cols);
+        products(kernels, w, v, m, nt);
+        output_transform::<W, M, A>(kernels, m, co, &w.bias, b, slab, g, moments);
+    })
+    .norm_stats()
+}
+
+/// The GEMMs of one block, one per position: `m[., p, .] = v[., p, .] * u[p]`, each
+/// `(nt, in_ch) x (in_ch, out_ch)`.
+fn products(kernels: F32Kernels, w: &WinogradWeights, v: &[f32], m: &mut [f32], nt: usize) {
+    let (ci, co, n) = (w.in_ch, w.out_ch, w.u.len());
+    let offs = [0usize];
+    for (p, u) in w.u.iter().enumerate() {
+        for pn in 0..u.panels() {
+            let tile = Tile {
+                a: &v[p * ci..],
+                a_offs: &offs,
+                lda: n * ci,
+                kc: ci,
+                b: u.panel(pn),
+                bias: None,
+                accumulate: false,
+                ldc: n * co,
+                mr: nt,
+                nc: u.panel_cols(pn),
+            };
+            tile.run(kernels, &mut m[p * co + pn * NR..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::conv::{ConvWeights, conv, instance_stats};
+    use super::super::super::kernels::for_each_f32_kernels;
+    use super::super::super::lcg;
+    use super::super::random_volume;
+    use super::*;
+
+    /// The f32 Winograd kernel's conformance tests for one kernel set (`$kernels`, an
+    /// `Option<F32Kernels>`: `None` where this CPU lacks it), in module `$name`.
+    macro_rules! winograd_conformance {
+        ($name:ident, $kernels:expr) => {
+            mod $name {
+                use super::*;
+
+                #[test]
+                fn f2_matches_direct_convolution() {
+                    if let Some(k) = $kernels {
+                        matches_direct_convolution(k, Variant::F2, 1e-5);
+                    }
+                }
+
+                #[test]
+                fn f4_matches_direct_convolution() {
+                    if let Some(k) = $kernels {
+                        matches_direct_convolution(k, Variant::F4, 1e-2);
+                    }
+                }
+            }
+        };
+    }
+
+    for_each_f32_kernels!(winograd_conformance);
+
+    /// `variant` on `kernels` computes the direct implicit GEMM's convolution (portable) and
+    /// returns its InstanceNorm statistics: odd channel counts (tails of the 8-lane transforms
+    /// and of the 16-column panels), several blocks per slab and rows split into parts (100
+    /// wide), an output channel offset. Channels outside the written range must stay untouched.
+    /// F(4, 3) rounds more (its transforms scale by up to 10 per dimension): measured at most
+    /// 3e-6 of an output's size for F(2, 3) and 2e-5 for F(4, 3) here (`tol` 1e-5 and 1e-2); a
+    /// wrong transform is off by the order of the outputs themselves.
+    fn matches_direct_convolution(kernels: F32Kernels, variant: Variant, tol: f32) {
+        for (ci, co, dims) in
+            [(8, 16, [4, 8, 8]), (11, 5, [4, 4, 4]), (19, 21, [8, 4, 100]), (16, 16, [8, 8, 8])]
+        {
+            let weights = lcg(co * ci * 27, 1);
+            let bias = lcg(co, 2);
+            let direct = ConvWeights::from_fn(co, ci, 3, |i| weights[i], Some(&bias));
+            let wino = WinogradWeights::from_fn(variant, co, ci, |i| weights[i], Some(&bias));
+            let x = random_volume(dims, ci, 3);
+            let mut want = Vol::zeros(dims, co + 3);
+            conv(F32Kernels::PORTABLE, &x, &direct, &mut want, 2);
+            let mut got = Vol::zeros(dims, co + 3);
+            got.data.fill(7.0);
+            let stats = conv_winograd(kernels, &x, &wino, &mut got, 2);
+            // The moments gathered block by block are those of the whole output.
+            let whole = instance_stats(&got, 2, co);
+            for (a, b) in stats.scale.iter().zip(&whole.scale).chain(stats.shift.iter().zip(&whole.shift)) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{variant:?} {kernels:?}: {a} vs {b}");
+            }
+            let mut worst = 0.0f32;
+            for z in 1..=dims[0] {
+                for y in 1..=dims[1] {
+                    for xx in 1..=dims[2] {
+                        let i = got.at(z, y, xx);
+                        for c in 0..co + 3 {
+                            let (g, e) = (got.data[i + c], want.data[i + c]);
+                            if c < 2 || c >= co + 2 {
+                                assert_eq!(
+                                    g, 7.0,
+                                    "{variant:?} {kernels:?} wrote channel {c} outside its range"
+                                );
+                                continue;
+                            }
+                            let err = (g - e).abs() / ((1.0 + e.abs()) * (ci as f32).sqrt());
+                            worst = worst.max(err);
+                            assert!(
+                                err < tol,
+                                "{variant:?} {kernels:?} ci={ci} co={co} {dims:?} voxel ({z},{y},{xx}) ch {c}: {g} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+            println!("{variant:?} {kernels:?} ci={ci} co={co} {dims:?}: relative error {worst:.1e}");
+        }
+    }
+}
