@@ -103,18 +103,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::ensure!(opts.probabilities.is_none(), "--probabilities takes a single input file");
                 std::fs::create_dir_all(&output)
                     .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", output.display()))?;
-                let mut v: Vec<_> = std::fs::read_dir(&input)
-                    .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", input.display()))?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| {
-                        p.to_string_lossy().ends_with(".nii") || p.to_string_lossy().ends_with(".nii.gz")
-                    })
+                let v: Vec<_> = glmae_data::dataset::nifti_files_in(&input)?
+                    .into_iter()
                     .map(|p| {
                         let out = output.join(p.file_name().unwrap_or_default());
                         (p, out)
                     })
                     .collect();
-                v.sort();
                 anyhow::ensure!(!v.is_empty(), "no .nii or .nii.gz files in {}", input.display());
                 v
             } else {

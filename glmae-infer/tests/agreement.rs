@@ -25,11 +25,11 @@ const INT8_WINOGRAD_LABELS: f64 = 0.995;
 
 fn input(n: usize, seed: u64) -> Vec<f32> {
     // Smooth structure plus noise, in the [0, 1] range of preprocessed CT.
-    let mut s = seed;
+    let mut rng = glmae_core::synthetic::Lcg::new(seed);
     (0..n)
         .map(|i| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let noise = (s >> 40) as f32 / (1u64 << 24) as f32;
+            // (s >> 40) / 2^24, exactly: symmetric() is (s >> 40) / 2^23 - 1 without rounding.
+            let noise = (rng.symmetric() + 1.0) / 2.0;
             0.5 + 0.3 * ((i as f32) * 0.013).sin() * 0.5 + 0.5 * noise - 0.25
         })
         .collect()

@@ -41,27 +41,31 @@ pub fn patch_embed(
     let w = weight.shape();
     let (hidden, in_ch, p) = (w.dims()[0] as usize, w.dims()[1] as usize, w.dims()[2] as usize);
     let grid = dims.map(|d| d / p);
+    let n = in_ch * p * p * p;
+    for (t, out) in tokens.chunks_exact_mut(hidden).take(grid[0] * grid[1] * grid[2]).enumerate() {
+        let patch = &mut patch_buf[..n];
+        gather_patch(input, dims, in_ch, p, t, patch);
+        for (e, o) in out.iter_mut().enumerate() {
+            *o = weight.row(e).dot(patch) + bias.get(e);
+        }
+    }
+}
+
+/// Copies token `token`'s patch (row-major over the `dims / p` grid) from `input` (`(in_ch,
+/// dims)`) into `out` (`in_ch * p^3` values) in the patch kernel's `(in_ch, z, y, x)` order: the
+/// one gather the reference and the fast encoders share.
+#[inline]
+pub fn gather_patch(input: &[f32], dims: Dims3, in_ch: usize, p: usize, token: usize, out: &mut [f32]) {
+    let grid = dims.map(|d| d / p);
+    let (gz, gy, gx) = (token / (grid[1] * grid[2]), token / grid[2] % grid[1], token % grid[2]);
     let vox = dims[0] * dims[1] * dims[2];
-    let mut t = 0;
-    for gz in 0..grid[0] {
-        for gy in 0..grid[1] {
-            for gx in 0..grid[2] {
-                // Gather the patch in the kernel's (in_ch, k, k, k) order.
-                let mut n = 0;
-                for c in 0..in_ch {
-                    for z in 0..p {
-                        for y in 0..p {
-                            let src = c * vox + ((gz * p + z) * dims[1] + gy * p + y) * dims[2] + gx * p;
-                            patch_buf[n..n + p].copy_from_slice(&input[src..src + p]);
-                            n += p;
-                        }
-                    }
-                }
-                let patch = &patch_buf[..n];
-                for (e, out) in tokens[t * hidden..(t + 1) * hidden].iter_mut().enumerate() {
-                    *out = weight.row(e).dot(patch) + bias.get(e);
-                }
-                t += 1;
+    let mut n = 0;
+    for c in 0..in_ch {
+        for z in 0..p {
+            for y in 0..p {
+                let src = c * vox + ((gz * p + z) * dims[1] + gy * p + y) * dims[2] + gx * p;
+                out[n..n + p].copy_from_slice(&input[src..src + p]);
+                n += p;
             }
         }
     }

@@ -16,7 +16,7 @@ pub use activation::{
 };
 pub use attention::self_attention;
 pub use conv::{ConvGeometry, conv_output_dims, conv_transpose_output_dims, conv_transpose3d, conv3d};
-pub use embed::{add_sincos_position_embedding, patch_embed, sincos_position_embedding};
+pub use embed::{add_sincos_position_embedding, gather_patch, patch_embed, sincos_position_embedding};
 pub use linear::linear;
 pub use norm::{INSTANCE_NORM_EPS, instance_norm_in_place, layer_norm};
 

@@ -222,7 +222,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile<const M: usize>(t: &Tile<'_>, c: &mut [f32]) {
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
-        // SAFETY (whole body): see the function's contract; pointer offsets below stay within
+        // SAFETY: (for the whole body) see the function's contract; pointer offsets below stay within
         // the slices' asserted extents.
         unsafe {
             if t.accumulate {

@@ -440,14 +440,8 @@ impl FastUnetr {
     }
 }
 
-/// Test data: `n` pseudo-random values in [-1, 1).
+/// Test data: `n` pseudo-random values in [-1, 1) (glmae-core's test-data generator).
 #[cfg(test)]
 fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    glmae_core::synthetic::Lcg::new(seed).symmetric_vec(n)
 }

@@ -41,6 +41,10 @@ impl QVol {
     /// Quantises `x`, whose largest `|value|` is `amax`, to levels `-level..=level`, reusing
     /// `buf`'s allocation.
     pub fn quantize(x: &Vol, amax: f32, level: i32, mut buf: Vec<i16>) -> Self {
+        // Adding and subtracting 1.5 * 2^23 rounds to nearest (ties to even) without SSE4.1's
+        // `roundps` (baseline x86_64 would call libm for `f32::round`); the clamp keeps values
+        // in range should `amax` understate the data.
+        const MAGIC: f32 = 12_582_912.0;
         let [d0, h, wd] = x.dims;
         let (c, plane) = (x.c, x.plane());
         let level = level.max(1) as f32;
@@ -50,10 +54,6 @@ impl QVol {
         buf.clear();
         buf.resize((d0 + 2) * qplane, 0);
         let inv = 1.0 / scale;
-        // Adding and subtracting 1.5 * 2^23 rounds to nearest (ties to even) without SSE4.1's
-        // `roundps` (baseline x86_64 would call libm for `f32::round`); the clamp keeps values
-        // in range should `amax` understate the data.
-        const MAGIC: f32 = 12_582_912.0;
         buf[qplane..(d0 + 1) * qplane].par_chunks_mut(qplane).enumerate().for_each(|(z, q)| {
             let pl = &x.data[(z + 1) * plane..][..plane];
             for y in 0..h {
@@ -272,7 +272,7 @@ mod vnni {
     #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
     pub(super) unsafe fn tile<const M: usize>(t: &QTile<'_>, c: &mut [f32]) {
         let mut acc = [[_mm256_setzero_si256(); 2]; M];
-        // SAFETY (whole body): see the function's contract.
+        // SAFETY: (for the whole body) see the function's contract.
         unsafe {
             let ap = t.a.as_ptr();
             let mut bp = t.b.as_ptr();

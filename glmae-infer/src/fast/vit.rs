@@ -149,22 +149,11 @@ impl FastVit {
         let grid = window.map(|w| w / p);
         let tokens = grid[0] * grid[1] * grid[2];
         let pv = in_ch * p * p * p;
-        let vox = window[0] * window[1] * window[2];
 
         // Gather patches in the kernel's (in_ch, z, y, x) order, one token per row.
         let mut patches = vec![0.0f32; tokens * pv];
         patches.par_chunks_mut(pv).enumerate().for_each(|(t, row)| {
-            let (gz, gy, gx) = (t / (grid[1] * grid[2]), t / grid[2] % grid[1], t % grid[2]);
-            let mut n = 0;
-            for c in 0..in_ch {
-                for z in 0..p {
-                    for y in 0..p {
-                        let src = c * vox + ((gz * p + z) * window[1] + gy * p + y) * window[2] + gx * p;
-                        row[n..n + p].copy_from_slice(&input[src..src + p]);
-                        n += p;
-                    }
-                }
-            }
+            glmae_core::kernels::gather_patch(input, window, in_ch, p, t, row);
         });
         let mut x = vec![0.0f32; tokens * e];
         self.patch.run(kernels, &patches, tokens, &mut x, false);

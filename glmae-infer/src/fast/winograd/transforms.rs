@@ -439,7 +439,7 @@ pub(super) mod avx2 {
         let col_len = A * A * 8;
         let slot_len = groups * col_len;
         let n = A * A * A;
-        // SAFETY (whole body): offsets within the contract's extents; AVX2 and FMA present.
+        // SAFETY: (for the whole body) offsets within the contract's extents; AVX2 and FMA present.
         unsafe {
             for xc in 0..M * tiles + A - M {
                 // Column xc along y, then z: position (a, b) of group g at
@@ -499,7 +499,7 @@ pub(super) mod avx2 {
         dst: *mut f32,
         g: OutGeometry,
     ) {
-        // SAFETY (whole body): offsets within the contract's extents; AVX2 and FMA present.
+        // SAFETY: (for the whole body) offsets within the contract's extents; AVX2 and FMA present.
         unsafe {
             // Along x, then y, one z-plane of positions at a time: ey[z][q][r].
             let mut ey = [[[F32x8::zero(); M]; M]; A];
