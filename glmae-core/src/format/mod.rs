@@ -257,7 +257,7 @@ impl<'a> ModelFile<'a> {
                 if values.len() != n {
                     return err(TensorProblem::DataLength { expected: n, found: values.len() });
                 }
-                let channels = shape.dims().get(axis as usize).copied().unwrap_or(0) as usize;
+                let channels = shape.dims().get(axis).copied().unwrap_or(0) as usize;
                 if channels == 0 || scales.len() != channels * 4 {
                     return err(TensorProblem::Scales);
                 }

@@ -170,7 +170,9 @@ impl ModelBuilder {
                 .map_err(|_| tensor_error(&t.name, TensorProblem::Rank))?;
             let data = match &t.data {
                 OwnedData::F32(v) => TensorData::F32(v),
-                OwnedData::Int8 { axis, scales, values } => TensorData::Int8 { axis: *axis, scales, values },
+                OwnedData::Int8 { axis, scales, values } => {
+                    TensorData::Int8 { axis: usize::from(*axis), scales, values }
+                }
             };
             records.push(TensorRecord { name: &t.name, shape, data });
         }
