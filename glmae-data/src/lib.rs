@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dataset;
+pub mod dicom;
 pub mod io;
 pub mod loader;
 pub mod nifti_io;
