@@ -228,8 +228,52 @@ pub fn segment_file_with(
     engine: Engine,
 ) -> Result<SegmentSummary> {
     use glmae_data::nifti_io::LabelType;
-    use glmae_data::preprocess::Preprocessor;
-    use glmae_data::sliding_window::{WindowSpec, window_count};
+    ensure_outputs_apart(input, output, opts)?;
+    let glmae_data::NiftiImage { volume, meta } = glmae_data::read_nifti(input)?;
+    let name = input.display().to_string();
+    let (labels, summary) = segment_source(model, volume, &name, &meta, opts, engine)?;
+    // Classes are capped at 256 by the format, so labels always fit uint8.
+    glmae_data::write_labels(output, &labels.data, labels.shape, &meta, LabelType::U8)?;
+    Ok(summary)
+}
+
+/// A DICOM series segmented: the labels on the series' grid (voxel `(column, row, slice)`) and
+/// the series they belong to.
+pub struct DicomSegmentation {
+    /// The labels, with the series' RAS affine.
+    pub labels: glmae_data::Labels,
+    /// The series and its slices in volume order (what a DICOM SEG references).
+    pub series: glmae_data::dicom::SeriesInfo,
+    /// The slices in volume order.
+    pub slices: Vec<glmae_data::dicom::SliceHeader>,
+    /// Counts and windows.
+    pub summary: SegmentSummary,
+}
+
+/// Segments the DICOM series in `dir` (the one with `series_uid`, or else the CT series with
+/// the most slices; [`glmae_data::dicom`]) and writes the labels as NIfTI to `output`, on the
+/// series' grid with its affine (what `dcm2niix` and nibabel give for the series).
+pub fn segment_dicom_with(
+    model: &ModelFile<'_>,
+    dir: &Path,
+    series_uid: Option<&str>,
+    output: &Path,
+    opts: &SegmentOptions,
+    engine: Engine,
+) -> Result<DicomSegmentation> {
+    use glmae_data::nifti_io::{LabelType, StoredType, meta_for_affine};
+    ensure_outputs_apart(dir, output, opts)?;
+    let dicom = glmae_data::dicom::read_dicom_folder(dir, series_uid)?;
+    let meta = meta_for_affine(&dicom.volume.affine, StoredType::F32);
+    let name = format!("{} ({})", dir.display(), dicom.series.label());
+    let glmae_data::dicom::DicomVolume { volume, series, slices } = dicom;
+    let (labels, summary) = segment_source(model, volume, &name, &meta, opts, engine)?;
+    glmae_data::write_labels(output, &labels.data, labels.shape, &meta, LabelType::U8)?;
+    Ok(DicomSegmentation { labels, series, slices, summary })
+}
+
+/// Refuses an output (or probabilities file) that is the input, or two outputs on one file.
+fn ensure_outputs_apart(input: &Path, output: &Path, opts: &SegmentOptions) -> Result<()> {
     glmae_data::io::ensure_not_input(input, output)?;
     if let Some(p) = &opts.probabilities {
         glmae_data::io::ensure_not_input(input, p)?;
@@ -239,20 +283,34 @@ pub fn segment_file_with(
             output.display()
         );
     }
-    let img = glmae_data::read_nifti(input)?;
+    Ok(())
+}
+
+/// Preprocesses `volume` as the model says, runs the windows, and takes the labels back on the
+/// source grid (softmax on the model grid, probabilities resampled as MONAI's Invertd, argmax
+/// there); writes the probabilities too when asked, with `meta`'s grid. `name` names the input
+/// in errors.
+fn segment_source(
+    model: &ModelFile<'_>,
+    volume: glmae_data::Volume,
+    name: &str,
+    meta: &glmae_data::nifti_io::NiftiMeta,
+    opts: &SegmentOptions,
+    engine: Engine,
+) -> Result<(glmae_data::Labels, SegmentSummary)> {
+    use glmae_data::preprocess::Preprocessor;
+    use glmae_data::sliding_window::{WindowSpec, window_count};
     let channels = model.config.vit.in_channels as usize;
     anyhow::ensure!(
-        img.volume.channels == channels,
-        "{}: {} channel(s), the model expects {channels}",
-        input.display(),
-        img.volume.channels
+        volume.channels == channels,
+        "{name}: {} channel(s), the model expects {channels}",
+        volume.channels
     );
     let prep = Preprocessor::from_model(&model.preprocessing);
-    // The source volume is handed over (reoriented in place, then freed): only its grid and
-    // header are needed to write the results back.
-    let glmae_data::NiftiImage { volume, meta } = img;
-    let source_shape = volume.shape;
-    let (vol, inverse) = prep.apply_owned(volume).with_context(|| format!("{}", input.display()))?;
+    // The source volume is handed over (reoriented in place, then freed): only its grid is
+    // needed to write the results back.
+    let (source_shape, source_affine) = (volume.shape, volume.affine);
+    let (vol, inverse) = prep.apply_owned(volume).with_context(|| name.to_string())?;
     let roi = model.config.vit.img_size.map(|s| s as usize);
     let classes = model.config.out_channels as usize;
     let spec = WindowSpec { roi, overlap: opts.overlap, blend: opts.blend };
@@ -261,13 +319,12 @@ pub fn segment_file_with(
     if opts.progress && windows > 8 * windows_at_half {
         // A high overlap multiplies the windows by about (1 - 0.5)^3 / (1 - overlap)^3.
         eprintln!(
-            "note: {}: overlap {} means {windows} windows (overlap 0.5: {windows_at_half}); this will take a while",
-            input.display(),
+            "note: {name}: overlap {} means {windows} windows (overlap 0.5: {windows_at_half}); this will take a while",
             opts.overlap,
         );
     }
-    let logits = segment_volume(model, &vol.data, vol.shape, opts, engine)
-        .with_context(|| format!("{}", input.display()))?;
+    let logits =
+        segment_volume(model, &vol.data, vol.shape, opts, engine).with_context(|| name.to_string())?;
     // MONAI's bundles: softmax on the model grid, probabilities back to the source grid
     // (trilinear, Invertd), argmax there. The logits' buffer becomes the probabilities'.
     let n = vol.voxels();
@@ -288,17 +345,15 @@ pub fn segment_file_with(
         use glmae_data::nifti_io::{ChannelWriter, StoredType};
         let (stored, slope) =
             if opts.probabilities_u8 { (StoredType::U8, 1.0 / 255.0) } else { (StoredType::F32, 1.0) };
-        let mut w = ChannelWriter::create(p, source_shape, classes, &meta, stored, slope)?;
+        let mut w = ChannelWriter::create(p, source_shape, classes, meta, stored, slope)?;
         for c in 0..classes {
             w.write_channel(&inverse.class_to_source(&probs, classes, c)?)?;
         }
         w.finish()?;
     }
-    // Classes are capped at 256 by the format, so labels always fit uint8.
-    glmae_data::write_labels(output, &source, source_shape, &meta, LabelType::U8)?;
     let mut counts = vec![0usize; classes];
     for &l in &source {
         counts[l as usize] += 1;
     }
-    Ok(SegmentSummary { counts, windows })
+    Ok((glmae_data::Volume::new(source, source_shape, source_affine), SegmentSummary { counts, windows }))
 }

@@ -19,17 +19,22 @@ enum Command {
         /// The `.glmae` weight file.
         model: PathBuf,
     },
-    /// Segment a NIfTI volume (or every volume in a folder) with a model.
+    /// Segment a NIfTI volume, every volume in a folder, or a DICOM series with a model.
     Segment {
         /// The `.glmae` weight file.
         #[arg(long)]
         model: PathBuf,
-        /// A .nii/.nii.gz file, or a folder of them.
+        /// A .nii/.nii.gz file, a folder of them, or a folder of DICOM files (any names, nested:
+        /// the series is chosen as with `convert`).
         #[arg(long)]
         input: PathBuf,
-        /// The label file, or a folder for a folder input.
+        /// The label file (NIfTI), or a folder for a folder of NIfTI files.
         #[arg(long)]
         output: PathBuf,
+        /// With DICOM input: the SeriesInstanceUID to segment (default: the CT series with the
+        /// most slices).
+        #[arg(long)]
+        series: Option<String>,
         /// Window overlap.
         #[arg(long, default_value_t = 0.5)]
         overlap: f64,
@@ -54,6 +59,19 @@ enum Command {
         #[arg(long, requires = "probabilities")]
         probabilities_u8: bool,
     },
+    /// Convert a DICOM series to NIfTI (what `dcm2niix` gives, read with nibabel): lists the
+    /// series found and writes the chosen one in its own units (HU for CT) and grid.
+    Convert {
+        /// A folder of DICOM files (any names, sub-folders included).
+        #[arg(long)]
+        input: PathBuf,
+        /// The .nii or .nii.gz file to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// The SeriesInstanceUID to convert (default: the CT series with the most slices).
+        #[arg(long)]
+        series: Option<String>,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -67,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             input,
             output,
+            series,
             overlap,
             blend,
             threads,
@@ -99,6 +118,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, true) => glmae_infer::Engine::FastInt8Kernels,
                 (false, false) => glmae_infer::Engine::Fast,
             };
+            let dicom = input.is_dir() && glmae_data::dataset::nifti_files_in(&input)?.is_empty();
+            if dicom {
+                let start = std::time::Instant::now();
+                let s = glmae_infer::segment_dicom_with(
+                    &file,
+                    &input,
+                    series.as_deref(),
+                    &output,
+                    &opts,
+                    engine,
+                )?;
+                println!(
+                    "{} -> {} ({}x{}x{}, {} windows, {:.1} s)",
+                    s.series.label(),
+                    output.display(),
+                    s.labels.shape[0],
+                    s.labels.shape[1],
+                    s.labels.shape[2],
+                    s.summary.windows,
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            anyhow::ensure!(series.is_none(), "--series is for a folder of DICOM files");
             let jobs: Vec<(PathBuf, PathBuf)> = if input.is_dir() {
                 anyhow::ensure!(opts.probabilities.is_none(), "--probabilities takes a single input file");
                 std::fs::create_dir_all(&output)
@@ -138,6 +181,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 failed.len(),
                 jobs.len(),
                 failed.join(", ")
+            );
+        }
+        Command::Convert { input, output, series } => {
+            use glmae_data::nifti_io::{StoredType, meta_for_affine, write_nifti};
+            let scan = glmae_data::dicom::scan(&input)?;
+            let chosen = glmae_data::dicom::choose(&scan, &input, series.as_deref())?;
+            for s in &scan.series {
+                let mark = if s.series_uid == chosen.series_uid { "*" } else { " " };
+                println!("{mark} {}", s.label());
+            }
+            if !scan.skipped.is_empty() {
+                println!(
+                    "  ({} file(s) skipped, e.g. {}: {})",
+                    scan.skipped.len(),
+                    scan.skipped[0].0.display(),
+                    scan.skipped[0].1
+                );
+            }
+            let v = glmae_data::dicom::read_series(chosen)?;
+            glmae_data::io::ensure_not_input(&input, &output)?;
+            // Integer values (CT in HU) are stored as int16 as dcm2niix does; anything else float32.
+            let integral = v.volume.data.iter().all(|x| x.fract() == 0.0 && (-32768.0..=32767.0).contains(x));
+            let stored = if integral { StoredType::I16 } else { StoredType::F32 };
+            let meta = meta_for_affine(&v.volume.affine, stored);
+            write_nifti(&output, &v.volume.data, v.volume.shape, 1, &meta, stored)?;
+            println!(
+                "wrote {} ({}x{}x{}, {stored:?}, {})",
+                output.display(),
+                v.volume.shape[0],
+                v.volume.shape[1],
+                v.volume.shape[2],
+                v.volume.affine.axcodes()
             );
         }
     }
