@@ -9,6 +9,7 @@
 
 pub mod dataset;
 pub mod dicom;
+pub mod dicom_seg;
 pub mod io;
 pub mod loader;
 pub mod nifti_io;

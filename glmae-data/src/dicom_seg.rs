@@ -1,0 +1,697 @@
+//! DICOM SEG out: a label map on a DICOM series' grid written as a binary Segmentation Storage
+//! object (one segment per class, SNOMED CT anatomy codes, every frame tied to its source slice),
+//! the form PACS viewers, 3D Slicer, OHIF and highdicom read.
+//!
+//! The object follows the Segmentation IOD as highdicom 0.28 writes it: explicit VR little
+//! endian, `BINARY` segmentation with 1-bit pixels packed bit-contiguously across frames, one
+//! frame per (segment, source slice) that holds voxels of that segment, a dimension index of
+//! (ReferencedSegmentNumber, ImagePositionPatient), and the study, patient and frame of reference
+//! of the source series.
+//!
+//! Decisions:
+//! - One segment per class `1..K` of `class_names`, present in the labels or not, so that segment
+//!   number `c` is class `c` in every file (as in the NIfTI label map); a class with no voxel has
+//!   a segment and no frames, which the standard and highdicom allow.
+//! - Frames that would be empty are omitted. When no voxel is labelled at all, the object holds
+//!   one empty frame (segment 1 on the first slice), as highdicom does: a SEG needs one frame.
+//! - New Series, SOP Instance and Dimension Organization UIDs are `2.25.` UUID-derived UIDs from
+//!   std's randomly keyed hasher over the time, process id, a counter and the source series UID.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use dicom_core::value::{C, DataSetSequence, PrimitiveValue};
+use dicom_core::{DataElement, Tag, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::{InMemDicomObject, OpenFileOptions};
+
+use crate::dicom::DicomVolume;
+use crate::volume::Labels;
+
+/// A coded concept: (CodeValue, CodingSchemeDesignator, CodeMeaning).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Code {
+    /// `CodeValue`, e.g. `78961009`.
+    pub value: &'static str,
+    /// `CodingSchemeDesignator`, e.g. `SCT` (SNOMED CT) or `DCM`.
+    pub scheme: &'static str,
+    /// `CodeMeaning`, e.g. `Spleen`.
+    pub meaning: &'static str,
+}
+
+const fn sct(value: &'static str, meaning: &'static str) -> Code {
+    Code { value, scheme: "SCT", meaning }
+}
+
+/// CID 7150 "Anatomical Structure" (SNOMED CT 91723000; DICOM's older 123037004 was replaced by
+/// it, and pydicom and highdicom use it).
+pub const ANATOMICAL_STRUCTURE: Code = sct("91723000", "Anatomical Structure");
+/// SNOMED CT "Tissue": category and type of a class whose name has no code here.
+pub const TISSUE: Code = sct("85756007", "Tissue");
+const RIGHT: Code = sct("24028007", "Right");
+const LEFT: Code = sct("7771000", "Left");
+const KIDNEY: Code = sct("64033007", "Kidney");
+const ADRENAL_GLAND: Code = sct("23451007", "Adrenal gland");
+const PORTAL_VEIN: Code = sct("32764006", "Portal vein");
+
+/// What a segment is: `SegmentedPropertyCategoryCodeSequence`, `SegmentedPropertyTypeCodeSequence`
+/// and its laterality in `SegmentedPropertyTypeModifierCodeSequence`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentProperty {
+    /// The category (CID 7150).
+    pub category: Code,
+    /// The structure (CID 7151 for anatomy).
+    pub property_type: Code,
+    /// Right or left, for paired organs (CID 244).
+    pub modifier: Option<Code>,
+}
+
+/// Class names (normalised: lower case, `_`/`-` as spaces) and their SNOMED CT codes: the 13
+/// BTCV organs of `glmae_core::preprocessing::BTCV_CLASSES` and common spellings of them.
+const ANATOMY: &[(&[&str], Code, Option<Code>)] = &[
+    (&["spleen"], sct("78961009", "Spleen"), None),
+    (&["right kidney", "kidney right"], KIDNEY, Some(RIGHT)),
+    (&["left kidney", "kidney left"], KIDNEY, Some(LEFT)),
+    (&["kidney", "kidneys"], KIDNEY, None),
+    (&["gallbladder", "gall bladder"], sct("28231008", "Gallbladder"), None),
+    (&["esophagus", "oesophagus"], sct("32849002", "Esophagus"), None),
+    (&["liver"], sct("10200004", "Liver"), None),
+    (&["stomach"], sct("69695003", "Stomach"), None),
+    (&["aorta"], sct("15825003", "Aorta"), None),
+    (&["inferior vena cava", "ivc", "postcava"], sct("64131007", "Inferior vena cava"), None),
+    // BTCV's class joins two veins; SNOMED CT has no code for the pair, the portal vein stands
+    // for it (the label keeps the full name).
+    (
+        &[
+            "portal and splenic veins",
+            "portal vein and splenic vein",
+            "portal vein and splenic veins",
+            "portal vein",
+        ],
+        PORTAL_VEIN,
+        None,
+    ),
+    (&["splenic vein"], sct("35819009", "Splenic vein"), None),
+    (&["pancreas"], sct("15776009", "Pancreas"), None),
+    (&["right adrenal gland", "adrenal gland right", "right adrenal"], ADRENAL_GLAND, Some(RIGHT)),
+    (&["left adrenal gland", "adrenal gland left", "left adrenal"], ADRENAL_GLAND, Some(LEFT)),
+    (&["adrenal gland", "adrenal glands"], ADRENAL_GLAND, None),
+];
+
+/// The coded property of a class name: its SNOMED CT anatomy code when the name is one of the
+/// organs above (case, `_` and `-` ignored), else [`TISSUE`] as category and type.
+pub fn segment_property(class_name: &str) -> SegmentProperty {
+    let key =
+        class_name.to_lowercase().replace(['_', '-'], " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    match ANATOMY.iter().find(|(names, _, _)| names.contains(&key.as_str())) {
+        Some(&(_, property_type, modifier)) => {
+            SegmentProperty { category: ANATOMICAL_STRUCTURE, property_type, modifier }
+        }
+        None => SegmentProperty { category: TISSUE, property_type: TISSUE, modifier: None },
+    }
+}
+
+/// Descriptive attributes of the SEG object; [`Default`] describes glmae's UNETR.
+#[derive(Clone, Debug)]
+pub struct SegOptions {
+    /// `SeriesDescription` of the new series.
+    pub series_description: String,
+    /// `SeriesNumber`; `None`: the source's number plus 1000 (1000 without one).
+    pub series_number: Option<i32>,
+    /// `InstanceNumber`.
+    pub instance_number: i32,
+    /// `ContentLabel` (a code string: upper case letters, digits, `_` and space are kept, at most
+    /// 16 characters).
+    pub content_label: String,
+    /// `ContentDescription`.
+    pub content_description: String,
+    /// `ContentCreatorName` (a person name; may be empty).
+    pub content_creator_name: String,
+    /// `Manufacturer`.
+    pub manufacturer: String,
+    /// `ManufacturerModelName`.
+    pub manufacturer_model_name: String,
+    /// `SoftwareVersions`.
+    pub software_versions: String,
+    /// `DeviceSerialNumber` (type 1 in the Enhanced General Equipment module).
+    pub device_serial_number: String,
+    /// `SegmentAlgorithmName` and `AlgorithmName`.
+    pub algorithm_name: String,
+    /// `AlgorithmVersion`.
+    pub algorithm_version: String,
+}
+
+impl Default for SegOptions {
+    fn default() -> Self {
+        let version = env!("CARGO_PKG_VERSION").to_string();
+        Self {
+            series_description: "glmae UNETR segmentation".into(),
+            series_number: None,
+            instance_number: 1,
+            content_label: "SEGMENTATION".into(),
+            content_description: "Automatic segmentation by glmae UNETR".into(),
+            content_creator_name: String::new(),
+            manufacturer: "glmae".into(),
+            manufacturer_model_name: "glmae UNETR".into(),
+            software_versions: version.clone(),
+            device_serial_number: "0".into(),
+            algorithm_name: "glmae UNETR".into(),
+            algorithm_version: version,
+        }
+    }
+}
+
+/// Writes `labels` (on `source`'s grid: voxel `(i, j, k)` is pixel (row `j`, column `i`) of
+/// slice `source.slices[k]`) as a binary DICOM SEG at `path`, atomically. `class_names[c]` names
+/// label value `c`; `class_names[0]` is the background and gets no segment.
+///
+/// Errors (naming `path`): a label grid other than the source's, a label value without a class
+/// name, fewer than two class names, a source without the UIDs a SEG must reference, an output
+/// that cannot be written. Nothing is left at `path` after an error.
+pub fn write_seg(
+    path: &Path,
+    source: &DicomVolume,
+    labels: &Labels,
+    class_names: &[String],
+    opts: &SegOptions,
+) -> Result<()> {
+    let bytes = encode_seg(source, labels, class_names, opts)
+        .with_context(|| format!("cannot write DICOM SEG {}", path.display()))?;
+    crate::io::atomic_write(path, &bytes)
+}
+
+/// The SEG object as the bytes of a DICOM file (preamble, file meta group, data set).
+pub fn encode_seg(
+    source: &DicomVolume,
+    labels: &Labels,
+    class_names: &[String],
+    opts: &SegOptions,
+) -> Result<Vec<u8>> {
+    let geometry = check_inputs(source, labels, class_names)?;
+    let frames = frames_of(labels, class_names.len());
+    let obj = build(source, labels, class_names, opts, &geometry, &frames)?;
+    let file = obj
+        .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+        .map_err(|e| anyhow::anyhow!("cannot make the file meta group: {e}"))?;
+    let mut bytes = Vec::new();
+    file.write_all(&mut bytes).map_err(|e| anyhow::anyhow!("cannot encode the SEG object: {e}"))?;
+    Ok(bytes)
+}
+
+/// The source geometry every frame shares.
+struct Geometry {
+    orientation: [f64; 6],
+    pixel_spacing: [f64; 2],
+    slice_step: f64,
+}
+
+fn check_inputs(source: &DicomVolume, labels: &Labels, class_names: &[String]) -> Result<Geometry> {
+    let shape = source.volume.shape;
+    ensure!(
+        labels.shape == shape && labels.channels == 1,
+        "the labels are {}x{}x{} voxels ({} channels), the source series {} is {}x{}x{}",
+        labels.shape[0],
+        labels.shape[1],
+        labels.shape[2],
+        labels.channels,
+        source.series.series_uid,
+        shape[0],
+        shape[1],
+        shape[2]
+    );
+    ensure!(
+        labels.data.len() == labels.voxels(),
+        "the labels hold {} values for {} voxels",
+        labels.data.len(),
+        labels.voxels()
+    );
+    let (a, b) = (&labels.affine.0, &source.volume.affine.0);
+    let off = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f64::max);
+    // NaN fails this comparison too.
+    ensure!(
+        off <= 1e-4,
+        "the labels' affine {:?} is not the source series' {:?}: the labels are on another grid",
+        labels.affine.0,
+        source.volume.affine.0
+    );
+    ensure!(
+        source.slices.len() == shape[2],
+        "the source has {} slices for a volume of {} slices",
+        source.slices.len(),
+        shape[2]
+    );
+    ensure!(
+        class_names.len() >= 2,
+        "{} class names: need the background and at least one class",
+        class_names.len()
+    );
+    ensure!(
+        class_names.len() <= usize::from(u16::MAX),
+        "{} classes do not fit DICOM's 16-bit segment numbers",
+        class_names.len()
+    );
+    if let Some(&max) = labels.data.iter().max() {
+        ensure!(
+            usize::from(max) < class_names.len(),
+            "label value {max} has no class name ({} names: 0..{})",
+            class_names.len(),
+            class_names.len() - 1
+        );
+    }
+    ensure!(!source.series.study_uid.is_empty(), "the source series has no StudyInstanceUID");
+    ensure!(
+        !source.series.frame_of_reference_uid.is_empty(),
+        "the source series has no FrameOfReferenceUID, which a SEG on its grid must share"
+    );
+    for s in &source.slices {
+        ensure!(
+            s.rows == shape[1] && s.columns == shape[0],
+            "{}: {}x{} pixels in a {}x{} (rows x columns) volume",
+            s.path.display(),
+            s.rows,
+            s.columns,
+            shape[1],
+            shape[0]
+        );
+        ensure!(
+            !s.sop_instance_uid.is_empty() && !s.sop_class_uid.is_empty(),
+            "{}: no SOPInstanceUID or SOPClassUID to reference",
+            s.path.display()
+        );
+        ensure!(s.position.is_some(), "{}: no ImagePositionPatient", s.path.display());
+    }
+    let first = source.slices.first().context("the source has no slices")?;
+    let orientation =
+        first.orientation.with_context(|| format!("{}: no ImageOrientationPatient", first.path.display()))?;
+    let pixel_spacing =
+        first.pixel_spacing.with_context(|| format!("{}: no PixelSpacing", first.path.display()))?;
+    Ok(Geometry { orientation, pixel_spacing, slice_step: source.volume.spacing()[2] })
+}
+
+/// One frame: the segment (= class value) and the source slice `k`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Frame {
+    segment: u8,
+    slice: usize,
+}
+
+/// The frames to write, segment-major then slice (highdicom's order): every (class, slice) pair
+/// with a voxel of that class, or one empty frame when nothing is labelled.
+fn frames_of(labels: &Labels, classes: usize) -> Vec<Frame> {
+    let n = labels.shape[2];
+    let mut present = vec![false; classes * n];
+    // k runs fastest in memory: one pass, no strided reads.
+    for (v, &c) in labels.data.iter().enumerate() {
+        if c != 0 {
+            present[usize::from(c) * n + v % n] = true;
+        }
+    }
+    // Label values are u8: classes past 255 have no voxels.
+    let mut frames: Vec<Frame> = (1..classes.min(256))
+        .flat_map(|c| (0..n).map(move |k| (c, k)))
+        .filter(|&(c, k)| present[c * n + k])
+        .map(|(c, k)| Frame { segment: c as u8, slice: k })
+        .collect();
+    if frames.is_empty() {
+        frames.push(Frame { segment: 1, slice: 0 });
+    }
+    frames
+}
+
+/// The frames' 1-bit pixels, concatenated without padding between frames: pixel `p` of the
+/// stream (frame-major, then row, then column) is bit `p % 8` (least significant first) of byte
+/// `p / 8`, as PS3.5 8.1.1 packs them; padded to an even length.
+fn pack_frames(labels: &Labels, frames: &[Frame]) -> Vec<u8> {
+    let [columns, rows, n] = labels.shape;
+    let per_frame = rows * columns;
+    let mut frame_of = vec![usize::MAX; 256 * n];
+    for (f, fr) in frames.iter().enumerate() {
+        frame_of[usize::from(fr.segment) * n + fr.slice] = f;
+    }
+    let bits = frames.len() * per_frame;
+    let mut bytes = vec![0u8; bits.div_ceil(8) + bits.div_ceil(8) % 2];
+    for i in 0..columns {
+        for j in 0..rows {
+            let base = labels.index(i, j, 0);
+            for (k, &c) in labels.data[base..base + n].iter().enumerate() {
+                let f = frame_of[usize::from(c) * n + k];
+                if c != 0 && f != usize::MAX {
+                    let p = f * per_frame + j * columns + i;
+                    bytes[p / 8] |= 1 << (p % 8);
+                }
+            }
+        }
+    }
+    bytes
+}
+
+fn elem(tag: Tag, vr: VR, value: impl Into<PrimitiveValue>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, value.into())
+}
+
+fn put_str(obj: &mut InMemDicomObject, tag: Tag, vr: VR, value: &str) {
+    obj.put(elem(tag, vr, value));
+}
+
+fn put_seq(obj: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
+    obj.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
+}
+
+fn put_u16(obj: &mut InMemDicomObject, tag: Tag, value: u16) {
+    obj.put(elem(tag, VR::US, value));
+}
+
+fn code_item(code: Code) -> InMemDicomObject {
+    let mut item = InMemDicomObject::new_empty();
+    put_str(&mut item, tags::CODE_VALUE, VR::SH, code.value);
+    put_str(&mut item, tags::CODING_SCHEME_DESIGNATOR, VR::SH, code.scheme);
+    put_str(&mut item, tags::CODE_MEANING, VR::LO, code.meaning);
+    item
+}
+
+/// A decimal string of at most 16 characters (DS), as precise as fits.
+fn ds(v: f64) -> String {
+    for precision in (0..=10).rev() {
+        let s = format!("{v:.precision$}");
+        let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
+        let s = if s == "-0" { "0" } else { s };
+        if s.len() <= 16 {
+            return s.to_string();
+        }
+    }
+    format!("{v:.6e}")
+}
+
+fn put_ds(obj: &mut InMemDicomObject, tag: Tag, values: &[f64]) {
+    let strs: C<String> = values.iter().map(|&v| ds(v)).collect();
+    obj.put(DataElement::new(tag, VR::DS, PrimitiveValue::Strs(strs)));
+}
+
+/// A long string (LO): at most 64 characters, no backslash (the value separator) or control
+/// characters.
+fn lo(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == '\\' || c.is_control() { ' ' } else { c })
+        .take(64)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// A code string (CS): upper case letters, digits, `_` and space, at most 16 characters.
+fn cs(s: &str, fallback: &str) -> String {
+    let s: String = s
+        .to_uppercase()
+        .chars()
+        .map(|c| if c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' { c } else { '_' })
+        .take(16)
+        .collect();
+    let s = s.trim().to_string();
+    if s.is_empty() { fallback.to_string() } else { s }
+}
+
+/// A new `2.25.` UID: a version 4 UUID (ISO/IEC 9834-8) from std's randomly keyed SipHash over
+/// the time, process id, a per-process counter and `salt` (the source series UID).
+fn new_uid(salt: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut halves = [0u64; 2];
+    for (h, half) in halves.iter_mut().enumerate() {
+        let mut hasher = RandomState::new().build_hasher();
+        (h, count, nanos, std::process::id(), salt).hash(&mut hasher);
+        *half = hasher.finish();
+    }
+    let mut v = (u128::from(halves[0]) << 64) | u128::from(halves[1]);
+    v = (v & !(0xF << 76)) | (0x4 << 76); // version 4
+    v = (v & !(0x3 << 62)) | (0x2 << 62); // variant 10
+    format!("2.25.{v}")
+}
+
+/// UTC date `YYYYMMDD` and time `HHMMSS` now (std has no time zone; the object says +0000).
+fn utc_now() -> (String, String) {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (format!("{year:04}{month:02}{day:02}"), format!("{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60))
+}
+
+/// Patient and study attributes copied from the source's first file, with their VR; those of
+/// type 2 in the SEG IOD are written empty when the source lacks them.
+const COPIED: &[(Tag, VR, bool)] = &[
+    (tags::PATIENT_NAME, VR::PN, true),
+    (tags::PATIENT_ID, VR::LO, true),
+    (tags::ISSUER_OF_PATIENT_ID, VR::LO, false),
+    (tags::PATIENT_BIRTH_DATE, VR::DA, true),
+    (tags::PATIENT_SEX, VR::CS, true),
+    (tags::PATIENT_AGE, VR::AS, false),
+    (tags::PATIENT_SIZE, VR::DS, false),
+    (tags::PATIENT_WEIGHT, VR::DS, false),
+    (tags::STUDY_DATE, VR::DA, true),
+    (tags::STUDY_TIME, VR::TM, true),
+    (tags::REFERRING_PHYSICIAN_NAME, VR::PN, true),
+    (tags::STUDY_ID, VR::SH, true),
+    (tags::ACCESSION_NUMBER, VR::SH, true),
+    (tags::STUDY_DESCRIPTION, VR::LO, false),
+    (tags::POSITION_REFERENCE_INDICATOR, VR::LO, true),
+];
+
+/// Copies [`COPIED`] from the source's first readable file; without one (the files moved), the
+/// patient name and ID the series was read with, and the rest empty.
+fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) {
+    let header = source
+        .slices
+        .iter()
+        .find_map(|s| OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(&s.path).ok());
+    for &(tag, vr, type2) in COPIED {
+        let value = header
+            .as_ref()
+            .and_then(|h| h.get(tag))
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_string());
+        let value = value.or_else(|| match header {
+            Some(_) => None,
+            None if tag == tags::PATIENT_NAME => Some(source.series.patient_name.clone()),
+            None if tag == tags::PATIENT_ID => Some(source.series.patient_id.clone()),
+            None => None,
+        });
+        match value {
+            Some(v) => put_str(obj, tag, vr, &v),
+            None if type2 => put_str(obj, tag, vr, ""),
+            None => {}
+        }
+    }
+}
+
+fn build(
+    source: &DicomVolume,
+    labels: &Labels,
+    class_names: &[String],
+    opts: &SegOptions,
+    geometry: &Geometry,
+    frames: &[Frame],
+) -> Result<InMemDicomObject> {
+    let [columns, rows, _] = labels.shape;
+    let (Ok(rows16), Ok(columns16)) = (u16::try_from(rows), u16::try_from(columns)) else {
+        bail!("{rows}x{columns} pixels do not fit DICOM's 16-bit Rows and Columns")
+    };
+    let pixels = pack_frames(labels, frames);
+    ensure!(
+        pixels.len() < u32::MAX as usize - 1,
+        "{} frames of {rows}x{columns} pixels need {} bytes, more than one DICOM object holds",
+        frames.len(),
+        pixels.len()
+    );
+    let series = &source.series;
+    let series_uid = new_uid(&series.series_uid);
+    let sop_uid = new_uid(&series.series_uid);
+    let dimension_uid = new_uid(&series.series_uid);
+    let (date, time) = utc_now();
+    let series_number =
+        opts.series_number.unwrap_or_else(|| series.number.and_then(|n| n.checked_add(1000)).unwrap_or(1000));
+
+    let mut obj = InMemDicomObject::new_empty();
+    // Text copied from the source was decoded from its character set; all text is written as UTF-8.
+    put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
+    obj.put(DataElement::new(
+        tags::IMAGE_TYPE,
+        VR::CS,
+        PrimitiveValue::Strs(["DERIVED", "PRIMARY"].iter().map(|s| s.to_string()).collect()),
+    ));
+    put_str(&mut obj, tags::INSTANCE_CREATION_DATE, VR::DA, &date);
+    put_str(&mut obj, tags::INSTANCE_CREATION_TIME, VR::TM, &time);
+    put_str(&mut obj, tags::SOP_CLASS_UID, VR::UI, uids::SEGMENTATION_STORAGE);
+    put_str(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, &sop_uid);
+    put_str(&mut obj, tags::CONTENT_DATE, VR::DA, &date);
+    put_str(&mut obj, tags::CONTENT_TIME, VR::TM, &time);
+    put_str(&mut obj, tags::MODALITY, VR::CS, "SEG");
+    put_str(&mut obj, tags::MANUFACTURER, VR::LO, &lo(&opts.manufacturer));
+    put_str(&mut obj, tags::TIMEZONE_OFFSET_FROM_UTC, VR::SH, "+0000");
+    put_str(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, &lo(&opts.series_description));
+    put_str(&mut obj, tags::MANUFACTURER_MODEL_NAME, VR::LO, &lo(&opts.manufacturer_model_name));
+    copy_patient_and_study(source, &mut obj);
+
+    // Common Instance Reference: the source series and every instance in it.
+    let instances = source
+        .slices
+        .iter()
+        .map(|s| {
+            let mut item = InMemDicomObject::new_empty();
+            put_str(&mut item, tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid);
+            put_str(&mut item, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &s.sop_instance_uid);
+            item
+        })
+        .collect();
+    let mut referenced_series = InMemDicomObject::new_empty();
+    put_seq(&mut referenced_series, tags::REFERENCED_INSTANCE_SEQUENCE, instances);
+    put_str(&mut referenced_series, tags::SERIES_INSTANCE_UID, VR::UI, &series.series_uid);
+    put_seq(&mut obj, tags::REFERENCED_SERIES_SEQUENCE, vec![referenced_series]);
+
+    put_str(&mut obj, tags::DEVICE_SERIAL_NUMBER, VR::LO, &lo(&opts.device_serial_number));
+    put_str(&mut obj, tags::SOFTWARE_VERSIONS, VR::LO, &lo(&opts.software_versions));
+    put_str(&mut obj, tags::STUDY_INSTANCE_UID, VR::UI, &series.study_uid);
+    put_str(&mut obj, tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
+    put_str(&mut obj, tags::SERIES_NUMBER, VR::IS, &series_number.to_string());
+    put_str(&mut obj, tags::INSTANCE_NUMBER, VR::IS, &opts.instance_number.to_string());
+    put_str(&mut obj, tags::FRAME_OF_REFERENCE_UID, VR::UI, &series.frame_of_reference_uid);
+
+    // Multi-frame Dimension: frames indexed by (segment, position), as highdicom writes them.
+    let mut organization = InMemDicomObject::new_empty();
+    put_str(&mut organization, tags::DIMENSION_ORGANIZATION_UID, VR::UI, &dimension_uid);
+    put_seq(&mut obj, tags::DIMENSION_ORGANIZATION_SEQUENCE, vec![organization]);
+    let dimension = |index: Tag, group: Tag, label: &str| {
+        let mut item = InMemDicomObject::new_empty();
+        put_str(&mut item, tags::DIMENSION_ORGANIZATION_UID, VR::UI, &dimension_uid);
+        item.put(elem(tags::DIMENSION_INDEX_POINTER, VR::AT, index));
+        item.put(elem(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, group));
+        put_str(&mut item, tags::DIMENSION_DESCRIPTION_LABEL, VR::LO, label);
+        item
+    };
+    let dimensions = vec![
+        dimension(
+            tags::REFERENCED_SEGMENT_NUMBER,
+            tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+            "Referenced Segment Number",
+        ),
+        dimension(tags::IMAGE_POSITION_PATIENT, tags::PLANE_POSITION_SEQUENCE, "Image Position Patient"),
+    ];
+    put_seq(&mut obj, tags::DIMENSION_INDEX_SEQUENCE, dimensions);
+
+    // Image Pixel and Segmentation Image modules.
+    put_u16(&mut obj, tags::SAMPLES_PER_PIXEL, 1);
+    put_str(&mut obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+    put_str(&mut obj, tags::NUMBER_OF_FRAMES, VR::IS, &frames.len().to_string());
+    put_u16(&mut obj, tags::ROWS, rows16);
+    put_u16(&mut obj, tags::COLUMNS, columns16);
+    put_u16(&mut obj, tags::BITS_ALLOCATED, 1);
+    put_u16(&mut obj, tags::BITS_STORED, 1);
+    put_u16(&mut obj, tags::HIGH_BIT, 0);
+    put_u16(&mut obj, tags::PIXEL_REPRESENTATION, 0);
+    put_str(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+    put_str(&mut obj, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
+
+    let segments = (1..class_names.len())
+        .map(|c| {
+            let name = lo(&class_names[c]);
+            let name = if name.is_empty() { format!("class {c}") } else { name };
+            let property = segment_property(&class_names[c]);
+            let mut item = InMemDicomObject::new_empty();
+            put_seq(
+                &mut item,
+                tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE,
+                vec![code_item(property.category)],
+            );
+            put_u16(&mut item, tags::SEGMENT_NUMBER, c as u16);
+            put_str(&mut item, tags::SEGMENT_LABEL, VR::LO, &name);
+            let mut algorithm = InMemDicomObject::new_empty();
+            let family = Code { value: "123110", scheme: "DCM", meaning: "Artificial Intelligence" };
+            put_seq(&mut algorithm, tags::ALGORITHM_FAMILY_CODE_SEQUENCE, vec![code_item(family)]);
+            put_str(&mut algorithm, tags::ALGORITHM_VERSION, VR::LO, &lo(&opts.algorithm_version));
+            put_str(&mut algorithm, tags::ALGORITHM_NAME, VR::LO, &lo(&opts.algorithm_name));
+            put_seq(&mut item, tags::SEGMENTATION_ALGORITHM_IDENTIFICATION_SEQUENCE, vec![algorithm]);
+            put_str(&mut item, tags::SEGMENT_ALGORITHM_TYPE, VR::CS, "AUTOMATIC");
+            put_str(&mut item, tags::SEGMENT_ALGORITHM_NAME, VR::LO, &lo(&opts.algorithm_name));
+            let mut type_item = code_item(property.property_type);
+            if let Some(modifier) = property.modifier {
+                put_seq(
+                    &mut type_item,
+                    tags::SEGMENTED_PROPERTY_TYPE_MODIFIER_CODE_SEQUENCE,
+                    vec![code_item(modifier)],
+                );
+            }
+            put_seq(&mut item, tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![type_item]);
+            item
+        })
+        .collect();
+    put_seq(&mut obj, tags::SEGMENT_SEQUENCE, segments);
+    put_str(&mut obj, tags::SEGMENTS_OVERLAP, VR::CS, "NO");
+    put_str(&mut obj, tags::CONTENT_LABEL, VR::CS, &cs(&opts.content_label, "SEGMENTATION"));
+    put_str(&mut obj, tags::CONTENT_DESCRIPTION, VR::LO, &lo(&opts.content_description));
+    put_str(&mut obj, tags::CONTENT_CREATOR_NAME, VR::PN, &opts.content_creator_name.replace('\\', " "));
+    put_str(&mut obj, tags::PRESENTATION_LUT_SHAPE, VR::CS, "IDENTITY");
+
+    // Functional groups: orientation and spacing shared, position and source per frame.
+    let mut orientation = InMemDicomObject::new_empty();
+    put_ds(&mut orientation, tags::IMAGE_ORIENTATION_PATIENT, &geometry.orientation);
+    let mut measures = InMemDicomObject::new_empty();
+    put_ds(&mut measures, tags::SLICE_THICKNESS, &[geometry.slice_step]);
+    put_ds(&mut measures, tags::SPACING_BETWEEN_SLICES, &[geometry.slice_step]);
+    put_ds(&mut measures, tags::PIXEL_SPACING, &geometry.pixel_spacing);
+    let mut shared = InMemDicomObject::new_empty();
+    put_seq(&mut shared, tags::PLANE_ORIENTATION_SEQUENCE, vec![orientation]);
+    put_seq(&mut shared, tags::PIXEL_MEASURES_SEQUENCE, vec![measures]);
+    put_seq(&mut obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]);
+
+    let purpose =
+        Code { value: "121322", scheme: "DCM", meaning: "Source image for image processing operation" };
+    let derivation = Code { value: "113076", scheme: "DCM", meaning: "Segmentation" };
+    let mut per_frame = Vec::with_capacity(frames.len());
+    for fr in frames {
+        let s = &source.slices[fr.slice];
+        let position =
+            s.position.with_context(|| format!("{}: no ImagePositionPatient", s.path.display()))?;
+        let mut src = InMemDicomObject::new_empty();
+        put_str(&mut src, tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid);
+        put_str(&mut src, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &s.sop_instance_uid);
+        put_str(&mut src, tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES");
+        put_seq(&mut src, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(purpose)]);
+        let mut derived = InMemDicomObject::new_empty();
+        put_seq(&mut derived, tags::SOURCE_IMAGE_SEQUENCE, vec![src]);
+        put_seq(&mut derived, tags::DERIVATION_CODE_SEQUENCE, vec![code_item(derivation)]);
+        let mut content = InMemDicomObject::new_empty();
+        let index: C<u32> = [u32::from(fr.segment), fr.slice as u32 + 1].into_iter().collect();
+        content.put(DataElement::new(tags::DIMENSION_INDEX_VALUES, VR::UL, PrimitiveValue::U32(index)));
+        let mut plane = InMemDicomObject::new_empty();
+        put_ds(&mut plane, tags::IMAGE_POSITION_PATIENT, &position);
+        let mut segment = InMemDicomObject::new_empty();
+        put_u16(&mut segment, tags::REFERENCED_SEGMENT_NUMBER, u16::from(fr.segment));
+        let mut item = InMemDicomObject::new_empty();
+        put_seq(&mut item, tags::DERIVATION_IMAGE_SEQUENCE, vec![derived]);
+        put_seq(&mut item, tags::FRAME_CONTENT_SEQUENCE, vec![content]);
+        put_seq(&mut item, tags::PLANE_POSITION_SEQUENCE, vec![plane]);
+        put_seq(&mut item, tags::SEGMENT_IDENTIFICATION_SEQUENCE, vec![segment]);
+        per_frame.push(item);
+    }
+    put_seq(&mut obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame);
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)));
+    Ok(obj)
+}
