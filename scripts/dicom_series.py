@@ -9,6 +9,10 @@
         missing or an uneven slice, mixed sizes, compressed pixel data). OUT_DIR/cases.json
         lists them with what the reader must say.
 
+    python3 scripts/dicom_series.py make-large OUT_DIR SLICES
+        One axial CT series of SLICES 512 x 512 slices (0.7 x 0.7 x 1.5 mm, int16 with intercept
+        -1024), for timing and memory measurements (docs/performance.md).
+
     python3 scripts/dicom_series.py compare CASE_DIR OURS.nii
         Converts CASE_DIR with dcm2niix, reads that and OURS.nii with nibabel, brings both to the
         closest canonical orientation and compares shape, affine (1e-3 mm) and voxels (1e-3).
@@ -213,6 +217,12 @@ def compare(case_dir, ours_path):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "make":
         make(sys.argv[2])
+    elif len(sys.argv) == 4 and sys.argv[1] == "make-large":
+        from pydicom.uid import ExplicitVRLittleEndian
+        n = int(sys.argv[3])
+        write_series(sys.argv[2], phantom(n, 512, 512), iop=[1, 0, 0, 0, 1, 0],
+                     ipp0=[-179.0, -179.0, -300.0], spacing=(0.7, 0.7), step=1.5,
+                     ts=ExplicitVRLittleEndian, nested=False)
     elif len(sys.argv) == 4 and sys.argv[1] == "compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
     else:
