@@ -16,6 +16,7 @@
 //!   one empty frame (segment 1 on the first slice), as highdicom does: a SEG needs one frame.
 //! - New Series, SOP Instance and Dimension Organization UIDs are `2.25.` UUID-derived UIDs from
 //!   std's randomly keyed hasher over the time, process id, a counter and the source series UID.
+//! - Text goes in the source's character set when it holds every value, else in UTF-8.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -194,12 +195,30 @@ pub fn encode_seg(
 ) -> Result<Vec<u8>> {
     let geometry = check_inputs(source, labels, class_names)?;
     let frames = frames_of(labels, class_names.len());
-    let obj = build(source, labels, class_names, opts, &geometry, &frames)?;
-    let file = obj
-        .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+    let (mut obj, sop_uid, source_charset) = build(source, labels, class_names, opts, &geometry, &frames)?;
+    let meta = FileMetaTableBuilder::new()
+        .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+        .media_storage_sop_class_uid(uids::SEGMENTATION_STORAGE)
+        .media_storage_sop_instance_uid(sop_uid)
+        .build()
         .map_err(|e| anyhow::anyhow!("cannot make the file meta group: {e}"))?;
+    // Text is written in the source's character set, which archives that read the source read,
+    // unless some text (a class name, an option) is outside it: then in UTF-8. dicom-rs encodes
+    // strictly, so such text is an encoding error rather than mangled bytes.
+    if let Some(charset) = source_charset {
+        put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, &charset);
+        let file = obj.with_exact_meta(meta.clone());
+        let mut bytes = Vec::new();
+        if file.write_all(&mut bytes).is_ok() {
+            return Ok(bytes);
+        }
+        obj = file.into_inner();
+    }
+    put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
     let mut bytes = Vec::new();
-    file.write_all(&mut bytes).map_err(|e| anyhow::anyhow!("cannot encode the SEG object: {e}"))?;
+    obj.with_exact_meta(meta)
+        .write_all(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("cannot encode the SEG object: {e}"))?;
     Ok(bytes)
 }
 
@@ -481,7 +500,7 @@ const COPIED: &[(Tag, VR, bool)] = &[
 
 /// Copies [`COPIED`] from the source's first readable file; without one (the files moved), the
 /// patient name and ID the series was read with, and the rest empty.
-fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) {
+fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) -> SourceHints {
     let header = source
         .slices
         .iter()
@@ -504,6 +523,24 @@ fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) {
             None => {}
         }
     }
+    let text = |tag| {
+        let e = header.as_ref().and_then(|h| h.get(tag)).and_then(|e| e.to_str().ok());
+        e.map(|v| v.trim_end_matches(['\0', ' ']).trim().to_string()).unwrap_or_default()
+    };
+    let charset = text(tags::SPECIFIC_CHARACTER_SET);
+    // The default repertoire (ASCII) is a subset of UTF-8, and code extensions (several values)
+    // are not written here: both become UTF-8.
+    let single = !charset.is_empty() && !charset.contains('\\') && !charset.ends_with(" 6");
+    SourceHints { lossy: text(tags::LOSSY_IMAGE_COMPRESSION) == "01", charset: single.then_some(charset) }
+}
+
+/// What the SEG takes from the source beyond the copied attributes.
+struct SourceHints {
+    /// `LossyImageCompression` is 01: the source went through lossy compression, so the
+    /// segmentation derived from it did too.
+    lossy: bool,
+    /// The source's `SpecificCharacterSet`, when it is one character set other than the default.
+    charset: Option<String>,
 }
 
 fn build(
@@ -513,7 +550,7 @@ fn build(
     opts: &SegOptions,
     geometry: &Geometry,
     frames: &[Frame],
-) -> Result<InMemDicomObject> {
+) -> Result<(InMemDicomObject, String, Option<String>)> {
     let [columns, rows, _] = labels.shape;
     let (Ok(rows16), Ok(columns16)) = (u16::try_from(rows), u16::try_from(columns)) else {
         bail!("{rows}x{columns} pixels do not fit DICOM's 16-bit Rows and Columns")
@@ -534,8 +571,6 @@ fn build(
         opts.series_number.unwrap_or_else(|| series.number.and_then(|n| n.checked_add(1000)).unwrap_or(1000));
 
     let mut obj = InMemDicomObject::new_empty();
-    // Text copied from the source was decoded from its character set; all text is written as UTF-8.
-    put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
     obj.put(DataElement::new(
         tags::IMAGE_TYPE,
         VR::CS,
@@ -552,7 +587,7 @@ fn build(
     put_str(&mut obj, tags::TIMEZONE_OFFSET_FROM_UTC, VR::SH, "+0000");
     put_str(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, &lo(&opts.series_description));
     put_str(&mut obj, tags::MANUFACTURER_MODEL_NAME, VR::LO, &lo(&opts.manufacturer_model_name));
-    copy_patient_and_study(source, &mut obj);
+    let hints = copy_patient_and_study(source, &mut obj);
 
     // Common Instance Reference: the source series and every instance in it.
     let instances = source
@@ -610,7 +645,7 @@ fn build(
     put_u16(&mut obj, tags::BITS_STORED, 1);
     put_u16(&mut obj, tags::HIGH_BIT, 0);
     put_u16(&mut obj, tags::PIXEL_REPRESENTATION, 0);
-    put_str(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+    put_str(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, if hints.lossy { "01" } else { "00" });
     put_str(&mut obj, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
 
     let segments = (1..class_names.len())
@@ -697,7 +732,7 @@ fn build(
     }
     put_seq(&mut obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame);
     obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)));
-    Ok(obj)
+    Ok((obj, sop_uid, hints.charset))
 }
 
 #[cfg(test)]
