@@ -173,7 +173,8 @@ impl Default for SegOptions {
 ///
 /// Errors (naming `path`): a label grid other than the source's, a label value without a class
 /// name, fewer than two class names, a source without the UIDs a SEG must reference, an output
-/// that cannot be written. Nothing is left at `path` after an error.
+/// that cannot be written. After an error the file at `path` (if any) is as it was and no
+/// temporary file remains.
 pub fn write_seg(
     path: &Path,
     source: &DicomVolume,
