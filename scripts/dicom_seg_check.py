@@ -73,7 +73,9 @@ def make_series(out_dir):
         ds.file_meta = meta
         ds.SOPClassUID = CT_IMAGE_STORAGE
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientName = "Phantom^Seg"
+        # Latin-1 text: the SEG must carry it over decoded, whatever character set it writes.
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Müller^Jörg"
         ds.PatientID = "GLMAE-SEG-1"
         ds.PatientBirthDate = "19700101"
         ds.PatientSex = "O"
@@ -170,6 +172,9 @@ def check(seg_path, series_dir, expected_json):
                "PatientSex", "StudyDate", "StudyID", "AccessionNumber"):
         c.check(str(getattr(raw, kw, None)) == str(getattr(first, kw)), f"{kw} copied",
                 f"{getattr(raw, kw, None)!r} vs {getattr(first, kw)!r}")
+    # Text in the source's character set, or UTF-8 when some of it does not fit there.
+    charset = raw.get("SpecificCharacterSet")
+    c.check(charset in (first.get("SpecificCharacterSet"), "ISO_IR 192"), f"character set {charset}", str(charset))
     c.check(raw.SeriesInstanceUID != first.SeriesInstanceUID, "a new series")
     c.check(all(u.startswith("2.25.") and len(u) <= 64 for u in (raw.SeriesInstanceUID, raw.SOPInstanceUID)),
             "UIDs are 2.25 UIDs of at most 64 characters", f"{raw.SeriesInstanceUID} {raw.SOPInstanceUID}")

@@ -16,9 +16,10 @@
 //!   one empty frame (segment 1 on the first slice), as highdicom does: a SEG needs one frame.
 //! - New Series, SOP Instance and Dimension Organization UIDs are `2.25.` UUID-derived UIDs from
 //!   std's randomly keyed hasher over the time, process id, a counter and the source series UID.
+//! - Text goes in the source's character set when it holds every value, else in UTF-8.
 
 use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -172,7 +173,8 @@ impl Default for SegOptions {
 ///
 /// Errors (naming `path`): a label grid other than the source's, a label value without a class
 /// name, fewer than two class names, a source without the UIDs a SEG must reference, an output
-/// that cannot be written. Nothing is left at `path` after an error.
+/// that cannot be written. After an error the file at `path` (if any) is as it was and no
+/// temporary file remains.
 pub fn write_seg(
     path: &Path,
     source: &DicomVolume,
@@ -194,12 +196,30 @@ pub fn encode_seg(
 ) -> Result<Vec<u8>> {
     let geometry = check_inputs(source, labels, class_names)?;
     let frames = frames_of(labels, class_names.len());
-    let obj = build(source, labels, class_names, opts, &geometry, &frames)?;
-    let file = obj
-        .with_meta(FileMetaTableBuilder::new().transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN))
+    let (mut obj, sop_uid, source_charset) = build(source, labels, class_names, opts, &geometry, &frames)?;
+    let meta = FileMetaTableBuilder::new()
+        .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+        .media_storage_sop_class_uid(uids::SEGMENTATION_STORAGE)
+        .media_storage_sop_instance_uid(sop_uid)
+        .build()
         .map_err(|e| anyhow::anyhow!("cannot make the file meta group: {e}"))?;
+    // Text is written in the source's character set, which archives that read the source read,
+    // unless some text (a class name, an option) is outside it: then in UTF-8. dicom-rs encodes
+    // strictly, so such text is an encoding error rather than mangled bytes.
+    if let Some(charset) = source_charset {
+        put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, &charset);
+        let file = obj.with_exact_meta(meta.clone());
+        let mut bytes = Vec::new();
+        if file.write_all(&mut bytes).is_ok() {
+            return Ok(bytes);
+        }
+        obj = file.into_inner();
+    }
+    put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
     let mut bytes = Vec::new();
-    file.write_all(&mut bytes).map_err(|e| anyhow::anyhow!("cannot encode the SEG object: {e}"))?;
+    obj.with_exact_meta(meta)
+        .write_all(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("cannot encode the SEG object: {e}"))?;
     Ok(bytes)
 }
 
@@ -312,8 +332,10 @@ fn frames_of(labels: &Labels, classes: usize) -> Vec<Frame> {
     let mut present = vec![false; classes * n];
     // k runs fastest in memory: one pass, no strided reads.
     for (v, &c) in labels.data.iter().enumerate() {
-        if c != 0 {
-            present[usize::from(c) * n + v % n] = true;
+        if c != 0
+            && let Some(p) = present.get_mut(usize::from(c) * n + v % n)
+        {
+            *p = true;
         }
     }
     // Label values are u8: classes past 255 have no voxels.
@@ -381,7 +403,7 @@ fn code_item(code: Code) -> InMemDicomObject {
 
 /// A decimal string of at most 16 characters (DS), as precise as fits.
 fn ds(v: f64) -> String {
-    for precision in (0..=10).rev() {
+    for precision in (0..=15).rev() {
         let s = format!("{v:.precision$}");
         let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
         let s = if s == "-0" { "0" } else { s };
@@ -428,9 +450,7 @@ fn new_uid(salt: &str) -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let mut halves = [0u64; 2];
     for (h, half) in halves.iter_mut().enumerate() {
-        let mut hasher = RandomState::new().build_hasher();
-        (h, count, nanos, std::process::id(), salt).hash(&mut hasher);
-        *half = hasher.finish();
+        *half = RandomState::new().hash_one((h, count, nanos, std::process::id(), salt));
     }
     let mut v = (u128::from(halves[0]) << 64) | u128::from(halves[1]);
     v = (v & !(0xF << 76)) | (0x4 << 76); // version 4
@@ -441,8 +461,12 @@ fn new_uid(salt: &str) -> String {
 /// UTC date `YYYYMMDD` and time `HHMMSS` now (std has no time zone; the object says +0000).
 fn utc_now() -> (String, String) {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let rem = secs % 86_400;
+    (civil_date((secs / 86_400) as i64), format!("{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60))
+}
+
+/// Days since 1970-01-01 as a `YYYYMMDD` date (Howard Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> String {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -452,7 +476,7 @@ fn utc_now() -> (String, String) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    (format!("{year:04}{month:02}{day:02}"), format!("{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60))
+    format!("{year:04}{month:02}{day:02}")
 }
 
 /// Patient and study attributes copied from the source's first file, with their VR; those of
@@ -477,7 +501,7 @@ const COPIED: &[(Tag, VR, bool)] = &[
 
 /// Copies [`COPIED`] from the source's first readable file; without one (the files moved), the
 /// patient name and ID the series was read with, and the rest empty.
-fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) {
+fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) -> SourceHints {
     let header = source
         .slices
         .iter()
@@ -500,6 +524,24 @@ fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) {
             None => {}
         }
     }
+    let text = |tag| {
+        let e = header.as_ref().and_then(|h| h.get(tag)).and_then(|e| e.to_str().ok());
+        e.map(|v| v.trim_end_matches(['\0', ' ']).trim().to_string()).unwrap_or_default()
+    };
+    let charset = text(tags::SPECIFIC_CHARACTER_SET);
+    // The default repertoire (ASCII) is a subset of UTF-8, and code extensions (several values)
+    // are not written here: both become UTF-8.
+    let single = !charset.is_empty() && !charset.contains('\\') && !charset.ends_with(" 6");
+    SourceHints { lossy: text(tags::LOSSY_IMAGE_COMPRESSION) == "01", charset: single.then_some(charset) }
+}
+
+/// What the SEG takes from the source beyond the copied attributes.
+struct SourceHints {
+    /// `LossyImageCompression` is 01: the source went through lossy compression, so the
+    /// segmentation derived from it did too.
+    lossy: bool,
+    /// The source's `SpecificCharacterSet`, when it is one character set other than the default.
+    charset: Option<String>,
 }
 
 fn build(
@@ -509,7 +551,7 @@ fn build(
     opts: &SegOptions,
     geometry: &Geometry,
     frames: &[Frame],
-) -> Result<InMemDicomObject> {
+) -> Result<(InMemDicomObject, String, Option<String>)> {
     let [columns, rows, _] = labels.shape;
     let (Ok(rows16), Ok(columns16)) = (u16::try_from(rows), u16::try_from(columns)) else {
         bail!("{rows}x{columns} pixels do not fit DICOM's 16-bit Rows and Columns")
@@ -530,8 +572,6 @@ fn build(
         opts.series_number.unwrap_or_else(|| series.number.and_then(|n| n.checked_add(1000)).unwrap_or(1000));
 
     let mut obj = InMemDicomObject::new_empty();
-    // Text copied from the source was decoded from its character set; all text is written as UTF-8.
-    put_str(&mut obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
     obj.put(DataElement::new(
         tags::IMAGE_TYPE,
         VR::CS,
@@ -548,7 +588,7 @@ fn build(
     put_str(&mut obj, tags::TIMEZONE_OFFSET_FROM_UTC, VR::SH, "+0000");
     put_str(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, &lo(&opts.series_description));
     put_str(&mut obj, tags::MANUFACTURER_MODEL_NAME, VR::LO, &lo(&opts.manufacturer_model_name));
-    copy_patient_and_study(source, &mut obj);
+    let hints = copy_patient_and_study(source, &mut obj);
 
     // Common Instance Reference: the source series and every instance in it.
     let instances = source
@@ -606,7 +646,7 @@ fn build(
     put_u16(&mut obj, tags::BITS_STORED, 1);
     put_u16(&mut obj, tags::HIGH_BIT, 0);
     put_u16(&mut obj, tags::PIXEL_REPRESENTATION, 0);
-    put_str(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+    put_str(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, if hints.lossy { "01" } else { "00" });
     put_str(&mut obj, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
 
     let segments = (1..class_names.len())
@@ -693,5 +733,241 @@ fn build(
     }
     put_seq(&mut obj, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame);
     obj.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)));
-    Ok(obj)
+    Ok((obj, sop_uid, hints.charset))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::dicom::{SeriesInfo, SliceHeader};
+    use crate::volume::{Affine, Volume};
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+
+    /// A series of `n` axial `rows` x `columns` slices whose files do not exist (the patient
+    /// module then comes from the series' header values).
+    fn source(columns: usize, rows: usize, n: usize) -> DicomVolume {
+        let slices = (0..n)
+            .map(|k| SliceHeader {
+                path: PathBuf::from(format!("/nonexistent/glmae-seg/{k}.dcm")),
+                sop_instance_uid: format!("1.2.826.0.1.99.{k}"),
+                sop_class_uid: CT.into(),
+                instance_number: Some(k as i32 + 1),
+                rows,
+                columns,
+                position: Some([-10.0, 20.0, 2.5 * k as f64]),
+                orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+                pixel_spacing: Some([0.8, 0.7]),
+                slope: 1.0,
+                intercept: -1024.0,
+                bits_allocated: 16,
+                bits_stored: 16,
+                signed: true,
+                samples_per_pixel: 1,
+                frames: 1,
+                transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            })
+            .collect();
+        let series = SeriesInfo {
+            series_uid: "1.2.826.0.1.99".into(),
+            study_uid: "1.2.826.0.1.98".into(),
+            frame_of_reference_uid: "1.2.826.0.1.97".into(),
+            modality: "CT".into(),
+            description: String::new(),
+            number: Some(3),
+            patient_id: "P-7".into(),
+            patient_name: "Doe^Jane".into(),
+            slices: Vec::new(),
+        };
+        let volume = Volume::new(
+            vec![0.0; columns * rows * n],
+            [columns, rows, n],
+            Affine::from_spacing([0.7, 0.8, 2.5]),
+        );
+        DicomVolume { volume, series, slices }
+    }
+
+    fn names(k: usize) -> Vec<String> {
+        (0..k).map(|c| if c == 0 { "background".into() } else { format!("organ {c}") }).collect()
+    }
+
+    fn temp(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("glmae-seg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// 5 x 3 frames are 15 bits: frames run on without padding, bit 0 of a byte is its first
+    /// pixel, and only the end is padded (with zeros, to an even byte count).
+    #[test]
+    fn frames_pack_bit_contiguously_lsb_first() {
+        let src = source(5, 3, 4);
+        let mut labels = Labels::new(vec![0; 60], [5, 3, 4], src.volume.affine);
+        // One voxel of class 1 at column 1, row 2 of slice 0: pixel 2 * 5 + 1 = 11, byte 1 bit 3.
+        let v = labels.index(1, 2, 0);
+        labels.data[v] = 1;
+        let frames = frames_of(&labels, 2);
+        assert_eq!(frames, [Frame { segment: 1, slice: 0 }]);
+        assert_eq!(pack_frames(&labels, &frames), [0x00, 0x08]);
+
+        // Classes 1..=3 on a pattern; class 3 absent from slice 2, class 2 absent from slice 1.
+        for i in 0..5 {
+            for j in 0..3 {
+                for k in 0..4 {
+                    let mut c = ((i * 7 + j * 3 + k * 5) % 4) as u8;
+                    if (c == 3 && k == 2) || (c == 2 && k == 1) {
+                        c = 0;
+                    }
+                    let v = labels.index(i, j, k);
+                    labels.data[v] = c;
+                }
+            }
+        }
+        let frames = frames_of(&labels, 4);
+        let expected: Vec<Frame> = (1..4u8)
+            .flat_map(|c| (0..4).map(move |k| Frame { segment: c, slice: k }))
+            .filter(|f| ![(3, 2), (2, 1)].contains(&(f.segment, f.slice)))
+            .collect();
+        assert_eq!(frames, expected);
+        let bytes = pack_frames(&labels, &frames);
+        let bits = frames.len() * 15;
+        assert_eq!(bytes.len(), bits.div_ceil(8) + bits.div_ceil(8) % 2);
+        for p in 0..bytes.len() * 8 {
+            let bit = bytes[p / 8] >> (p % 8) & 1 == 1;
+            let want = p < bits && {
+                let (f, j, i) = (p / 15, p % 15 / 5, p % 5);
+                labels.data[labels.index(i, j, frames[f].slice)] == frames[f].segment
+            };
+            assert_eq!(bit, want, "bit {p}");
+        }
+    }
+
+    #[test]
+    fn nothing_labelled_is_one_empty_frame() {
+        let src = source(5, 3, 4);
+        let labels = Labels::new(vec![0; 60], [5, 3, 4], src.volume.affine);
+        let frames = frames_of(&labels, 3);
+        assert_eq!(frames, [Frame { segment: 1, slice: 0 }]);
+        assert_eq!(pack_frames(&labels, &frames), [0, 0]);
+    }
+
+    #[test]
+    fn writes_a_readable_seg() {
+        let dir = temp("read");
+        let src = source(5, 3, 4);
+        let mut labels = Labels::new(vec![0; 60], [5, 3, 4], src.volume.affine);
+        let v = labels.index(4, 0, 3);
+        labels.data[v] = 2;
+        let v = labels.index(0, 1, 1);
+        labels.data[v] = 2;
+        let path = dir.join("out.dcm");
+        write_seg(&path, &src, &labels, &names(4), &SegOptions::default()).unwrap();
+        let obj = OpenFileOptions::new().open_file(&path).unwrap();
+        let text = |tag| obj.get(tag).unwrap().to_str().unwrap().trim_end_matches(['\0', ' ']).to_string();
+        assert_eq!(text(tags::SOP_CLASS_UID), uids::SEGMENTATION_STORAGE);
+        assert_eq!(obj.meta().transfer_syntax().trim_end_matches('\0'), uids::EXPLICIT_VR_LITTLE_ENDIAN);
+        assert_eq!(text(tags::NUMBER_OF_FRAMES), "2");
+        assert_eq!(text(tags::PATIENT_NAME), "Doe^Jane");
+        assert_eq!(text(tags::PATIENT_ID), "P-7");
+        assert_eq!(text(tags::SERIES_NUMBER), "1003");
+        assert_eq!(text(tags::STUDY_INSTANCE_UID), "1.2.826.0.1.98");
+        let items = |tag| obj.get(tag).unwrap().items().unwrap().len();
+        assert_eq!(items(tags::SEGMENT_SEQUENCE), 3, "one segment per class, voxels or not");
+        assert_eq!(items(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE), 2);
+        // Frames (segment 2, slice 1) then (segment 2, slice 3): 30 bits in 4 bytes; pixel 5
+        // (row 1, column 0) of frame 1 is bit 5 of byte 0, pixel 4 of frame 2 is bit 19.
+        let pixels = obj.get(tags::PIXEL_DATA).unwrap().to_bytes().unwrap();
+        assert_eq!(&pixels[..], [0b0010_0000, 0b0000_0000, 0b0000_1000, 0]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "a temporary file was left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Errors name the file and the problem; the file that was there stays as it was, and no
+    /// temporary file is left.
+    #[test]
+    fn errors_name_the_file_and_leave_nothing() {
+        let dir = temp("errors");
+        let src = source(5, 3, 4);
+        let labels = Labels::new(vec![1; 60], [5, 3, 4], src.volume.affine);
+        let path = dir.join("out.dcm");
+        std::fs::write(&path, b"previous").unwrap();
+        let fails = |labels: &Labels, names: &[String], path: &Path| {
+            format!("{:#}", write_seg(path, &src, labels, names, &SegOptions::default()).unwrap_err())
+        };
+        let wrong = Labels::new(vec![0; 48], [4, 3, 4], src.volume.affine);
+        let e = fails(&wrong, &names(3), &path);
+        assert!(e.contains("out.dcm") && e.contains("4x3x4") && e.contains("5x3x4"), "{e}");
+        let shifted = Labels::new(vec![0; 60], [5, 3, 4], Affine::from_spacing([1.0, 1.0, 1.0]));
+        let e = fails(&shifted, &names(3), &path);
+        assert!(e.contains("out.dcm") && e.contains("another grid"), "{e}");
+        let mut big = labels.clone();
+        big.data[7] = 3;
+        let e = fails(&big, &names(3), &path);
+        assert!(e.contains("out.dcm") && e.contains("label value 3 has no class name"), "{e}");
+        let e = fails(&labels, &names(1), &path);
+        assert!(e.contains("out.dcm") && e.contains("at least one class"), "{e}");
+        let mut no_for = source(5, 3, 4);
+        no_for.series.frame_of_reference_uid.clear();
+        let e = format!(
+            "{:#}",
+            write_seg(&path, &no_for, &labels, &names(3), &SegOptions::default()).unwrap_err()
+        );
+        assert!(e.contains("out.dcm") && e.contains("FrameOfReferenceUID"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"previous");
+        let missing = dir.join("no-such-folder").join("out.dcm");
+        let e = fails(&labels, &names(3), &missing);
+        assert!(e.contains("no-such-folder/out.dcm"), "{e}");
+        let e = fails(&labels, &names(3), &dir);
+        assert!(e.contains("a folder"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["out.dcm"], "files left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_btcv_class_has_an_anatomy_code() {
+        for name in &glmae_core::preprocessing::BTCV_CLASSES[1..] {
+            let p = segment_property(name);
+            assert_eq!(p.category, ANATOMICAL_STRUCTURE, "{name}");
+            assert_ne!(p.property_type, TISSUE, "{name}");
+        }
+        let p = segment_property("Right_Kidney");
+        assert_eq!((p.property_type, p.modifier), (KIDNEY, Some(RIGHT)));
+        assert_eq!(
+            segment_property("lesion"),
+            SegmentProperty { category: TISSUE, property_type: TISSUE, modifier: None }
+        );
+    }
+
+    #[test]
+    fn uids_dates_and_strings_are_well_formed() {
+        let (a, b) = (new_uid("x"), new_uid("x"));
+        assert_ne!(a, b);
+        for u in [&a, &b] {
+            let v: u128 = u.strip_prefix("2.25.").unwrap().parse().unwrap();
+            assert!(u.len() <= 64 && !u.ends_with('.'), "{u}");
+            assert_eq!((v >> 76) & 0xF, 4, "UUID version 4: {u}");
+            assert_eq!(v >> 62 & 0x3, 2, "UUID variant: {u}");
+        }
+        assert_eq!(civil_date(0), "19700101");
+        assert_eq!(civil_date(11_016), "20000229");
+        assert_eq!(civil_date(19_723), "20240101");
+        assert_eq!(utc_now().0.len(), 8);
+        for (v, s) in [
+            (2.5, "2.5"),
+            (-0.0, "0"),
+            (-37.812_412_345_678_9, "-37.812412345679"),
+            (0.906_307_787, "0.906307787"),
+        ] {
+            assert_eq!(ds(v), s);
+        }
+        assert!(ds(-123_456_789.123_456_79).len() <= 16);
+        assert!(ds(1e20).len() <= 16);
+        assert_eq!(cs("ct seg-v2", "X"), "CT SEG_V2");
+        assert_eq!(cs("", "SEGMENTATION"), "SEGMENTATION");
+        assert_eq!(lo("a\\b"), "a b");
+    }
 }

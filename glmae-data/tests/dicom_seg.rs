@@ -122,9 +122,10 @@ fn seg_reads_back_in_highdicom() {
     let expected = write_expected(&dir, "labels", &src, &labels, &classes);
     check(&seg, &series, &expected);
 
-    // Nothing labelled: one empty frame, every segment described; a class name without a code
-    // ("lesion") and one in another case ("Liver").
-    let names: Vec<String> = ["background", "Liver", "lesion"].iter().map(|s| s.to_string()).collect();
+    // Nothing labelled: one empty frame, every segment described; a class name in another case
+    // ("Liver") and one without a code, in characters the series' Latin-1 cannot hold (the SEG's
+    // text is then UTF-8).
+    let names: Vec<String> = ["background", "Liver", "病変 lesion"].iter().map(|s| s.to_string()).collect();
     let empty = Labels::new(vec![0u8; src.volume.voxels()], src.volume.shape, src.volume.affine);
     let seg = dir.join("empty.seg.dcm");
     write_seg(&seg, &src, &empty, &names, &SegOptions::default()).unwrap();
