@@ -31,7 +31,8 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 
-use crate::dicom::DicomVolume;
+use crate::dicom::{DicomVolume, SeriesInfo, SliceHeader};
+use crate::volume::Affine;
 use crate::volume::Labels;
 
 /// A coded concept: (CodeValue, CodingSchemeDesignator, CodeMeaning).
@@ -167,6 +168,27 @@ impl Default for SegOptions {
     }
 }
 
+/// What a SEG is made for: the source series, its slices in volume order, and their grid.
+/// [`DicomVolume`] gives one (`SegSource::from(&volume)`); a caller that has handed the volume's
+/// voxels on (to the preprocessing) keeps the series, the slices and the grid.
+#[derive(Clone, Copy, Debug)]
+pub struct SegSource<'a> {
+    /// The series.
+    pub series: &'a SeriesInfo,
+    /// Its slices; volume index `k` is `slices[k]`.
+    pub slices: &'a [SliceHeader],
+    /// Voxels per axis, `(columns, rows, slices)`.
+    pub shape: [usize; 3],
+    /// The RAS affine of the series' grid.
+    pub affine: Affine,
+}
+
+impl<'a> From<&'a DicomVolume> for SegSource<'a> {
+    fn from(v: &'a DicomVolume) -> Self {
+        Self { series: &v.series, slices: &v.slices, shape: v.volume.shape, affine: v.volume.affine }
+    }
+}
+
 /// Writes `labels` (on `source`'s grid: voxel `(i, j, k)` is pixel (row `j`, column `i`) of
 /// slice `source.slices[k]`) as a binary DICOM SEG at `path`, atomically. `class_names[c]` names
 /// label value `c`; `class_names[0]` is the background and gets no segment.
@@ -177,7 +199,7 @@ impl Default for SegOptions {
 /// temporary file remains.
 pub fn write_seg(
     path: &Path,
-    source: &DicomVolume,
+    source: &SegSource<'_>,
     labels: &Labels,
     class_names: &[String],
     opts: &SegOptions,
@@ -189,7 +211,7 @@ pub fn write_seg(
 
 /// The SEG object as the bytes of a DICOM file (preamble, file meta group, data set).
 pub fn encode_seg(
-    source: &DicomVolume,
+    source: &SegSource<'_>,
     labels: &Labels,
     class_names: &[String],
     opts: &SegOptions,
@@ -230,8 +252,8 @@ struct Geometry {
     slice_step: f64,
 }
 
-fn check_inputs(source: &DicomVolume, labels: &Labels, class_names: &[String]) -> Result<Geometry> {
-    let shape = source.volume.shape;
+fn check_inputs(source: &SegSource<'_>, labels: &Labels, class_names: &[String]) -> Result<Geometry> {
+    let shape = source.shape;
     ensure!(
         labels.shape == shape && labels.channels == 1,
         "the labels are {}x{}x{} voxels ({} channels), the source series {} is {}x{}x{}",
@@ -250,7 +272,7 @@ fn check_inputs(source: &DicomVolume, labels: &Labels, class_names: &[String]) -
         labels.data.len(),
         labels.voxels()
     );
-    let (a, b) = (&labels.affine.0, &source.volume.affine.0);
+    let (a, b) = (&labels.affine.0, &source.affine.0);
     let off = a
         .iter()
         .flatten()
@@ -262,7 +284,7 @@ fn check_inputs(source: &DicomVolume, labels: &Labels, class_names: &[String]) -
         off <= 1e-4,
         "the labels' affine {:?} is not the source series' {:?}: the labels are on another grid",
         labels.affine.0,
-        source.volume.affine.0
+        source.affine.0
     );
     ensure!(
         source.slices.len() == shape[2],
@@ -293,7 +315,7 @@ fn check_inputs(source: &DicomVolume, labels: &Labels, class_names: &[String]) -
         !source.series.frame_of_reference_uid.is_empty(),
         "the source series has no FrameOfReferenceUID, which a SEG on its grid must share"
     );
-    for s in &source.slices {
+    for s in source.slices {
         ensure!(
             s.rows == shape[1] && s.columns == shape[0],
             "{}: {}x{} pixels in a {}x{} (rows x columns) volume",
@@ -315,7 +337,7 @@ fn check_inputs(source: &DicomVolume, labels: &Labels, class_names: &[String]) -
         first.orientation.with_context(|| format!("{}: no ImageOrientationPatient", first.path.display()))?;
     let pixel_spacing =
         first.pixel_spacing.with_context(|| format!("{}: no PixelSpacing", first.path.display()))?;
-    Ok(Geometry { orientation, pixel_spacing, slice_step: source.volume.spacing()[2] })
+    Ok(Geometry { orientation, pixel_spacing, slice_step: source.affine.spacing()[2] })
 }
 
 /// One frame: the segment (= class value) and the source slice `k`.
@@ -501,7 +523,7 @@ const COPIED: &[(Tag, VR, bool)] = &[
 
 /// Copies [`COPIED`] from the source's first readable file; without one (the files moved), the
 /// patient name and ID the series was read with, and the rest empty.
-fn copy_patient_and_study(source: &DicomVolume, obj: &mut InMemDicomObject) -> SourceHints {
+fn copy_patient_and_study(source: &SegSource<'_>, obj: &mut InMemDicomObject) -> SourceHints {
     let header = source
         .slices
         .iter()
@@ -545,7 +567,7 @@ struct SourceHints {
 }
 
 fn build(
-    source: &DicomVolume,
+    source: &SegSource<'_>,
     labels: &Labels,
     class_names: &[String],
     opts: &SegOptions,
@@ -864,7 +886,7 @@ mod tests {
         let v = labels.index(0, 1, 1);
         labels.data[v] = 2;
         let path = dir.join("out.dcm");
-        write_seg(&path, &src, &labels, &names(4), &SegOptions::default()).unwrap();
+        write_seg(&path, &(&src).into(), &labels, &names(4), &SegOptions::default()).unwrap();
         let obj = OpenFileOptions::new().open_file(&path).unwrap();
         let text = |tag| obj.get(tag).unwrap().to_str().unwrap().trim_end_matches(['\0', ' ']).to_string();
         assert_eq!(text(tags::SOP_CLASS_UID), uids::SEGMENTATION_STORAGE);
@@ -895,7 +917,10 @@ mod tests {
         let path = dir.join("out.dcm");
         std::fs::write(&path, b"previous").unwrap();
         let fails = |labels: &Labels, names: &[String], path: &Path| {
-            format!("{:#}", write_seg(path, &src, labels, names, &SegOptions::default()).unwrap_err())
+            format!(
+                "{:#}",
+                write_seg(path, &(&src).into(), labels, names, &SegOptions::default()).unwrap_err()
+            )
         };
         let wrong = Labels::new(vec![0; 48], [4, 3, 4], src.volume.affine);
         let e = fails(&wrong, &names(3), &path);
@@ -913,7 +938,7 @@ mod tests {
         no_for.series.frame_of_reference_uid.clear();
         let e = format!(
             "{:#}",
-            write_seg(&path, &no_for, &labels, &names(3), &SegOptions::default()).unwrap_err()
+            write_seg(&path, &(&no_for).into(), &labels, &names(3), &SegOptions::default()).unwrap_err()
         );
         assert!(e.contains("out.dcm") && e.contains("FrameOfReferenceUID"), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"previous");

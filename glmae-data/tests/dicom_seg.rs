@@ -118,7 +118,7 @@ fn seg_reads_back_in_highdicom() {
         assert!(labels.data.contains(&c), "class {c} has no voxel");
     }
     let seg = dir.join("labels.seg.dcm");
-    write_seg(&seg, &src, &labels, &classes, &SegOptions::default()).unwrap();
+    write_seg(&seg, &(&src).into(), &labels, &classes, &SegOptions::default()).unwrap();
     let expected = write_expected(&dir, "labels", &src, &labels, &classes);
     check(&seg, &series, &expected);
 
@@ -128,7 +128,7 @@ fn seg_reads_back_in_highdicom() {
     let names: Vec<String> = ["background", "Liver", "病変 lesion"].iter().map(|s| s.to_string()).collect();
     let empty = Labels::new(vec![0u8; src.volume.voxels()], src.volume.shape, src.volume.affine);
     let seg = dir.join("empty.seg.dcm");
-    write_seg(&seg, &src, &empty, &names, &SegOptions::default()).unwrap();
+    write_seg(&seg, &(&src).into(), &empty, &names, &SegOptions::default()).unwrap();
     let expected = write_expected(&dir, "empty", &src, &empty, &names);
     check(&seg, &series, &expected);
     if std::env::var_os("GLMAE_KEEP_DICOM_SEG").is_none() {

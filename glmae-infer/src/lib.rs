@@ -242,33 +242,60 @@ pub fn segment_file_with(
 pub struct DicomSegmentation {
     /// The labels, with the series' RAS affine.
     pub labels: glmae_data::Labels,
-    /// The series and its slices in volume order (what a DICOM SEG references).
+    /// The series.
     pub series: glmae_data::dicom::SeriesInfo,
-    /// The slices in volume order.
+    /// The slices in volume order (what a DICOM SEG references frame by frame).
     pub slices: Vec<glmae_data::dicom::SliceHeader>,
     /// Counts and windows.
     pub summary: SegmentSummary,
 }
 
+impl DicomSegmentation {
+    /// The labels as uint8 NIfTI on the series' grid (what `dcm2niix` and nibabel give for it).
+    pub fn write_nifti(&self, path: &Path) -> Result<()> {
+        use glmae_data::nifti_io::{LabelType, StoredType, meta_for_affine};
+        let meta = meta_for_affine(&self.labels.affine, StoredType::U8);
+        glmae_data::write_labels(path, &self.labels.data, self.labels.shape, &meta, LabelType::U8)
+    }
+
+    /// The labels as a binary DICOM SEG referencing the series (one segment per class of
+    /// `class_names`, background first: the model's classes).
+    pub fn write_seg(
+        &self,
+        path: &Path,
+        class_names: &[String],
+        opts: &glmae_data::dicom_seg::SegOptions,
+    ) -> Result<()> {
+        let source = glmae_data::dicom_seg::SegSource {
+            series: &self.series,
+            slices: &self.slices,
+            shape: self.labels.shape,
+            affine: self.labels.affine,
+        };
+        glmae_data::dicom_seg::write_seg(path, &source, &self.labels, class_names, opts)
+    }
+}
+
 /// Segments the DICOM series in `dir` (the one with `series_uid`, or else the CT series with
-/// the most slices; [`glmae_data::dicom`]) and writes the labels as NIfTI to `output`, on the
-/// series' grid with its affine (what `dcm2niix` and nibabel give for the series).
-pub fn segment_dicom_with(
+/// the most slices; [`glmae_data::dicom`]): labels on the series' grid, in memory; write them
+/// with [`DicomSegmentation::write_nifti`] or [`DicomSegmentation::write_seg`].
+/// `opts.probabilities` is written as NIfTI on the same grid.
+pub fn segment_dicom(
     model: &ModelFile<'_>,
     dir: &Path,
     series_uid: Option<&str>,
-    output: &Path,
     opts: &SegmentOptions,
     engine: Engine,
 ) -> Result<DicomSegmentation> {
-    use glmae_data::nifti_io::{LabelType, StoredType, meta_for_affine};
-    ensure_outputs_apart(dir, output, opts)?;
+    use glmae_data::nifti_io::{StoredType, meta_for_affine};
+    if let Some(p) = &opts.probabilities {
+        glmae_data::io::ensure_not_input(dir, p)?;
+    }
     let dicom = glmae_data::dicom::read_dicom_folder(dir, series_uid)?;
     let meta = meta_for_affine(&dicom.volume.affine, StoredType::F32);
     let name = format!("{} ({})", dir.display(), dicom.series.label());
     let glmae_data::dicom::DicomVolume { volume, series, slices } = dicom;
     let (labels, summary) = segment_source(model, volume, &name, &meta, opts, engine)?;
-    glmae_data::write_labels(output, &labels.data, labels.shape, &meta, LabelType::U8)?;
     Ok(DicomSegmentation { labels, series, slices, summary })
 }
 

@@ -28,7 +28,8 @@ enum Command {
         /// the series is chosen as with `convert`).
         #[arg(long)]
         input: PathBuf,
-        /// The label file (NIfTI), or a folder for a folder of NIfTI files.
+        /// The label file (NIfTI), or a folder for a folder of NIfTI files; with DICOM input, a
+        /// `.dcm` name writes a DICOM SEG referencing the series instead.
         #[arg(long)]
         output: PathBuf,
         /// With DICOM input: the SeriesInstanceUID to segment (default: the CT series with the
@@ -120,15 +121,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let dicom = input.is_dir() && glmae_data::dataset::nifti_files_in(&input)?.is_empty();
             if dicom {
+                // `.dcm`: a DICOM SEG referencing the series; anything else: NIfTI labels.
+                let seg = output.extension().is_some_and(|e| e.eq_ignore_ascii_case("dcm"));
+                glmae_data::io::ensure_not_input(&input, &output)?;
+                anyhow::ensure!(
+                    opts.probabilities.as_ref() != Some(&output),
+                    "--probabilities and --output are both {}: they need two files",
+                    output.display()
+                );
                 let start = std::time::Instant::now();
-                let s = glmae_infer::segment_dicom_with(
-                    &file,
-                    &input,
-                    series.as_deref(),
-                    &output,
-                    &opts,
-                    engine,
-                )?;
+                let s = glmae_infer::segment_dicom(&file, &input, series.as_deref(), &opts, engine)?;
+                if seg {
+                    let names: Vec<String> =
+                        file.preprocessing.class_names.iter().map(|n| n.to_string()).collect();
+                    s.write_seg(&output, &names, &glmae_data::dicom_seg::SegOptions::default())?;
+                } else {
+                    s.write_nifti(&output)?;
+                }
                 println!(
                     "{} -> {} ({}x{}x{}, {} windows, {:.1} s)",
                     s.series.label(),

@@ -83,6 +83,22 @@ fn dicom_folders_convert_and_segment() {
     assert_eq!(img.volume.affine.0, lab.volume.affine.0);
     assert!(lab.volume.data.iter().all(|&v| v == v.round() && (0.0..3.0).contains(&v)));
 
+    // A `.dcm` output is a DICOM SEG of the same labels, referencing the chosen series.
+    let seg = dir.join("labels.dcm");
+    let mut cmd = infer();
+    cmd.args(["segment", "--model"]).arg(&model).arg("--input").arg(&study).arg("--output").arg(&seg);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = "import sys, highdicom as hd, numpy as np, nibabel as nib\n\
+        s = hd.seg.segread(sys.argv[1])\n\
+        print(s.SOPClassUID, s.ReferencedSeriesSequence[0].SeriesInstanceUID, len(s.SegmentSequence))\n\
+        uids = [r.ReferencedSOPInstanceUID for r in s.ReferencedSeriesSequence[0].ReferencedInstanceSequence]\n\
+        print(len(uids))";
+    let out = Command::new("python3").args(["-c", check]).arg(&seg).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "highdicom cannot read the SEG: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with(&format!("1.2.840.10008.5.1.4.1.1.66.4 {chosen} 2\n12")), "{text}");
+
     let other = cases["study"]["other"].as_str().unwrap();
     let mut cmd = infer();
     cmd.args(["segment", "--series", other, "--model"]).arg(&model).arg("--input").arg(&study);
