@@ -10,6 +10,7 @@
 //! per thread), for comparison.
 
 pub mod fast;
+pub mod serve;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -263,12 +264,30 @@ pub fn segment_dicom_with(
 ) -> Result<DicomSegmentation> {
     use glmae_data::nifti_io::{LabelType, StoredType, meta_for_affine};
     ensure_outputs_apart(dir, output, opts)?;
+    let s = segment_dicom_labels(model, dir, series_uid, opts, engine)?;
+    let meta = meta_for_affine(&s.labels.affine, StoredType::F32);
+    glmae_data::write_labels(output, &s.labels.data, s.labels.shape, &meta, LabelType::U8)?;
+    Ok(s)
+}
+
+/// [`segment_dicom_with`] without the NIfTI output: the labels stay in memory (what
+/// `glmae-infer serve` turns into a DICOM SEG). `opts.probabilities` is still honoured.
+pub fn segment_dicom_labels(
+    model: &ModelFile<'_>,
+    dir: &Path,
+    series_uid: Option<&str>,
+    opts: &SegmentOptions,
+    engine: Engine,
+) -> Result<DicomSegmentation> {
+    use glmae_data::nifti_io::{StoredType, meta_for_affine};
+    if let Some(p) = &opts.probabilities {
+        glmae_data::io::ensure_not_input(dir, p)?;
+    }
     let dicom = glmae_data::dicom::read_dicom_folder(dir, series_uid)?;
     let meta = meta_for_affine(&dicom.volume.affine, StoredType::F32);
     let name = format!("{} ({})", dir.display(), dicom.series.label());
     let glmae_data::dicom::DicomVolume { volume, series, slices } = dicom;
     let (labels, summary) = segment_source(model, volume, &name, &meta, opts, engine)?;
-    glmae_data::write_labels(output, &labels.data, labels.shape, &meta, LabelType::U8)?;
     Ok(DicomSegmentation { labels, series, slices, summary })
 }
 
