@@ -1126,9 +1126,10 @@ fn process_series(
     let written = started.elapsed();
     let received = waiting.last.saturating_duration_since(waiting.first).as_secs_f64();
     let head = format!(
-        "{} slices, received in {received:.1} s, segmented in {:.1} s",
+        "{} slices, received in {received:.1} s, segmented in {:.1} s, SEG written in {:.2} s",
         s.slices.len(),
-        segmented.as_secs_f64()
+        segmented.as_secs_f64(),
+        (written - segmented).as_secs_f64()
     );
     let Some(dest) = &cfg.destination else {
         let total = waiting.last.elapsed().as_secs_f64();
@@ -1147,7 +1148,7 @@ fn process_series(
             Ok(Processed {
                 line: format!(
                     "{head}, SEG sent in {:.2} s (last slice to SEG sent: {total:.1} s)",
-                    send_start.elapsed().as_secs_f64() + (written - segmented).as_secs_f64()
+                    send_start.elapsed().as_secs_f64()
                 ),
                 sent: true,
             })
@@ -1185,11 +1186,15 @@ fn write_seg_file(
 
 /// Sends a SEG file (its bytes) to `dest` by C-STORE and checks the response status.
 pub fn send_seg(dest: &Destination, calling_ae: &str, file: &[u8]) -> Result<()> {
-    let obj = file.get(128..).context("the SEG file is shorter than its preamble").and_then(|rest| {
-        dicom_object::from_reader(rest).map_err(|e| anyhow::anyhow!("the SEG file does not parse: {e}"))
-    })?;
-    let sop_class = obj.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
-    let sop_instance = obj.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_string();
+    let after_preamble = file.get(128..).context("the SEG file is shorter than its preamble")?;
+    let meta = dicom_object::FileMetaTable::from_reader(after_preamble)
+        .map_err(|e| anyhow::anyhow!("the SEG file's meta group does not parse: {e}"))?;
+    let sop_class = meta.media_storage_sop_class_uid().trim_end_matches('\0').to_string();
+    let sop_instance = meta.media_storage_sop_instance_uid().trim_end_matches('\0').to_string();
+    let stored_syntax = meta.transfer_syntax().trim_end_matches('\0').to_string();
+    // The data set follows "DICM" and the meta group: its length element (12 bytes) and the
+    // length it gives.
+    let data_start = 128 + 4 + 12 + meta.information_group_length as usize;
     let timeout = Duration::from_secs(60);
     let mut assoc = ClientAssociationOptions::new()
         .calling_ae_title(calling_ae.to_string())
@@ -1211,9 +1216,19 @@ pub fn send_seg(dest: &Destination, calling_ae: &str, file: &[u8]) -> Result<()>
             .find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
             .cloned()
             .with_context(|| format!("{dest} does not accept Segmentation Storage ({sop_class})"))?;
-        let mut data = Vec::new();
-        obj.write_dataset_with_ts(&mut data, transfer_syntax(&pc.transfer_syntax)?)
-            .map_err(|e| anyhow::anyhow!("cannot encode the SEG in {}: {e}", pc.transfer_syntax))?;
+        // Sent as stored when the peer takes the file's transfer syntax, else re-encoded.
+        let reencoded;
+        let data: &[u8] = if pc.transfer_syntax == stored_syntax {
+            file.get(data_start..).context("the SEG file ends inside its meta group")?
+        } else {
+            let obj = dicom_object::from_reader(after_preamble)
+                .map_err(|e| anyhow::anyhow!("the SEG file does not parse: {e}"))?;
+            let mut out = Vec::new();
+            obj.write_dataset_with_ts(&mut out, transfer_syntax(&pc.transfer_syntax)?)
+                .map_err(|e| anyhow::anyhow!("cannot encode the SEG in {}: {e}", pc.transfer_syntax))?;
+            reencoded = out;
+            &reencoded
+        };
         let command = encode_command(vec![
             DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(sop_class.as_str())),
             DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(C_STORE_RQ)),
@@ -1239,7 +1254,7 @@ pub fn send_seg(dest: &Destination, calling_ae: &str, file: &[u8]) -> Result<()>
         {
             // Split into P-DATA PDUs within the peer's maximum PDU length.
             let mut w = assoc.send_pdata(pc.id);
-            w.write_all(&data).and_then(|()| w.finish()).context("cannot send the SEG data set")?;
+            w.write_all(data).and_then(|()| w.finish()).context("cannot send the SEG data set")?;
         }
         let mut reply = Vec::new();
         loop {
@@ -1414,6 +1429,96 @@ mod tests {
         assert!(spool.join("failed/1.4/1.4.1.dcm").exists());
         assert_eq!(std::fs::read_dir(spool.join("processing")).unwrap().count(), 0);
         std::fs::remove_dir_all(&spool).unwrap();
+    }
+
+    /// A storage SCP on localhost that takes `syntax` only, with 4 KiB PDUs, and answers
+    /// `code`; returns the data set it received and the number of P-DATA PDUs it took.
+    fn one_store_scp(syntax: &'static str, code: u16) -> (String, std::thread::JoinHandle<(Vec<u8>, usize)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let scp = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut assoc = ServerAssociationOptions::new()
+                .accept_called_ae_title()
+                .ae_title("DEST")
+                .with_abstract_syntax(SEGMENTATION_STORAGE)
+                .with_transfer_syntax(syntax)
+                .max_pdu_length(4096)
+                .establish(stream)
+                .unwrap();
+            let (mut command, mut data, mut pdus) = (Vec::new(), Vec::new(), 0);
+            loop {
+                match assoc.receive().unwrap() {
+                    Pdu::PData { data: values } => {
+                        pdus += 1;
+                        for v in values {
+                            let last = v.is_last;
+                            match v.value_type {
+                                PDataValueType::Command => command.extend(v.data),
+                                PDataValueType::Data => data.extend(v.data),
+                            }
+                            if last && !data.is_empty() {
+                                let c = parse_command(&command).unwrap();
+                                assert_eq!((c.field, c.has_data_set), (C_STORE_RQ, true));
+                                let rsp = response(
+                                    C_STORE_RSP,
+                                    c.message_id,
+                                    code,
+                                    &c.sop_class,
+                                    &c.sop_instance,
+                                    "",
+                                )
+                                .unwrap();
+                                send_command(&mut assoc, v.presentation_context_id, rsp).unwrap();
+                            }
+                        }
+                    }
+                    Pdu::ReleaseRQ => {
+                        assoc.send(&Pdu::ReleaseRP).unwrap();
+                        break;
+                    }
+                    Pdu::AbortRQ { .. } => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            (data, pdus)
+        });
+        (addr, scp)
+    }
+
+    /// `send_seg` sends the stored bytes to a peer that takes explicit VR little endian, a
+    /// re-encoded data set to one that takes implicit VR only, both split into PDUs within the
+    /// peer's maximum length, and reports a failure status by the peer's name.
+    #[test]
+    fn segs_are_sent_in_the_syntax_the_peer_takes() {
+        let obj = InMemDicomObject::from_element_iter([
+            DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(SEGMENTATION_STORAGE)),
+            DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3.4")),
+            DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(vec![7u8; 20_000])),
+        ]);
+        let meta = FileMetaTableBuilder::new()
+            .transfer_syntax(EXPLICIT_VR_LE)
+            .media_storage_sop_class_uid(SEGMENTATION_STORAGE)
+            .media_storage_sop_instance_uid("1.2.3.4");
+        let mut file = Vec::new();
+        obj.with_meta(meta).unwrap().write_all(&mut file).unwrap();
+        for syntax in [EXPLICIT_VR_LE, IMPLICIT_VR_LE] {
+            let (addr, scp) = one_store_scp(syntax, status::SUCCESS);
+            let dest = Destination { ae_title: "DEST".into(), address: addr };
+            send_seg(&dest, "GLMAE", &file).unwrap();
+            let (data, pdus) = scp.join().unwrap();
+            let back =
+                InMemDicomObject::read_dataset_with_ts(data.as_slice(), transfer_syntax(syntax).unwrap())
+                    .unwrap();
+            assert_eq!(text(&back, tags::SOP_INSTANCE_UID), "1.2.3.4", "{syntax}");
+            assert_eq!(back.get(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().len(), 20_000, "{syntax}");
+            assert!(pdus >= 5, "{pdus} PDUs for 20 kB at 4 kB ({syntax})");
+        }
+        let (addr, scp) = one_store_scp(EXPLICIT_VR_LE, status::OUT_OF_RESOURCES);
+        let dest = Destination { ae_title: "DEST".into(), address: addr.clone() };
+        let e = format!("{:#}", send_seg(&dest, "GLMAE", &file).unwrap_err());
+        assert!(e.contains(&format!("DEST@{addr} answered status 0xA700")), "{e}");
+        scp.join().unwrap();
     }
 
     /// Command sets round-trip: a C-STORE-RSP encodes with its group length and parses back.
