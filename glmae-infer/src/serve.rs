@@ -251,6 +251,8 @@ struct Waiting {
     instances: usize,
     /// Instances being written now: the series is not taken while any is.
     writers: usize,
+    /// Found in the spool at start-up (received by an earlier run).
+    recovered: bool,
 }
 
 /// Why an instance is refused before it is written.
@@ -298,7 +300,10 @@ impl SeriesQueue {
         if self.series.len() >= self.max_series {
             return Err(Refusal::TooManySeries(self.series.len()));
         }
-        self.series.insert(uid.to_string(), Waiting { first: now, last: now, instances: 0, writers: 1 });
+        self.series.insert(
+            uid.to_string(),
+            Waiting { first: now, last: now, instances: 0, writers: 1, recovered: false },
+        );
         Ok(())
     }
 
@@ -332,7 +337,10 @@ impl SeriesQueue {
 
     /// A series found in the spool at start-up: it waits `quiet` from now, whatever the bound.
     fn requeue(&mut self, uid: &str, instances: usize, now: Instant) {
-        self.series.insert(uid.to_string(), Waiting { first: now, last: now, instances, writers: 0 });
+        self.series.insert(
+            uid.to_string(),
+            Waiting { first: now, last: now, instances, writers: 0, recovered: true },
+        );
     }
 
     /// The waiting series and their instance counts.
@@ -1124,9 +1132,13 @@ fn process_series(
     let seg_path = cfg.out_dir.join(format!("{uid}.seg.dcm"));
     let seg = write_seg_file(&seg_path, &s, class_names, &cfg.seg)?;
     let written = started.elapsed();
-    let received = waiting.last.saturating_duration_since(waiting.first).as_secs_f64();
+    let received = if waiting.recovered {
+        "found in the spool at start-up".to_string()
+    } else {
+        format!("received in {:.1} s", waiting.last.saturating_duration_since(waiting.first).as_secs_f64())
+    };
     let head = format!(
-        "{} slices, received in {received:.1} s, segmented in {:.1} s, SEG written in {:.2} s",
+        "{} slices, {received}, segmented in {:.1} s, SEG written in {:.2} s",
         s.slices.len(),
         segmented.as_secs_f64(),
         (written - segmented).as_secs_f64()
@@ -1134,10 +1146,7 @@ fn process_series(
     let Some(dest) = &cfg.destination else {
         let total = waiting.last.elapsed().as_secs_f64();
         return Ok(Processed {
-            line: format!(
-                "{head}, SEG written to {} (last slice to SEG written: {total:.1} s)",
-                seg_path.display()
-            ),
+            line: format!("{head} to {} (last slice to SEG written: {total:.1} s)", seg_path.display()),
             sent: true,
         });
     };
@@ -1154,7 +1163,7 @@ fn process_series(
             })
         }
         Err(e) => Ok(Processed {
-            line: format!("{head}, SEG written to {} but not sent to {dest}: {e:#}", seg_path.display()),
+            line: format!("{head} to {} but not sent to {dest}: {e:#}", seg_path.display()),
             sent: false,
         }),
     }
