@@ -10,6 +10,7 @@
 //! per thread), for comparison.
 
 pub mod fast;
+pub mod serve;
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -60,6 +60,48 @@ enum Command {
         #[arg(long, requires = "probabilities")]
         probabilities_u8: bool,
     },
+    /// Run a DICOM storage SCP: each series received is segmented once no instance of it has
+    /// arrived for --quiet-seconds; its DICOM SEG is written to --out and, with --destination,
+    /// sent there by C-STORE. One log line per series on stderr. Ctrl-C finishes the series in
+    /// hand and stops; series still waiting stay in the spool for the next start.
+    Serve {
+        /// The `.glmae` weight file.
+        #[arg(long)]
+        model: PathBuf,
+        /// This SCP's AE title (associations calling another title are rejected).
+        #[arg(long, default_value = "GLMAE")]
+        ae_title: String,
+        /// TCP port to listen on (0: any free port, logged at start).
+        #[arg(long, default_value_t = 11112)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: String,
+        /// Folder for the SEG objects (`<SeriesInstanceUID>.seg.dcm`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Folder where received instances wait (default: OUT/spool).
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        /// A series is complete once no instance of it arrived for this many seconds.
+        #[arg(long, default_value_t = 5.0)]
+        quiet_seconds: f64,
+        /// Send each SEG to this storage SCP: AE@host:port.
+        #[arg(long)]
+        destination: Option<glmae_infer::serve::Destination>,
+        /// Threads inside each window.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Window overlap.
+        #[arg(long, default_value_t = 0.5)]
+        overlap: f64,
+        /// At most this many series wait; instances of a further series are refused (A700).
+        #[arg(long, default_value_t = 8)]
+        max_pending_series: usize,
+        /// At most this many associations at once; more are rejected.
+        #[arg(long, default_value_t = 8)]
+        max_associations: usize,
+    },
     /// Convert a DICOM series to NIfTI (what `dcm2niix` gives, read with nibabel): lists the
     /// series found and writes the chosen one in its own units (HU for CT) and grid.
     Convert {
@@ -191,6 +233,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 jobs.len(),
                 failed.join(", ")
             );
+        }
+        Command::Serve {
+            model,
+            ae_title,
+            port,
+            bind,
+            out,
+            spool,
+            quiet_seconds,
+            destination,
+            threads,
+            overlap,
+            max_pending_series,
+            max_associations,
+        } => {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            static STOP: AtomicBool = AtomicBool::new(false);
+            anyhow::ensure!(threads > 0, "--threads must be at least 1");
+            anyhow::ensure!(
+                quiet_seconds.is_finite() && (0.0..=86_400.0).contains(&quiet_seconds),
+                "--quiet-seconds must be between 0 and 86400"
+            );
+            anyhow::ensure!(max_pending_series > 0, "--max-pending-series must be at least 1");
+            anyhow::ensure!(max_associations > 0, "--max-associations must be at least 1");
+            let bytes = glmae_infer::read_model_bytes(&model)?;
+            let file = glmae_infer::parse_model(&model, &bytes)?;
+            let mut cfg = glmae_infer::serve::ServeConfig::new(&ae_title, port, &out);
+            // An IPv6 address needs brackets before the port.
+            cfg.listen =
+                if bind.contains(':') { format!("[{bind}]:{port}") } else { format!("{bind}:{port}") };
+            if let Some(s) = spool {
+                cfg.spool_dir = s;
+            }
+            cfg.quiet = std::time::Duration::from_secs_f64(quiet_seconds);
+            cfg.destination = destination;
+            cfg.segment.threads = threads;
+            cfg.segment.overlap = overlap;
+            cfg.max_pending_series = max_pending_series;
+            cfg.max_associations = max_associations;
+            ctrlc::set_handler(|| {
+                if STOP.swap(true, Ordering::SeqCst) {
+                    glmae_infer::serve::log("second interrupt: stopping now");
+                    std::process::exit(130);
+                }
+                glmae_infer::serve::log("interrupted: finishing the series in hand, then stopping");
+            })
+            .map_err(|e| anyhow::anyhow!("cannot handle Ctrl-C: {e}"))?;
+            glmae_infer::serve::serve(&file, &cfg, &STOP)?;
         }
         Command::Convert { input, output, series } => {
             use glmae_data::nifti_io::{StoredType, meta_for_affine, write_nifti};
