@@ -84,6 +84,18 @@ pub fn describe(file: &ModelFile<'_>) -> Result<String> {
         "  reference forward on one window needs {:.1} MiB of scratch",
         scratch as f64 * 4.0 / (1 << 20) as f64
     )?;
+    // Which kernels `segment` runs here: the CPU decides speed, never accuracy (f32 arithmetic
+    // either way; integer products only with --int8-kernels on an int8 file).
+    let k = fast::KernelTable::detect();
+    let f32_set = match k.f32.isa() {
+        fast::Isa::Avx2Fma => "AVX2 + FMA",
+        fast::Isa::Scalar => "portable",
+    };
+    let int8_set = match k.int8.qisa() {
+        fast::QIsa::Vnni => "AVX-512 VNNI",
+        fast::QIsa::Scalar => "portable",
+    };
+    writeln!(s, "  kernels on this CPU: f32 {f32_set}; int8 (with --int8-kernels) {int8_set}")?;
     writeln!(s, "preprocessing:")?;
     writeln!(
         s,

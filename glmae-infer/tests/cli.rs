@@ -19,6 +19,7 @@ fn info_prints_the_model_and_rejects_damage() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("left adrenal gland"), "{text}");
+    assert!(text.contains("kernels on this CPU: f32 "), "info names the kernels it runs: {text}");
 
     let bad = dir.join("cut.glmae");
     std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
