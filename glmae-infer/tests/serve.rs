@@ -221,3 +221,78 @@ fn serve_segments_two_series_and_refuses_bad_input() {
     drop(dest);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Malformed network peers cost the server nothing: garbage bytes, a PDU header announcing 4 GiB,
+/// a truncated association request and a connection closed at once are each dropped, after which
+/// a well-formed association is still accepted and released, and SIGINT still stops the server
+/// with status 0 and no panic. Needs no python.
+#[test]
+fn malformed_peers_do_not_stop_the_server() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = std::env::temp_dir().join(format!("glmae-serve-peers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = glmae_core::testing_config();
+    cfg.out_channels = 3;
+    let model = dir.join("model.glmae");
+    let bytes = glmae_core::synthetic::random_model(&cfg, 5, glmae_core::format::Precision::F32).unwrap();
+    std::fs::write(&model, bytes).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_glmae-infer"))
+        .arg("serve")
+        .arg("--model")
+        .arg(&model)
+        .args(["--ae-title", "GLMAE", "--port", "0", "--bind", "127.0.0.1", "--out"])
+        .arg(dir.join("out"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    collect(server.stderr.take().unwrap(), Arc::clone(&log), tx);
+    let server = Reaper(server);
+    let listening = wait_line(&rx, "listening on ", Duration::from_secs(30));
+    let addr = listening.split("listening on ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+
+    let mut garbage = vec![0u8; 1024];
+    let mut rng = glmae_core::synthetic::SplitMix64::new(3);
+    garbage.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
+    // An A-ASSOCIATE-RQ header announcing 0xFFFFFFFF bytes, then nothing.
+    let huge = [0x01, 0x00, 0xff, 0xff, 0xff, 0xff];
+    // The first 20 bytes of an A-ASSOCIATE-RQ: protocol version, called AE title cut short.
+    let truncated = [
+        0x01, 0x00, 0x00, 0x00, 0x00, 0xcd, 0x00, 0x01, 0x00, 0x00, b'G', b'L', b'M', b'A', b'E', b' ', b' ',
+        b' ', b' ', b' ',
+    ];
+    for payload in [&garbage[..], &huge[..], &truncated[..], &[][..]] {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        let _ = s.write_all(payload);
+        drop(s);
+    }
+    let association = dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title("PEERTEST")
+        .called_ae_title("GLMAE")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_with(&format!("GLMAE@{addr}"))
+        .unwrap_or_else(|e| {
+            panic!("no association after the malformed peers: {e}\n{}", log.lock().unwrap().join("\n"))
+        });
+    association.release().unwrap();
+
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let mut server = server;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop within 30 s of SIGINT");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let log = log.lock().unwrap().clone();
+    assert!(status.success(), "exit status {status:?}; log:\n{}", log.join("\n"));
+    assert!(!log.iter().any(|l| l.contains("panicked")), "{}", log.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
