@@ -193,6 +193,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             anyhow::ensure!(series.is_none(), "--series is for a folder of DICOM files");
+            anyhow::ensure!(
+                !output.extension().is_some_and(|e| e.eq_ignore_ascii_case("dcm")),
+                "{}: a DICOM SEG output needs a DICOM series as input (a folder of DICOM files); {} is NIfTI",
+                output.display(),
+                input.display()
+            );
             let jobs: Vec<(PathBuf, PathBuf)> = if input.is_dir() {
                 anyhow::ensure!(opts.probabilities.is_none(), "--probabilities takes a single input file");
                 std::fs::create_dir_all(&output)

@@ -100,6 +100,19 @@ fn dicom_folders_convert_and_segment() {
     assert!(out.status.success(), "highdicom cannot read the SEG: {}", String::from_utf8_lossy(&out.stderr));
     assert!(text.starts_with(&format!("1.2.840.10008.5.1.4.1.1.66.4 {chosen} 2\n12")), "{text}");
 
+    // A SEG references DICOM instances: from a NIfTI input it is refused before any work.
+    let mut cmd = infer();
+    cmd.args(["segment", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&image)
+        .arg("--output")
+        .arg(dir.join("x.dcm"));
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs a DICOM series as input"), "{err}");
+    assert!(!dir.join("x.dcm").exists());
+
     let other = cases["study"]["other"].as_str().unwrap();
     let mut cmd = infer();
     cmd.args(["segment", "--series", other, "--model"]).arg(&model).arg("--input").arg(&study);
