@@ -304,6 +304,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     scan.skipped[0].1
                 );
             }
+            let name = output.to_string_lossy();
+            anyhow::ensure!(
+                name.ends_with(".nii") || name.ends_with(".nii.gz"),
+                "{name}: convert writes NIfTI; give a .nii or .nii.gz name"
+            );
             let v = glmae_data::dicom::read_series(chosen)?;
             glmae_data::io::ensure_not_input(&input, &output)?;
             // Integer values (CT in HU) are stored as int16 as dcm2niix does; anything else float32.
