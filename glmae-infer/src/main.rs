@@ -290,6 +290,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Convert { input, output, series } => {
             use glmae_data::nifti_io::{StoredType, meta_for_affine, write_nifti};
+            let name = output.to_string_lossy();
+            anyhow::ensure!(
+                name.ends_with(".nii") || name.ends_with(".nii.gz"),
+                "{name}: convert writes NIfTI; give a .nii or .nii.gz name"
+            );
             let scan = glmae_data::dicom::scan(&input)?;
             let chosen = glmae_data::dicom::choose(&scan, &input, series.as_deref())?;
             for s in &scan.series {
@@ -304,11 +309,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     scan.skipped[0].1
                 );
             }
-            let name = output.to_string_lossy();
-            anyhow::ensure!(
-                name.ends_with(".nii") || name.ends_with(".nii.gz"),
-                "{name}: convert writes NIfTI; give a .nii or .nii.gz name"
-            );
             let v = glmae_data::dicom::read_series(chosen)?;
             glmae_data::io::ensure_not_input(&input, &output)?;
             // Integer values (CT in HU) are stored as int16 as dcm2niix does; anything else float32.
