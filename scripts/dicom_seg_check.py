@@ -17,14 +17,12 @@ pydicom 3 removed.
 
 import json
 import os
-import random
 import sys
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -55,59 +53,27 @@ def phantom_hu():
 
 
 def make_series(out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    rng = random.Random(17)
+    # The series writer of the DICOM reader's tests, with this test's oblique plane, phantom and
+    # Latin-1 patient and study attributes (the SEG must carry them over decoded).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dicom_series import write_series
+
     r = rotation(25.0, 15.0)
-    row_dir, col_dir, normal = r[:, 0], r[:, 1], r[:, 2]
-    origin = np.array([-40.0, -30.0, 100.0])
-    study_uid, series_uid, for_uid = generate_uid(), generate_uid(), generate_uid()
-    hu = phantom_hu()
-    order = list(range(SLICES))
-    rng.shuffle(order)  # instance numbers unrelated to file names and positions
-    for n, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        # Latin-1 text: the SEG must carry it over decoded, whatever character set it writes.
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.PatientName = "Müller^Jörg"
-        ds.PatientID = "GLMAE-SEG-1"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = "20240102"
-        ds.StudyTime = "101500"
-        ds.StudyID = "S1"
-        ds.AccessionNumber = "ACC17"
-        ds.ReferringPhysicianName = "Ref^Doc"
-        ds.StudyDescription = "synthetic abdomen"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = 3
-        ds.SeriesDescription = "synthetic CT"
-        ds.Modality = "CT"
-        ds.Manufacturer = "glmae test"
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        ds.InstanceNumber = n + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in origin + k * SLICE_STEP * normal]
-        ds.PixelSpacing = PIXEL_SPACING
-        ds.SliceThickness = SLICE_STEP
-        ds.Rows, ds.Columns = ROWS, COLUMNS
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.PixelData = (hu[k] + 1024).astype("<i2").tobytes()
-        name = f"IM{rng.randrange(10**8):08d}"
-        ds.save_as(os.path.join(out_dir, name), enforce_file_format=True)
+    write_series(
+        out_dir, phantom_hu(), iop=[*r[:, 0], *r[:, 1]], ipp0=[-40.0, -30.0, 100.0],
+        spacing=PIXEL_SPACING, step=SLICE_STEP, ts=ExplicitVRLittleEndian, signed=True,
+        intercept=-1024.0, description="synthetic CT", series_number=3, nested=False, seed=17,
+        # instance numbers unrelated to file names and positions
+        shuffle_instance_numbers=True,
+        extra={
+            "SpecificCharacterSet": "ISO_IR 100", "PatientName": "Müller^Jörg",
+            "PatientID": "GLMAE-SEG-1", "PatientBirthDate": "19700101", "PatientSex": "O",
+            "StudyDate": "20240102", "StudyTime": "101500", "StudyID": "S1",
+            "AccessionNumber": "ACC17", "ReferringPhysicianName": "Ref^Doc",
+            "StudyDescription": "synthetic abdomen", "Manufacturer": "glmae test",
+            "PositionReferenceIndicator": "", "RescaleType": "HU",
+        },
+    )
     print(f"wrote {SLICES} slices to {out_dir}")
 
 

@@ -44,8 +44,11 @@ def phantom(nk, rows, cols):
 def write_series(out, hu, *, iop, ipp0, spacing, step, ts, slope=1.0, intercept=-1024.0,
                  signed=False, bits_stored=16, modality="CT", description="axial",
                  series_number=1, study_uid=None, tilt=0.0, nested=True, positions=None,
-                 sizes=None, compressed=False, seed=0):
-    """Writes `hu` (slices, rows, columns) as one series; returns its SeriesInstanceUID."""
+                 sizes=None, compressed=False, seed=0, shuffle_instance_numbers=False, extra=None):
+    """Writes `hu` (slices, rows, columns) as one series; returns its SeriesInstanceUID.
+
+    `shuffle_instance_numbers` numbers the files in their (shuffled) writing order instead of by
+    position; `extra` sets further attributes (keyword: value) on every file, last."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, generate_uid
@@ -88,7 +91,7 @@ def write_series(out, hu, *, iop, ipp0, spacing, step, ts, slope=1.0, intercept=
         ds.Modality = modality
         ds.SeriesDescription = description
         ds.SeriesNumber = series_number
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = (n if shuffle_instance_numbers else k) + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         if positions is not None:
             pos = np.array(positions[k], float)
@@ -107,6 +110,8 @@ def write_series(out, hu, *, iop, ipp0, spacing, step, ts, slope=1.0, intercept=
         ds.PixelRepresentation = 1 if signed else 0
         ds.RescaleSlope = f"{slope:g}"
         ds.RescaleIntercept = f"{intercept:g}"
+        for keyword, value in (extra or {}).items():
+            setattr(ds, keyword, value)
         big = ts == pydicom.uid.ExplicitVRBigEndian
         if compressed:
             from pydicom.encaps import encapsulate
