@@ -77,6 +77,59 @@ fn tools_missing() -> bool {
     }
 }
 
+/// A `glmae-infer serve` on a free localhost port with a tiny random 3-class model in `dir`, its
+/// log collected.
+struct Server {
+    process: Reaper,
+    log: Arc<Mutex<Vec<String>>>,
+    /// `127.0.0.1:PORT`.
+    addr: String,
+}
+
+impl Server {
+    fn start(dir: &Path, args: &[String]) -> Self {
+        let mut cfg = glmae_core::testing_config();
+        cfg.out_channels = 3;
+        let bytes = glmae_core::synthetic::random_model(&cfg, 5, glmae_core::format::Precision::F32).unwrap();
+        let model = dir.join("model.glmae");
+        std::fs::write(&model, bytes).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_glmae-infer"))
+            .arg("serve")
+            .arg("--model")
+            .arg(&model)
+            .args(["--ae-title", "GLMAE", "--port", "0", "--bind", "127.0.0.1"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        collect(child.stderr.take().unwrap(), Arc::clone(&log), tx);
+        let process = Reaper(child);
+        let listening = wait_line(&rx, "listening on ", Duration::from_secs(30));
+        let addr = listening.split("listening on ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+        Self { process, log, addr }
+    }
+
+    /// SIGINT: the server must stop by itself, with status 0; returns its log.
+    fn interrupt(mut self) -> Vec<String> {
+        let pid = self.process.0.id().to_string();
+        assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.process.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the server did not stop within 30 s of SIGINT");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let log = self.log.lock().unwrap().clone();
+        assert!(status.success(), "exit status {status:?}; log:\n{}", log.join("\n"));
+        log
+    }
+}
+
 #[test]
 fn serve_segments_two_series_and_refuses_bad_input() {
     if tools_missing() {
@@ -89,12 +142,6 @@ fn serve_segments_two_series_and_refuses_bad_input() {
     let made =
         Command::new("python3").arg(script("dicom_series.py")).arg("make").arg(&cases).output().unwrap();
     assert!(made.status.success(), "dicom_series.py make: {}", String::from_utf8_lossy(&made.stderr));
-
-    let mut cfg = glmae_core::testing_config();
-    cfg.out_channels = 3;
-    let bytes = glmae_core::synthetic::random_model(&cfg, 5, glmae_core::format::Precision::F32).unwrap();
-    let model = dir.join("model.glmae");
-    std::fs::write(&model, bytes).unwrap();
 
     // The destination: a pynetdicom storage SCP that stops when its stdin closes.
     let received = dir.join("received");
@@ -113,26 +160,17 @@ fn serve_segments_two_series_and_refuses_bad_input() {
     let dest_port: u16 = port_line.trim_start_matches("port ").trim().parse().unwrap();
 
     let out = dir.join("out");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_glmae-infer"))
-        .arg("serve")
-        .arg("--model")
-        .arg(&model)
-        .args(["--ae-title", "GLMAE", "--port", "0", "--bind", "127.0.0.1", "--quiet-seconds", "2"])
-        .args(["--threads", "1", "--max-pending-series", "2"])
-        .arg("--destination")
-        .arg(format!("DEST@127.0.0.1:{dest_port}"))
-        .arg("--out")
-        .arg(&out)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = mpsc::channel();
-    collect(server.stderr.take().unwrap(), Arc::clone(&log), tx);
-    let mut server = Reaper(server);
-    let listening = wait_line(&rx, "listening on ", Duration::from_secs(30));
-    let port =
-        listening.split("listening on 127.0.0.1:").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    let server = Server::start(
+        &dir,
+        &[
+            "--quiet-seconds=2".into(),
+            "--threads=1".into(),
+            "--max-pending-series=2".into(),
+            format!("--destination=DEST@127.0.0.1:{dest_port}"),
+            format!("--out={}", out.display()),
+        ],
+    );
+    let port = server.addr.trim_start_matches("127.0.0.1:").to_string();
 
     let sent = Command::new("python3")
         .arg(script("dicom_serve_check.py"))
@@ -161,7 +199,7 @@ fn serve_segments_two_series_and_refuses_bad_input() {
         count(),
         2,
         "SEGs received at the destination; server log:\n{}",
-        log.lock().unwrap().join("\n")
+        server.log.lock().unwrap().join("\n")
     );
 
     let checked = Command::new("python3")
@@ -180,19 +218,7 @@ fn serve_segments_two_series_and_refuses_bad_input() {
     assert!(!dir.join("escaped").exists() && !out.join("escaped").exists());
 
     // SIGINT: the server stops by itself, with status 0.
-    let pid = server.0.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = server.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the server did not stop within 30 s of SIGINT");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    std::thread::sleep(Duration::from_millis(200));
-    let log = log.lock().unwrap().clone();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", log.join("\n"));
+    let log = server.interrupt();
 
     let series: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(cases.join("cases.json")).unwrap()).unwrap();
@@ -233,26 +259,8 @@ fn malformed_peers_do_not_stop_the_server() {
     let dir = std::env::temp_dir().join(format!("glmae-serve-peers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cfg = glmae_core::testing_config();
-    cfg.out_channels = 3;
-    let model = dir.join("model.glmae");
-    let bytes = glmae_core::synthetic::random_model(&cfg, 5, glmae_core::format::Precision::F32).unwrap();
-    std::fs::write(&model, bytes).unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_glmae-infer"))
-        .arg("serve")
-        .arg("--model")
-        .arg(&model)
-        .args(["--ae-title", "GLMAE", "--port", "0", "--bind", "127.0.0.1", "--out"])
-        .arg(dir.join("out"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = mpsc::channel();
-    collect(server.stderr.take().unwrap(), Arc::clone(&log), tx);
-    let server = Reaper(server);
-    let listening = wait_line(&rx, "listening on ", Duration::from_secs(30));
-    let addr = listening.split("listening on ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+    let server = Server::start(&dir, &[format!("--out={}", dir.join("out").display())]);
+    let addr = server.addr.clone();
 
     let mut garbage = vec![0u8; 1024];
     let mut rng = glmae_core::synthetic::SplitMix64::new(3);
@@ -275,24 +283,11 @@ fn malformed_peers_do_not_stop_the_server() {
         .with_abstract_syntax("1.2.840.10008.1.1")
         .establish_with(&format!("GLMAE@{addr}"))
         .unwrap_or_else(|e| {
-            panic!("no association after the malformed peers: {e}\n{}", log.lock().unwrap().join("\n"))
+            panic!("no association after the malformed peers: {e}\n{}", server.log.lock().unwrap().join("\n"))
         });
     association.release().unwrap();
 
-    let pid = server.0.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let mut server = server;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = server.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the server did not stop within 30 s of SIGINT");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    std::thread::sleep(Duration::from_millis(200));
-    let log = log.lock().unwrap().clone();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", log.join("\n"));
+    let log = server.interrupt();
     assert!(!log.iter().any(|l| l.contains("panicked")), "{}", log.join("\n"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
