@@ -272,20 +272,33 @@ impl DicomSegmentation {
     }
 
     /// The labels as a binary DICOM SEG referencing the series (one segment per class of
-    /// `class_names`, background first: the model's classes).
+    /// `class_names`, background first: the model's classes), written atomically to `path`.
     pub fn write_seg(
         &self,
         path: &Path,
         class_names: &[String],
         opts: &glmae_data::dicom_seg::SegOptions,
     ) -> Result<()> {
-        let source = glmae_data::dicom_seg::SegSource {
+        glmae_data::dicom_seg::write_seg(path, &self.seg_source(), &self.labels, class_names, opts)
+    }
+
+    /// [`Self::write_seg`]'s file bytes, for a caller that also sends them.
+    pub fn encode_seg(
+        &self,
+        class_names: &[String],
+        opts: &glmae_data::dicom_seg::SegOptions,
+    ) -> Result<Vec<u8>> {
+        glmae_data::dicom_seg::encode_seg(&self.seg_source(), &self.labels, class_names, opts)
+    }
+
+    /// What the SEG references: the series, its slices and their grid (the labels' own).
+    fn seg_source(&self) -> glmae_data::dicom_seg::SegSource<'_> {
+        glmae_data::dicom_seg::SegSource {
             series: &self.series,
             slices: &self.slices,
             shape: self.labels.shape,
             affine: self.labels.affine,
-        };
-        glmae_data::dicom_seg::write_seg(path, &source, &self.labels, class_names, opts)
+        }
     }
 }
 

@@ -13,7 +13,6 @@ use super::scp::Inbox;
 use super::scu::send_seg;
 use super::spool::move_to_failed;
 use super::{ServeConfig, ServeSummary, log};
-use crate::DicomSegmentation;
 
 /// Segments each series once it is quiet, one at a time, until `stop`.
 pub(super) fn work_loop(
@@ -113,7 +112,11 @@ fn process_series(
     let s = crate::segment_dicom(model, work, Some(uid), &cfg.segment, cfg.engine)?;
     let segmented = started.elapsed();
     let seg_path = cfg.out_dir.join(format!("{uid}.seg.dcm"));
-    let seg = write_seg_file(&seg_path, &s, class_names, &cfg.seg)?;
+    // Encoded once: the same bytes are written and sent.
+    let seg = s
+        .encode_seg(class_names, &cfg.seg)
+        .with_context(|| format!("cannot write DICOM SEG {}", seg_path.display()))?;
+    glmae_data::io::atomic_write(&seg_path, &seg)?;
     let written = started.elapsed();
     let received = if waiting.recovered {
         "found in the spool at start-up".to_string()
@@ -150,15 +153,4 @@ fn process_series(
             sent: false,
         }),
     }
-}
-
-/// Writes the SEG of a segmented series to `path` and returns the file's bytes.
-fn write_seg_file(
-    path: &Path,
-    s: &DicomSegmentation,
-    class_names: &[String],
-    opts: &glmae_data::dicom_seg::SegOptions,
-) -> Result<Vec<u8>> {
-    s.write_seg(path, class_names, opts)?;
-    std::fs::read(path).with_context(|| format!("cannot read back {}", path.display()))
 }
