@@ -269,15 +269,26 @@ pub fn nifti_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The NIfTI images under `dir` and its sub-folders, except folders named `labels*`: a folder
 /// of unlabelled images to pretrain on.
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let not_labels = |p: &Path| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("labels"));
+    walk_files(dir, &not_labels, &is_nifti_name, out)
+}
+
+/// Appends the files under `dir` that `keep` accepts, descending into the sub-folders that
+/// `descend` accepts: the one recursive listing (NIfTI folders, DICOM folders).
+pub fn walk_files(
+    dir: &Path,
+    descend: &dyn Fn(&Path) -> bool,
+    keep: &dyn Fn(&Path) -> bool,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
     for e in entries {
-        let p = e?.path();
+        let p = e.with_context(|| format!("cannot list {}", dir.display()))?.path();
         if p.is_dir() {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if !name.starts_with("labels") {
-                collect_images(&p, out)?;
+            if descend(&p) {
+                walk_files(&p, descend, keep, out)?;
             }
-        } else if is_nifti_name(&p) {
+        } else if keep(&p) {
             out.push(p);
         }
     }

@@ -135,7 +135,9 @@ pub struct DicomVolume {
 pub fn scan(dir: &Path) -> Result<Scan> {
     ensure!(dir.is_dir(), "{} is not a folder", dir.display());
     let mut files = Vec::new();
-    list_files(dir, &mut files)?;
+    // Any file name (DICOM files often have none), hidden files and folders aside.
+    let visible = |p: &Path| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    crate::dataset::walk_files(dir, &visible, &|p: &Path| visible(p) && p.is_file(), &mut files)?;
     files.sort();
     let mut by_uid: BTreeMap<String, SeriesInfo> = BTreeMap::new();
     let mut skipped = Vec::new();
@@ -214,23 +216,6 @@ pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
-fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    for e in entries {
-        let p = e.with_context(|| format!("cannot list {}", dir.display()))?.path();
-        let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if hidden {
-            continue;
-        }
-        if p.is_dir() {
-            list_files(&p, out)?;
-        } else if p.is_file() {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 /// Whether the file has DICOM Part 10's `DICM` marker after its 128-byte preamble.

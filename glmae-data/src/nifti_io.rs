@@ -543,16 +543,7 @@ pub enum LabelType {
 
 /// Metadata for writing a volume that has no source file: an affine of `spacing` along the axes.
 pub fn meta_for_spacing(spacing: [f32; 3], stored: StoredType) -> NiftiMeta {
-    NiftiMeta {
-        qform_code: 1,
-        quatern: [0.0; 6],
-        pixdim: [1.0, spacing[0], spacing[1], spacing[2], 1.0, 1.0, 1.0, 1.0],
-        sform_code: 1,
-        srow: [[spacing[0], 0.0, 0.0, 0.0], [0.0, spacing[1], 0.0, 0.0], [0.0, 0.0, spacing[2], 0.0]],
-        xyzt_units: 2 | 8, // mm, s
-        stored,
-        nifti2: false,
-    }
+    meta_for_affine(&Affine::from_spacing(spacing.map(f64::from)), stored)
 }
 
 /// Metadata for writing a volume whose grid is `affine` (e.g. one read from DICOM): the sform
