@@ -326,7 +326,7 @@ pub fn segment_dicom(
 }
 
 /// Refuses an output (or probabilities file) that is the input, or two outputs on one file.
-fn ensure_outputs_apart(input: &Path, output: &Path, opts: &SegmentOptions) -> Result<()> {
+pub fn ensure_outputs_apart(input: &Path, output: &Path, opts: &SegmentOptions) -> Result<()> {
     glmae_data::io::ensure_not_input(input, output)?;
     if let Some(p) = &opts.probabilities {
         glmae_data::io::ensure_not_input(input, p)?;

@@ -165,12 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if dicom {
                 // `.dcm`: a DICOM SEG referencing the series; anything else: NIfTI labels.
                 let seg = output.extension().is_some_and(|e| e.eq_ignore_ascii_case("dcm"));
-                glmae_data::io::ensure_not_input(&input, &output)?;
-                anyhow::ensure!(
-                    opts.probabilities.as_ref() != Some(&output),
-                    "--probabilities and --output are both {}: they need two files",
-                    output.display()
-                );
+                glmae_infer::ensure_outputs_apart(&input, &output, &opts)?;
                 let start = std::time::Instant::now();
                 let s = glmae_infer::segment_dicom(&file, &input, series.as_deref(), &opts, engine)?;
                 if seg {
