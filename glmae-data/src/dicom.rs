@@ -233,7 +233,9 @@ fn has_dicom_marker(path: &Path) -> Result<bool> {
     Ok(&head[128..] == b"DICM")
 }
 
-fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
+/// The text of element `tag` with DICOM's padding (trailing NUL or space) removed; empty when
+/// absent or not text.
+pub fn text(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> String {
     obj.get(tag)
         .and_then(|e| e.to_str().ok())
         .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())

@@ -48,12 +48,7 @@ pub(super) fn transfer_syntax(uid: &str) -> Result<&'static TransferSyntax> {
         .with_context(|| format!("transfer syntax {uid} is not supported"))
 }
 
-pub(super) fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.get(tag)
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
-        .unwrap_or_default()
-}
+pub(super) use glmae_data::dicom::text;
 
 pub(super) fn parse_command(bytes: &[u8]) -> Result<Command> {
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, implicit_le()?)
