@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Seconds per 96^3 window of the same UNETR that `cargo bench -p glmae-infer --bench forward`
-times, in PyTorch (eager, CPU) and in onnxruntime (f32, and int8 by onnxruntime's own quantizer),
-at 1 and 2 threads. Compare with docs/performance.md, glmae-infer section.
+times, in PyTorch (eager, CPU), onnxruntime (f32, and int8 by onnxruntime's own quantizer) and
+OpenVINO (its default precision, and f32 forced), at 1 and 2 threads. Compare with
+docs/performance.md, glmae-infer section.
 
-    pip install torch monai einops onnx onnxruntime
+    pip install torch monai einops onnx onnxruntime openvino
     python3 scripts/bench_infer_reference.py [--reps 5] [--threads 1,2] [--out /tmp/unetr-onnx]
 
 Model: MONAI's UNETR with a ViT-T encoder (hidden 192, 12 blocks, 3 heads, MLP 768, patch 16,
@@ -16,6 +17,11 @@ Timing: one warm-up run, then the median (and min) of --reps runs, batch 1, torc
 for PyTorch; onnxruntime sessions keep their default graph optimisations (ORT_ENABLE_ALL) with
 intra_op_num_threads set and inter_op_num_threads 1. cpu_s is the process's CPU time per window
 (all threads), which stays comparable when other jobs share the machine.
+
+OpenVINO (`openvino` on PyPI) compiles the same ONNX file for "CPU" with INFERENCE_NUM_THREADS,
+NUM_STREAMS 1 and PERFORMANCE_HINT LATENCY, twice: with its default INFERENCE_PRECISION_HINT
+(bf16 on a CPU with AVX512_BF16 or AMX, f32 elsewhere; the line prints what it chose) and with
+the hint forced to f32.
 
 int8 for onnxruntime: `quantize_dynamic(per_channel=True, weight_type=QInt8)` (weights int8 per
 output channel, activations quantised at run time; the form closest to glmae's int8 files) and
@@ -71,19 +77,33 @@ def ort_session(path, threads):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def ov_model(path, threads, precision):
+    """OpenVINO's compiled model for `path` on the CPU; `precision` None keeps its default."""
+    import openvino as ov
+    config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return ov.Core().compile_model(path, "CPU", config)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", default="/tmp/unetr-onnx")
-    ap.add_argument("--skip", default="", help="comma list of torch,ort,ort-dynamic,ort-static")
+    ap.add_argument("--skip", default="", help="comma list of torch,ort,ort-dynamic,ort-static,ov,ov-f32")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     threads = [int(t) for t in args.threads.split(",")]
     os.makedirs(args.out, exist_ok=True)
 
     import onnxruntime as ort
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, load average {' '.join(load_avg())}")
+    try:
+        import openvino
+        ov_version = openvino.__version__
+    except ImportError:
+        ov_version, skip = "not installed", skip | {"ov", "ov-f32"}
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, openvino {ov_version}, load average {' '.join(load_avg())}")
     torch.manual_seed(0)
     net = UNETR(**CONFIG).eval()
     x = torch.rand(1, 1, 96, 96, 96)
@@ -133,6 +153,18 @@ def main():
             med, best, cpu = timed(lambda: sess.run(None, {"input": xn}), args.reps)
             print(f"RESULT {name} threads={n} s_per_window={med:.3f} min={best:.3f} cpu_s={cpu:.3f} "
                   f"max_diff_vs_torch={err:.1e}_of_range")
+        for key, precision in [("ov", None), ("ov-f32", "f32")]:
+            if key in skip:
+                continue
+            compiled = ov_model(f32, n, precision)
+            request = compiled.create_infer_request()
+            chosen = compiled.get_property("INFERENCE_PRECISION_HINT")
+            out = request.infer({0: xn})[0]
+            err = np.abs(out - ref).max() / (ref.max() - ref.min())
+            med, best, cpu = timed(lambda: request.infer({0: xn}), args.reps)
+            label = "default" if precision is None else "forced"
+            print(f"RESULT openvino {label} precision={chosen} threads={n} s_per_window={med:.3f} min={best:.3f} "
+                  f"cpu_s={cpu:.3f} max_diff_vs_torch={err:.1e}_of_range")
     print(f"load average after: {' '.join(load_avg())}")
 
 

@@ -95,11 +95,11 @@ fn algorithms() -> ConvAlgorithms {
 }
 
 /// Child: time windows of the fast pass.
-fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> {
+fn child_window(p: Precision, threads: usize, int8_kernels: bool, bf16: bool) -> Result<()> {
     let bytes = model(p)?;
     let file = ModelFile::parse(&bytes)?;
     let t = Instant::now();
-    let mut fast = FastUnetr::new(&file)?.with_conv_algorithms(algorithms());
+    let mut fast = FastUnetr::new(&file)?.with_conv_algorithms(algorithms()).with_bf16(bf16);
     // Packing (and transforming) the weights, once per model.
     let load_ms = 1e3 * t.elapsed().as_secs_f64();
     if int8_kernels {
@@ -129,7 +129,7 @@ fn child_window(p: Precision, threads: usize, int8_kernels: bool) -> Result<()> 
     let conv_s = median(stats.iter().map(|s| s.conv_seconds).collect());
     let norm_s = median(stats.iter().map(|s| s.norm_seconds).collect());
     println!(
-        "RESULT window precision={p:?} threads={threads} isa={:?} algorithms={:?} int8_kernels={:?} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1} load_ms={load_ms:.0}",
+        "RESULT window precision={p:?} threads={threads} isa={:?} algorithms={:?} int8_kernels={:?} bf16={bf16} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1} load_ms={load_ms:.0}",
         fast.isa(),
         fast.conv_algorithms(),
         fast.int8_kernels(),
@@ -159,7 +159,7 @@ fn cpu_seconds() -> f64 {
 /// Child: one 3x3x3 convolution layer, GFLOP/s by wall and by CPU time.
 fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     use glmae_infer::fast::conv::{ConvWeights, Vol, conv};
-    use glmae_infer::fast::kernels::{F32Kernels, Int8Kernels};
+    use glmae_infer::fast::kernels::{Bf16Kernels, F32Kernels, Int8Kernels};
     use glmae_infer::fast::qconv::{QConvWeights, QVol, max_level, qconv};
     use glmae_infer::fast::winograd::Variant;
     let cw = ConvWeights::from_fn(co, ci, 3, |i| ((i * 7919) % 13) as f32 * 0.01, None);
@@ -168,13 +168,17 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     let int8 = std::env::var("CONV_INT8").is_ok();
     let winograd = std::env::var("CONV_DIRECT").is_err();
     let variant = if std::env::var("CONV_F4").is_ok() { Variant::F4 } else { Variant::F2 };
-    let ww = glmae_infer::fast::winograd::WinogradWeights::from_fn(
+    let bf16 = std::env::var("CONV_BF16").is_ok();
+    let mut ww = glmae_infer::fast::winograd::WinogradWeights::from_fn(
         variant,
         co,
         ci,
         |i| ((i * 7919) % 13) as f32 * 0.01,
         None,
     );
+    if bf16 {
+        ww.pack_bf16();
+    }
     let d = [edge; 3];
     let mut x = Vol::zeros(d, ci);
     for (i, v) in x.data.iter_mut().enumerate() {
@@ -191,6 +195,8 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
             let amax = glmae_infer::fast::conv::abs_max(&x, 0, ci);
             let qx = QVol::quantize(&x, amax, max_level(qw.k()), Vec::new());
             qconv(Int8Kernels::best(), &qx, &qw, out, 0);
+        } else if winograd && bf16 {
+            glmae_infer::fast::winograd::conv_winograd_bf16(Bf16Kernels::best(), &x, &ww, out, 0);
         } else if winograd {
             glmae_infer::fast::winograd::conv_winograd(F32Kernels::best(), &x, &ww, out, 0);
         } else {
@@ -206,11 +212,47 @@ fn child_conv(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     let (wall, cpu) = (t0.elapsed().as_secs_f64() / reps as f64, (cpu_seconds() - c0) / reps as f64);
     let flop = 2.0 * (27 * ci * co * edge * edge * edge) as f64;
     println!(
-        "RESULT conv int8={int8} winograd={} variant={variant:?} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
+        "RESULT conv int8={int8} bf16={bf16} winograd={} variant={variant:?} ci={ci} co={co} edge={edge} threads={threads} ms={:.1} gflops_wall={:.1} gflops_per_cpu_s={:.1}",
         winograd && (!int8 || qww.is_some()),
         wall * 1e3,
         flop / wall / 1e9,
         flop / cpu / 1e9
+    );
+    Ok(())
+}
+
+/// Child: the Winograd products of one block alone, on data that stays in cache: `tiles` rows of
+/// `ci` values per position against one packed `ci x co` matrix per position (216 of them, as
+/// F(4, 3)), repeated; GMAC/s against the machine's FMA peak says how much of a product's time is
+/// the micro-kernel itself.
+fn child_products(ci: usize, co: usize, tiles: usize) -> Result<()> {
+    use glmae_infer::fast::gemm::{Batch, PackedB};
+    use glmae_infer::fast::kernels::F32Kernels;
+    let n = 216;
+    let v: Vec<f32> = (0..tiles * n * ci).map(|i| (i % 13) as f32 * 0.1).collect();
+    let u: Vec<PackedB> =
+        (0..n).map(|p| PackedB::from_fn(ci, co, |r, c| ((p + r + c) % 7) as f32 * 0.1)).collect();
+    let mut m = vec![0.0f32; tiles * n * co];
+    let kernels = match std::env::var("ISA").as_deref() {
+        Ok("avx2") => F32Kernels::new(glmae_infer::fast::Isa::Avx2Fma).unwrap_or(F32Kernels::PORTABLE),
+        _ => F32Kernels::best(),
+    };
+    let run = |m: &mut [f32]| {
+        Batch { a: &v, a_step: ci, lda: n * ci, b: &u, c_step: co, ldc: n * co, mr: tiles }.run(kernels, m)
+    };
+    run(&mut m);
+    let reps = 2000;
+    let t = Instant::now();
+    for _ in 0..reps {
+        run(&mut m);
+    }
+    let s = t.elapsed().as_secs_f64() / reps as f64;
+    let macs = (tiles * n * ci * co) as f64;
+    println!(
+        "RESULT products ci={ci} co={co} tiles={tiles} isa={:?} us={:.1} gmacs={:.1}",
+        kernels.isa(),
+        s * 1e6,
+        macs / s / 1e9
     );
     Ok(())
 }
@@ -303,12 +345,13 @@ fn child_agreement(p: Precision) -> Result<()> {
     let mut lb = vec![0u8; n];
     glmae_core::kernels::argmax_channels(&expected, 14, &mut lb);
     let dice_ref = glmae_data::sliding_window::dice_per_class(&lb, &truth, 14);
-    let mut variants = vec![None];
+    let mut variants = vec![(None, false), (None, true)];
     if p == Precision::Int8 {
-        variants.extend(glmae_infer::fast::QIsa::detect().map(Some));
+        variants.extend(glmae_infer::fast::QIsa::detect().map(|q| (Some(q), false)));
     }
-    for q in variants {
-        let fast = FastUnetr::new(&file)?.with_int8_kernels(q)?.with_conv_algorithms(algorithms());
+    for (q, bf16) in variants {
+        let fast =
+            FastUnetr::new(&file)?.with_int8_kernels(q)?.with_conv_algorithms(algorithms()).with_bf16(bf16);
         let got = pool(2)?.install(|| fast.forward(&input, WINDOW))?;
         let max_diff = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         let mut la = vec![0u8; n];
@@ -327,7 +370,7 @@ fn child_agreement(p: Precision) -> Result<()> {
             .filter_map(|(a, b)| Some((a.as_ref()? - b.as_ref()?).abs() * 100.0))
             .fold(0.0, f64::max);
         println!(
-            "RESULT agreement precision={p:?} int8_kernels={q:?} algorithms={:?} logit_range={:.3} max_diff={max_diff:.2e} rel={:.2e} labels_same={:.5} dice_fast_vs_ref_mean={mean:.2} dice_min={min:.2} classes_present={} max_dice_change_vs_truth_points={change:.3}",
+            "RESULT agreement precision={p:?} int8_kernels={q:?} bf16={bf16} algorithms={:?} logit_range={:.3} max_diff={max_diff:.2e} rel={:.2e} labels_same={:.5} dice_fast_vs_ref_mean={mean:.2} dice_min={min:.2} classes_present={} max_dice_change_vs_truth_points={change:.3}",
             fast.conv_algorithms(),
             hi - lo,
             max_diff / (hi - lo),
@@ -358,11 +401,16 @@ fn main() -> Result<()> {
         let p = precision(args.get(2).map_or("f32", String::as_str)).unwrap_or(Precision::F32);
         let threads: usize = args.get(3).map_or(Ok(2), |s| s.parse())?;
         return match args.get(1).map(String::as_str) {
-            Some("window") => child_window(p, threads, false),
-            Some("window-int8k") => child_window(p, threads, true),
+            Some("window") => child_window(p, threads, false, false),
+            Some("window-int8k") => child_window(p, threads, true, false),
+            Some("window-bf16") => child_window(p, threads, false, true),
             Some("volume") => child_volume(p, threads, Engine::Fast),
             Some("volume-int8k") => child_volume(p, threads, Engine::FastInt8Kernels),
             Some("reference") => child_reference(p),
+            Some("products") => {
+                let n: Vec<usize> = args[2..5].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+                child_products(n[0], n[1], n[2])
+            }
             Some("agreement") => child_agreement(p),
             Some("up") => {
                 let n: Vec<usize> = args[2..].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;

@@ -88,9 +88,11 @@ pub fn describe(file: &ModelFile<'_>) -> Result<String> {
     // either way; integer products only with --int8-kernels on an int8 file).
     let k = fast::KernelTable::detect();
     let f32_set = match k.f32.isa() {
+        fast::Isa::Avx512 => "AVX-512 (GEMM micro-kernel) and AVX2 + FMA",
         fast::Isa::Avx2Fma => "AVX2 + FMA",
         fast::Isa::Scalar => "portable",
     };
+
     let int8_set = match k.int8.qisa() {
         fast::QIsa::Vnni => "AVX-512 VNNI",
         fast::QIsa::Scalar => "portable",

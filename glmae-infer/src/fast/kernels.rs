@@ -17,6 +17,9 @@ pub enum Isa {
     Scalar,
     /// x86_64 AVX2 + FMA intrinsics.
     Avx2Fma,
+    /// x86_64 AVX-512 F for the GEMM micro-kernel (12 rows of one 512-bit register each), the
+    /// AVX2 + FMA code for the rest.
+    Avx512,
 }
 
 impl Isa {
@@ -53,13 +56,39 @@ impl QIsa {
     }
 }
 
+/// The bf16 kernel implementations (the `--bf16` mode's Winograd products).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BIsa {
+    /// Portable Rust computing what `vdpbf16ps` specifies.
+    Scalar,
+    /// x86_64 AVX-512 BF16 (`vdpbf16ps` on 512-bit registers; with AVX2 and FMA for the
+    /// Winograd transforms).
+    Avx512Bf16,
+}
+
+impl BIsa {
+    /// AVX-512 BF16 when the CPU has it (detected once per process).
+    pub fn detect() -> Option<Self> {
+        Some(KernelTable::detect().bf16.bisa()).filter(|&b| b == BIsa::Avx512Bf16)
+    }
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        Bf16Kernels::new(self).is_some()
+    }
+}
+
 /// What this CPU has, tested once.
 #[derive(Clone, Copy, Debug)]
 struct Features {
     avx2_fma: bool,
+    /// AVX-512 F, and AVX2 + FMA.
+    avx512f: bool,
     /// AVX-512 VNNI and VL, and AVX2 + FMA (which every such CPU has; checked so that
     /// [`Int8Kernels::f32_transforms`] may rely on it).
     vnni: bool,
+    /// AVX-512 F and BF16, and AVX2 + FMA (for [`Bf16Kernels::f32_transforms`]).
+    avx512_bf16: bool,
 }
 
 impl Features {
@@ -73,12 +102,17 @@ impl Features {
     fn detect() -> Features {
         use std::arch::is_x86_feature_detected as has;
         let avx2_fma = has!("avx2") && has!("fma");
-        Features { avx2_fma, vnni: avx2_fma && has!("avx512vnni") && has!("avx512vl") }
+        Features {
+            avx2_fma,
+            avx512f: avx2_fma && has!("avx512f"),
+            vnni: avx2_fma && has!("avx512vnni") && has!("avx512vl"),
+            avx512_bf16: avx2_fma && has!("avx512f") && has!("avx512bf16"),
+        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
     fn detect() -> Features {
-        Features { avx2_fma: false, vnni: false }
+        Features { avx2_fma: false, avx512f: false, vnni: false, avx512_bf16: false }
     }
 }
 
@@ -96,22 +130,28 @@ impl F32Kernels {
         match isa {
             Isa::Scalar => Some(Self::PORTABLE),
             Isa::Avx2Fma => Features::get().avx2_fma.then_some(Self(isa)),
+            Isa::Avx512 => Features::get().avx512f.then_some(Self(isa)),
         }
     }
 
     /// The fastest set this CPU runs.
     pub fn best() -> Self {
-        Self::new(Isa::Avx2Fma).unwrap_or(Self::PORTABLE)
+        Self::new(Isa::Avx512).or(Self::new(Isa::Avx2Fma)).unwrap_or(Self::PORTABLE)
     }
 
     /// Every set this CPU runs, the portable one first (for tests that compare them).
     pub fn all() -> Vec<Self> {
-        [Isa::Scalar, Isa::Avx2Fma].into_iter().filter_map(Self::new).collect()
+        [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512].into_iter().filter_map(Self::new).collect()
     }
 
     /// Which implementation.
     pub fn isa(self) -> Isa {
         self.0
+    }
+
+    /// Whether the AVX2 + FMA code may run (the AVX2 set and the AVX-512 one, which includes it).
+    pub fn avx2(self) -> bool {
+        matches!(self.0, Isa::Avx2Fma | Isa::Avx512)
     }
 }
 
@@ -158,7 +198,50 @@ impl Int8Kernels {
     }
 }
 
-/// The kernels a model runs: the f32 set and the int8 set, each checked against this CPU when
+/// A bf16 kernel set this CPU runs; like [`F32Kernels`], only made after checking the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bf16Kernels(BIsa);
+
+impl Bf16Kernels {
+    /// The portable bf16 kernels, which every CPU runs.
+    pub const PORTABLE: Self = Self(BIsa::Scalar);
+
+    /// `bisa`'s kernels, if this CPU runs them.
+    pub fn new(bisa: BIsa) -> Option<Self> {
+        match bisa {
+            BIsa::Scalar => Some(Self::PORTABLE),
+            BIsa::Avx512Bf16 => Features::get().avx512_bf16.then_some(Self(bisa)),
+        }
+    }
+
+    /// The fastest set this CPU runs.
+    pub fn best() -> Self {
+        Self::new(BIsa::Avx512Bf16).unwrap_or(Self::PORTABLE)
+    }
+
+    /// Every set this CPU runs, the portable one first.
+    pub fn all() -> Vec<Self> {
+        [BIsa::Scalar, BIsa::Avx512Bf16].into_iter().filter_map(Self::new).collect()
+    }
+
+    /// Which implementation.
+    pub fn bisa(self) -> BIsa {
+        self.0
+    }
+
+    /// The f32 kernels the bf16 Winograd kernel transforms with: AVX2 + FMA with AVX-512 BF16
+    /// (whose detection includes them), portable with the portable bf16 kernels, so that each
+    /// bf16 set always pairs with the same transforms.
+    pub fn f32_transforms(self) -> F32Kernels {
+        match self.0 {
+            BIsa::Scalar => F32Kernels::PORTABLE,
+            // Not `F32Kernels::new`: an AVX-512 BF16 token exists only where AVX2 and FMA were found.
+            BIsa::Avx512Bf16 => F32Kernels(Isa::Avx2Fma),
+        }
+    }
+}
+
+/// The kernels a model runs: the f32, int8 and bf16 sets, each checked against this CPU when
 /// the table is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelTable {
@@ -166,17 +249,19 @@ pub struct KernelTable {
     pub f32: F32Kernels,
     /// The integer convolutions (used only where the policy picks them).
     pub int8: Int8Kernels,
+    /// The bf16 Winograd products (used only in the `--bf16` mode).
+    pub bf16: Bf16Kernels,
 }
 
 impl KernelTable {
     /// The fastest of each set this CPU runs (the CPU is tested once per process).
     pub fn detect() -> Self {
-        Self { f32: F32Kernels::best(), int8: Int8Kernels::best() }
+        Self { f32: F32Kernels::best(), int8: Int8Kernels::best(), bf16: Bf16Kernels::best() }
     }
 
     /// The portable kernels only.
     pub fn portable() -> Self {
-        Self { f32: F32Kernels::PORTABLE, int8: Int8Kernels::PORTABLE }
+        Self { f32: F32Kernels::PORTABLE, int8: Int8Kernels::PORTABLE, bf16: Bf16Kernels::PORTABLE }
     }
 }
 
@@ -188,6 +273,7 @@ macro_rules! for_each_f32_kernels {
     ($m:ident) => {
         $m!(portable, Some($crate::fast::kernels::F32Kernels::PORTABLE));
         $m!(avx2_fma, $crate::fast::kernels::F32Kernels::new($crate::fast::kernels::Isa::Avx2Fma));
+        $m!(avx512, $crate::fast::kernels::F32Kernels::new($crate::fast::kernels::Isa::Avx512));
     };
 }
 #[cfg(test)]
@@ -204,6 +290,17 @@ macro_rules! for_each_int8_kernels {
 #[cfg(test)]
 pub(crate) use for_each_int8_kernels;
 
+/// [`for_each_f32_kernels`] for the bf16 kernel sets.
+#[cfg(test)]
+macro_rules! for_each_bf16_kernels {
+    ($m:ident) => {
+        $m!(portable, Some($crate::fast::kernels::Bf16Kernels::PORTABLE));
+        $m!(avx512_bf16, $crate::fast::kernels::Bf16Kernels::new($crate::fast::kernels::BIsa::Avx512Bf16));
+    };
+}
+#[cfg(test)]
+pub(crate) use for_each_bf16_kernels;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,11 +313,21 @@ mod tests {
         assert_eq!(table.int8, Int8Kernels::best());
         assert_eq!(F32Kernels::all()[0], F32Kernels::PORTABLE);
         assert_eq!(Int8Kernels::all()[0], Int8Kernels::PORTABLE);
-        assert_eq!(F32Kernels::all().len(), 1 + usize::from(Isa::Avx2Fma.supported()));
+        assert_eq!(
+            F32Kernels::all().len(),
+            1 + usize::from(Isa::Avx2Fma.supported()) + usize::from(Isa::Avx512.supported())
+        );
+        // AVX-512 runs the AVX2 + FMA code besides its own, so it may only exist where they do.
+        assert!(!Isa::Avx512.supported() || Isa::Avx2Fma.supported());
         assert_eq!(Int8Kernels::all().len(), 1 + usize::from(QIsa::Vnni.supported()));
         // VNNI transforms with AVX2 + FMA, so it may only exist where they do.
         if let Some(v) = Int8Kernels::new(QIsa::Vnni) {
             assert_eq!(F32Kernels::new(Isa::Avx2Fma), Some(v.f32_transforms()));
+        }
+        assert_eq!(table.bf16, Bf16Kernels::best());
+        assert_eq!(Bf16Kernels::all().len(), 1 + usize::from(BIsa::Avx512Bf16.supported()));
+        if let Some(b) = Bf16Kernels::new(BIsa::Avx512Bf16) {
+            assert_eq!(F32Kernels::new(Isa::Avx2Fma), Some(b.f32_transforms()));
         }
         assert_eq!(KernelTable::portable().f32.isa(), Isa::Scalar);
     }

@@ -47,6 +47,13 @@ impl Layer {
         Self { f: ConvWeights::new(w, bias), w2, w4, q, qw }
     }
 
+    /// Adds the bf16 packing of F(2, 3), which the bf16 mode runs wherever F(2, 3) runs.
+    pub(super) fn pack_bf16(&mut self) {
+        if let Some(w2) = &mut self.w2 {
+            w2.pack_bf16();
+        }
+    }
+
     /// Output channels.
     pub(super) fn out_ch(&self) -> usize {
         self.f.out_ch()

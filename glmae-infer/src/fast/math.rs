@@ -48,26 +48,24 @@ fn gelu(x: f32) -> f32 {
 /// GELU over a slice, on `kernels` (the AVX2 copy is the portable loop compiled for AVX2: the
 /// same operations, so the same values).
 pub fn gelu_in_place(kernels: F32Kernels, x: &mut [f32]) {
-    match kernels.isa() {
-        #[cfg(target_arch = "x86_64")]
-        super::kernels::Isa::Avx2Fma => {
-            // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both.
-            unsafe { avx2::gelu_in_place(x) }
-        }
-        _ => gelu_loop(x),
+    #[cfg(target_arch = "x86_64")]
+    if kernels.avx2() {
+        // SAFETY: an `F32Kernels` that runs the AVX2 code exists only where the CPU has AVX2 and FMA.
+        unsafe { avx2::gelu_in_place(x) };
+        return;
     }
+    gelu_loop(x)
 }
 
 /// Softmax over a slice, shifted by its maximum so large logits cannot overflow.
 pub fn softmax_in_place(kernels: F32Kernels, x: &mut [f32]) {
-    match kernels.isa() {
-        #[cfg(target_arch = "x86_64")]
-        super::kernels::Isa::Avx2Fma => {
-            // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both.
-            unsafe { avx2::softmax_in_place(x) }
-        }
-        _ => softmax_loop(x),
+    #[cfg(target_arch = "x86_64")]
+    if kernels.avx2() {
+        // SAFETY: an `F32Kernels` that runs the AVX2 code exists only where the CPU has AVX2 and FMA.
+        unsafe { avx2::softmax_in_place(x) };
+        return;
     }
+    softmax_loop(x)
 }
 
 #[inline(always)]

@@ -26,6 +26,7 @@
 //! convolution's packings; `pool` the recycled activation buffers; [`mod@gemm`], [`mod@conv`],
 //! [`winograd`], [`mod@qconv`] and `math` the kernels themselves.
 
+pub mod bf16;
 pub mod conv;
 pub mod gemm;
 pub mod kernels;
@@ -49,13 +50,13 @@ use conv::{
     ConvWeights, NormStats, UpConvWeights, Vol, abs_max, conv, conv_transpose, conv1x1_channel_first,
     instance_stats, norm_add_lrelu, norm_lrelu,
 };
-pub use kernels::{F32Kernels, Int8Kernels, Isa, KernelTable, QIsa};
+pub use kernels::{BIsa, Bf16Kernels, F32Kernels, Int8Kernels, Isa, KernelTable, QIsa};
 use layer::Layer;
 pub use policy::ConvAlgorithms;
 use policy::{ConvKernel, Policy};
 use pool::{BufferPool, SharedPool};
 use qconv::{QVol, max_level, qconv};
-use winograd::{Variant, conv_qwinograd, conv_winograd};
+use winograd::{Variant, conv_qwinograd, conv_winograd, conv_winograd_bf16};
 
 #[derive(Clone, Debug)]
 struct Res {
@@ -77,6 +78,10 @@ impl Res {
         self.conv1.bytes() + self.conv2.bytes() + self.conv3.as_ref().map_or(0, Layer::bytes)
     }
 
+    fn layers_mut(&mut self) -> impl Iterator<Item = &mut Layer> {
+        [&mut self.conv1, &mut self.conv2].into_iter().chain(self.conv3.as_mut())
+    }
+
     /// MONAI's `UnetResBlock` on `x` into channels `off..` of `out`:
     /// `lrelu(norm(conv2(lrelu(norm(conv1 x)))) + residual)`, the residual being `x` or
     /// `norm(conv3 x)`.
@@ -86,7 +91,8 @@ impl Res {
         // conv1 and conv3 read the same input: quantise it at most once.
         let mut qx = None;
         let s1 = cx.conv(x, &mut qx, &self.conv1, &mut a, 0);
-        cx.timed(|| norm_lrelu(&mut a, 0, &s1));
+        let k = cx.kernels.f32;
+        cx.timed(|| norm_lrelu(k, &mut a, 0, &s1));
         let mut qa = None;
         let s2 = cx.conv(&a, &mut qa, &self.conv2, out, off);
         cx.pool.recycle_q(qa);
@@ -94,9 +100,9 @@ impl Res {
             Some(proj) => {
                 // `a` is spent: reuse it for the projected residual (every interior value is rewritten).
                 let s3 = cx.conv(x, &mut qx, proj, &mut a, 0);
-                cx.timed(|| norm_add_lrelu(out, off, &s2, &a, &s3));
+                cx.timed(|| norm_add_lrelu(k, out, off, &s2, &a, &s3));
             }
-            None => cx.timed(|| norm_add_lrelu(out, off, &s2, x, &NormStats::identity(o))),
+            None => cx.timed(|| norm_add_lrelu(k, out, off, &s2, x, &NormStats::identity(o))),
         }
         cx.pool.recycle_q(qx);
         cx.pool.recycle(a);
@@ -186,6 +192,8 @@ pub struct Stats {
     pub winograd_convs: u32,
     /// How many of those ran by F(4x4x4, 3x3x3).
     pub f4_convs: u32,
+    /// How many of those ran with bf16 products (the bf16 mode's F(2x2x2, 3x3x3)).
+    pub bf16_convs: u32,
     /// Seconds in instance norms, activations and residual adds.
     pub norm_seconds: f64,
     /// Seconds in the encoder.
@@ -233,6 +241,11 @@ impl Ctx {
                 self.stats.f4_convs += u32::from(w.variant() == Variant::F4);
                 Some(conv_winograd(self.kernels.f32, x, w, out, off))
             }
+            ConvKernel::WinogradBf16(w) => {
+                self.stats.winograd_convs += 1;
+                self.stats.bf16_convs += 1;
+                Some(conv_winograd_bf16(self.kernels.bf16, x, w, out, off))
+            }
             ConvKernel::QWinograd(qw) => {
                 self.stats.winograd_convs += 1;
                 Some(conv_qwinograd(self.kernels.int8, x, amax(), qw, out, off))
@@ -250,7 +263,8 @@ impl Ctx {
         };
         self.stats.conv_seconds += t.elapsed().as_secs_f64();
         self.stats.conv_macs += (layer.f.macs_per_voxel() * x.dims.iter().product::<usize>()) as u64;
-        stats.unwrap_or_else(|| self.timed(|| instance_stats(out, off, layer.out_ch())))
+        let k = self.kernels.f32;
+        stats.unwrap_or_else(|| self.timed(|| instance_stats(k, out, off, layer.out_ch())))
     }
 
     fn up(&mut self, x: &Vol, w: &UpConvWeights, out: &mut Vol, off: usize) {
@@ -299,7 +313,7 @@ impl FastUnetr {
             out: ConvWeights::new(&w.out.weight, Some(&w.out.bias)),
             // The int8 kernels are opt-in: quantising activations costs accuracy
             // (docs/performance.md).
-            policy: Policy { algorithms: ConvAlgorithms::default(), int8: false },
+            policy: Policy { algorithms: ConvAlgorithms::default(), int8: false, bf16: false },
             pool: SharedPool::default(),
         }
     }
@@ -322,6 +336,41 @@ impl FastUnetr {
         }
         self.policy.int8 = qisa.is_some();
         Ok(self)
+    }
+
+    /// The bf16 mode: the decoder's convolutions that run Winograd F(2, 3) (those F(4, 3) does
+    /// not take: volumes under 24^3, layers over 128 input channels) run it with their
+    /// transformed inputs and weights rounded to bf16 (8 significant bits) and the
+    /// products summed in f32, on AVX-512 BF16 where the CPU has it and on portable code that
+    /// computes the same values elsewhere (slower, never less accurate: the flag decides the
+    /// arithmetic, the CPU only the speed). `false` returns to f32.
+    pub fn with_bf16(mut self, on: bool) -> Self {
+        if on {
+            let skips = self.skips.iter_mut().flat_map(|s| s.stages.iter_mut().map(|(_, r)| r));
+            let res = std::iter::once(&mut self.encoder1)
+                .chain(skips)
+                .chain(self.ups.iter_mut().map(|u| &mut u.res));
+            for r in res {
+                r.layers_mut().for_each(Layer::pack_bf16);
+            }
+        }
+        self.policy.bf16 = on;
+        self
+    }
+
+    /// Runs the bf16 mode's products on `bisa` instead of the detected best; errors if this CPU
+    /// cannot.
+    pub fn with_bf16_kernels(mut self, bisa: BIsa) -> Result<Self> {
+        let Some(k) = Bf16Kernels::new(bisa) else {
+            anyhow::bail!("this CPU cannot run the {bisa:?} bf16 kernels")
+        };
+        self.kernels.bf16 = k;
+        Ok(self)
+    }
+
+    /// Whether the bf16 mode is on ([`Self::with_bf16`]).
+    pub fn bf16(&self) -> bool {
+        self.policy.bf16
     }
 
     /// Restricts the algorithms of the 3x3x3 convolutions (all Winograd variants by default).

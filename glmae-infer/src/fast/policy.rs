@@ -6,7 +6,7 @@ use glmae_core::kernels::Dims3;
 
 use super::layer::Layer;
 use super::qconv::QConvWeights;
-use super::winograd::{QWinogradWeights, WinogradWeights};
+use super::winograd::{QWinogradWeights, Variant, WinogradWeights};
 
 /// The algorithms 3x3x3 convolutions may run by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +75,8 @@ pub(super) enum ConvKernel<'l> {
     QDirect(&'l QConvWeights),
     /// Integer Winograd F(2, 3).
     QWinograd(&'l QWinogradWeights),
+    /// Winograd F(2, 3) with bf16 products.
+    WinogradBf16(&'l WinogradWeights),
 }
 
 /// A model's rules for choosing kernels.
@@ -85,6 +87,8 @@ pub(super) struct Policy {
     /// Whether int8 layers may run on the integer kernels (else on their dequantised f32
     /// weights).
     pub int8: bool,
+    /// Whether the layers that run F(2, 3) run it with bf16 products (the `--bf16` mode).
+    pub bf16: bool,
 }
 
 impl Policy {
@@ -92,8 +96,23 @@ impl Policy {
     /// and suit the size (unless the integer F(2, 3) kernel is on and the layer has
     /// [`QWINOGRAD_FROM_IN_CH`]+ input channels); else the int8 kernels for int8 layers with
     /// [`INT8_MIN_IN_CH`]+ input channels when on; else F(2, 3) where the size is even; else
-    /// the direct implicit GEMM.
+    /// the direct implicit GEMM. In the bf16 mode, F(2, 3) runs with bf16 products.
     pub(super) fn choose<'l>(&self, layer: &'l Layer, dims: Dims3) -> ConvKernel<'l> {
+        match self.choose_f32_or_int8(layer, dims) {
+            // F(2, 3) runs where F(4, 3) does not apply (volumes under 24^3, layers over 128
+            // input channels); there bf16 products are the faster kernel. One layer at 1 thread,
+            // F(2, 3) f32 / bf16 ms: 256 -> 128 at 12^3 15.9 / 9.1, 128 -> 128 at 12^3 7.5 /
+            // 4.5, 16 -> 16 at 96^3 119 / 82 (where F(4, 3) in f32 takes 48). F(4, 3) has no bf16
+            // form ([`super::winograd::WinogradWeights::pack_bf16`]).
+            ConvKernel::Winograd(w) if self.bf16 && w.variant() == Variant::F2 && w.has_bf16() => {
+                ConvKernel::WinogradBf16(w)
+            }
+            k => k,
+        }
+    }
+
+    /// [`Self::choose`] without the bf16 mode.
+    fn choose_f32_or_int8<'l>(&self, layer: &'l Layer, dims: Dims3) -> ConvKernel<'l> {
         let in_ch = layer.f.in_ch();
         let int8 = layer.q.as_ref().filter(|_| self.int8 && in_ch >= INT8_MIN_IN_CH);
         let qwinograd = match (self.algorithms, int8, &layer.qw) {

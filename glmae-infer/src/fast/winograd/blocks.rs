@@ -6,6 +6,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::super::bf16::Bf16;
 use super::super::conv::{RowMoments, Vol};
 use super::Variant;
 
@@ -38,6 +39,7 @@ thread_local! {
     // Kept between convolutions: fresh buffers of a few MB per call cost page faults.
     static F32_SCRATCH: RefCell<Scratch<f32>> = RefCell::default();
     static I16_SCRATCH: RefCell<Scratch<i16>> = RefCell::default();
+    static BF16_SCRATCH: RefCell<Scratch<Bf16>> = RefCell::default();
 }
 
 /// Scratch of one kind, kept per thread.
@@ -58,6 +60,15 @@ impl ThreadScratch for Scratch<f32> {
 impl ThreadScratch for Scratch<i16> {
     fn with<R>(f: impl FnOnce(&mut Self) -> R) -> R {
         I16_SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut s) => f(&mut s),
+            Err(_) => f(&mut Self::default()),
+        })
+    }
+}
+
+impl ThreadScratch for Scratch<Bf16> {
+    fn with<R>(f: impl FnOnce(&mut Self) -> R) -> R {
+        BF16_SCRATCH.with(|s| match s.try_borrow_mut() {
             Ok(mut s) => f(&mut s),
             Err(_) => f(&mut Self::default()),
         })

@@ -34,7 +34,7 @@ pub mod int8;
 mod transforms;
 
 use super::gemm::pad_bias;
-pub use f32::{WinogradWeights, conv_winograd};
+pub use f32::{WinogradWeights, conv_winograd, conv_winograd_bf16};
 pub use int8::{QWinogradWeights, conv_qwinograd};
 use transforms::{F2, F4, Points};
 

@@ -3,6 +3,7 @@
 //! AVX2 code on eight channels at a time, both from the same straight-line formulas ([`Points`]
 //! over [`Lanes`]).
 
+use super::super::bf16::Bf16;
 use super::super::conv::{RowMoments, Vol};
 use super::super::kernels::F32Kernels;
 use super::blocks::{Block, OutGeometry};
@@ -142,6 +143,19 @@ impl Transformed for i16 {
     }
 }
 
+impl Transformed for Bf16 {
+    fn from_f32(v: f32, _: f32) -> Self {
+        Bf16::from_f32(v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn put8(dst: *mut Self, v: avx2::F32x8, _: f32) {
+        // SAFETY: `dst` is writable for 8 values (the contract); `Bf16` is a transparent u16.
+        unsafe { v.store_bf16(dst.cast()) }
+    }
+}
+
 /// Transforms every tile of block `b` of `x` into `v` (`[tile][position][in_ch]`), scaled by
 /// `inv` when `T` is i16. `cols` is scratch for the AVX2 path.
 // Without x86_64 only the portable path exists (and `cols`, the AVX2 path's scratch, is not resized).
@@ -159,7 +173,7 @@ pub(super) fn input_transform<W: Points<M, A>, const M: usize, const A: usize, T
     // Channels from `vector_ch` on take the per-tile path.
     let mut vector_ch = 0;
     #[cfg(target_arch = "x86_64")]
-    if kernels.isa() == super::super::kernels::Isa::Avx2Fma {
+    if kernels.avx2() {
         // Neighbouring tiles share A - M of their A x-columns, so each row's columns are
         // transformed along y and z once, then combined along x per tile.
         let ncols = M * b.per_row + A - M;
@@ -204,7 +218,7 @@ pub(super) fn input_transform<W: Points<M, A>, const M: usize, const A: usize, T
 }
 
 /// Output-transforms every tile of block `b` from `m` (`[tile][position][out_ch]`) into `slab`,
-/// then adds the block's output rows to `moments`.
+/// then adds the block's outputs to `moments`.
 // Without x86_64 only the portable path exists.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
 #[allow(clippy::too_many_arguments)]
@@ -229,7 +243,7 @@ pub(super) fn output_transform<W: Points<M, A>, const M: usize, const A: usize>(
         let dst = &mut slab[base..base + reach];
         let mut c = 0;
         #[cfg(target_arch = "x86_64")]
-        if kernels.isa() == super::super::kernels::Isa::Avx2Fma {
+        if kernels.avx2() {
             while c + 8 <= co {
                 // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both;
                 // `src` holds all positions of channels `c..c + 8`, `dst` the tile's outputs
@@ -250,15 +264,13 @@ pub(super) fn output_transform<W: Points<M, A>, const M: usize, const A: usize>(
             output_tile::<W, M, A>(src, c, bc, dst, g);
         }
     }
-    for z in 0..M {
-        for y in M * b.ty0..M * (b.ty0 + b.rows) {
-            moments.add_row(
-                &slab[z * g.plane + (y + 1) * g.row + (M * b.tx0 + 1) * g.c + g.off..],
-                g.c,
-                M * b.per_row,
-            );
-        }
-    }
+    let starts: Vec<usize> = (0..M)
+        .flat_map(|z| {
+            (M * b.ty0..M * (b.ty0 + b.rows))
+                .map(move |y| z * g.plane + (y + 1) * g.row + (M * b.tx0 + 1) * g.c + g.off)
+        })
+        .collect();
+    moments.add_rows(kernels, slab, &starts, g.c, M * b.per_row);
 }
 
 /// One channel of the input transform (the portable path and the AVX2 path's tail): the A^3
@@ -385,6 +397,27 @@ pub(super) mod avx2 {
                 let i = _mm256_cvtps_epi32(_mm256_mul_ps(self.0, _mm256_set1_ps(inv)));
                 // packs works per 128-bit lane: [i0..3 i0..3 | i4..7 i4..7]; keep quads 0 and 2.
                 let q = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packs_epi32(i, i));
+                _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(q));
+            }
+        }
+    }
+
+    impl F32x8 {
+        /// Stores the eight values rounded to bf16 as [`super::Bf16::from_f32`] rounds them
+        /// (nearest, ties to even, on the bits), as eight u16 at `p`.
+        ///
+        /// # Safety
+        /// `p` is writable for 8 values.
+        #[inline(always)]
+        pub(super) unsafe fn store_bf16(self, p: *mut u16) {
+            // SAFETY: `self` exists, so the CPU has AVX2 (see the type); `p` is the caller's.
+            unsafe {
+                let u = _mm256_castps_si256(self.0);
+                let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(1));
+                let r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+                let h = _mm256_srli_epi32::<16>(r);
+                // packus works per 128-bit lane: [h0..3 h0..3 | h4..7 h4..7]; keep quads 0 and 2.
+                let q = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(h, h));
                 _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(q));
             }
         }
