@@ -38,6 +38,7 @@ for l in "32 16 48" "64 32 24" "32 32 24"; do
   "$B" --child up $l 1
 done
 echo "=== products $(date +%T)"
+"$B" --child peak
 for l in "16 16 12" "32 16 12" "64 32 12"; do
   for isa in avx2 best; do
     # shellcheck disable=SC2086

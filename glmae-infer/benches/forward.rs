@@ -257,6 +257,56 @@ fn child_products(ci: usize, co: usize, tiles: usize) -> Result<()> {
     Ok(())
 }
 
+/// Child: this CPU's multiply-add peak on one core, the yardstick of `products`: 12 independent
+/// chains of 512-bit FMAs (f32) and of `vdpbf16ps` (bf16 pairs) on registers only.
+#[cfg(target_arch = "x86_64")]
+fn child_peak() -> Result<()> {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f")]
+    fn fma(n: usize) -> f32 {
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        let (b, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+        for _ in 0..n {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, b, c);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn dpbf16(n: usize) -> f32 {
+        let mut acc = [_mm512_set1_ps(1.0); 12];
+        // SAFETY: both are 64-byte vectors and every bit pattern is a valid value of either.
+        let b = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80)) };
+        for _ in 0..n {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, b, b);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+    let n = 50_000_000;
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        let t = Instant::now();
+        // SAFETY: the CPU has AVX-512 F (checked above).
+        let s = unsafe { fma(n) };
+        println!(
+            "RESULT peak f32_fma_gmacs={:.1} ({s})",
+            (n * 12 * 16) as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+    }
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+        let t = Instant::now();
+        // SAFETY: the CPU has AVX-512 F and BF16 (checked above).
+        let s = unsafe { dpbf16(n) };
+        println!(
+            "RESULT peak bf16_dot_gmacs={:.1} ({s})",
+            (n * 12 * 32) as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+    }
+    Ok(())
+}
+
 /// Child: one 2x2x2 stride-2 transposed convolution from EDGE^3 to (2 EDGE)^3.
 fn child_up(ci: usize, co: usize, edge: usize, threads: usize) -> Result<()> {
     use glmae_infer::fast::conv::{UpConvWeights, Vol, conv_transpose};
@@ -407,6 +457,8 @@ fn main() -> Result<()> {
             Some("volume") => child_volume(p, threads, Engine::Fast),
             Some("volume-int8k") => child_volume(p, threads, Engine::FastInt8Kernels),
             Some("reference") => child_reference(p),
+            #[cfg(target_arch = "x86_64")]
+            Some("peak") => child_peak(),
             Some("products") => {
                 let n: Vec<usize> = args[2..5].iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
                 child_products(n[0], n[1], n[2])

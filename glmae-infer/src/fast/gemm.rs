@@ -518,24 +518,20 @@ pub fn gemm(
             let panel = b.panel(p);
             let nc = b.panel_cols(p);
             let bias = bias.map(|v| &v[p * NR..][..NR]);
-            let mut i = r0;
-            while i < r1 {
-                let mr = (r1 - i).min(MR);
-                let tile = Tile {
-                    a: &a[i * lda..],
-                    a_offs: &offs,
-                    lda,
-                    kc: k,
-                    b: panel,
-                    bias,
-                    accumulate,
-                    ldc,
-                    mr,
-                    nc,
-                };
-                tile.run(kernels, &mut cblk[(i - r0) * ldc + p * NR..]);
-                i += mr;
-            }
+            // All the block's rows in one call: the kernel set picks its own rows per micro-tile.
+            let tile = Tile {
+                a: &a[r0 * lda..],
+                a_offs: &offs,
+                lda,
+                kc: k,
+                b: panel,
+                bias,
+                accumulate,
+                ldc,
+                mr: r1 - r0,
+                nc,
+            };
+            tile.run(kernels, &mut cblk[p * NR..]);
         }
     });
 }

@@ -6,7 +6,8 @@
 //! with the core's reference `Unetr::forward`. What changes is the execution:
 //!
 //! - every Linear, the patch embedding, both attention products and every convolution run on one
-//!   register-tiled GEMM micro-kernel ([`gemm`]) with AVX2 + FMA where the CPU has it;
+//!   register-tiled GEMM micro-kernel ([`gemm`]): 12 rows of 512-bit accumulators with AVX-512,
+//!   6 x 16 with AVX2 + FMA, portable code elsewhere (chosen once, [`kernels`]);
 //! - decoder activations are channel-last with a zero border ([`conv::Vol`]), so a 3x3x3
 //!   convolution is an implicit GEMM over 27 shifted views of its input, or (by default, for
 //!   layers with 8+ input channels) Winograd's F(4x4x4, 3x3x3) (up to 128 input channels on
@@ -18,13 +19,16 @@
 //!   input channels run on integer products (AVX-512 VNNI `vpdpwssd`) of per-tensor quantised
 //!   activations, where they beat F(4, 3) in f32: by Winograd on i16 transformed inputs and
 //!   weights ([`winograd::conv_qwinograd`]), else directly on the file's int8 weights
-//!   ([`mod@qconv`]).
+//!   ([`mod@qconv`]);
+//! - optionally ([`FastUnetr::with_bf16`]), the layers that run F(2, 3) multiply in bf16
+//!   (AVX-512 BF16 `vdpbf16ps`, [`mod@bf16`]): measured barely faster and less exact, so an
+//!   experiment of the library and the benchmark, not a flag of the command line.
 //!
 //! The modules: this one holds the model graph (residual, skip and up blocks, the forward
 //! pass); [`kernels`] the kernel table (which implementation of each kernel this CPU runs,
 //! detected once at load); `policy` which algorithm each convolution runs by; `layer` a
 //! convolution's packings; `pool` the recycled activation buffers; [`mod@gemm`], [`mod@conv`],
-//! [`winograd`], [`mod@qconv`] and `math` the kernels themselves.
+//! [`winograd`], [`mod@qconv`], [`mod@bf16`] and `math` the kernels themselves.
 
 pub mod bf16;
 pub mod conv;
