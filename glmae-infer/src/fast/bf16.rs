@@ -162,26 +162,6 @@ mod avx512 {
     use super::{Bf16Tile, MR_BF16, NR};
     use core::arch::x86_64::*;
 
-    /// `$kernel::<M>(args)` with the const `M` equal to the run-time row count (1 to 12).
-    macro_rules! with_rows12 {
-        ($mr:expr, $kernel:ident($($arg:expr),*)) => {
-            match $mr {
-                1 => $kernel::<1>($($arg),*),
-                2 => $kernel::<2>($($arg),*),
-                3 => $kernel::<3>($($arg),*),
-                4 => $kernel::<4>($($arg),*),
-                5 => $kernel::<5>($($arg),*),
-                6 => $kernel::<6>($($arg),*),
-                7 => $kernel::<7>($($arg),*),
-                8 => $kernel::<8>($($arg),*),
-                9 => $kernel::<9>($($arg),*),
-                10 => $kernel::<10>($($arg),*),
-                11 => $kernel::<11>($($arg),*),
-                _ => $kernel::<12>($($arg),*),
-            }
-        };
-    }
-
     /// The 32 bf16 values in `v`'s bits.
     #[inline(always)]
     fn as_bh(v: __m512i) -> __m512bh {
@@ -201,7 +181,7 @@ mod avx512 {
             let a = t.a.as_ptr().wrapping_add(i * t.lda);
             let cp = c.as_mut_ptr().wrapping_add(i * t.ldc);
             // SAFETY: rows `i..i + rows` are within the caller's contract.
-            unsafe { with_rows12!(rows, tile(t, a, cp)) };
+            unsafe { super::super::gemm::with_rows12!(rows, tile(t, a, cp)) };
             i += rows;
         }
     }

@@ -33,6 +33,29 @@ macro_rules! with_rows {
 // Only the x86_64 SIMD kernels (here and in qconv) use it.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use with_rows;
+/// [`with_rows`] for the 512-bit kernels' 1 to 12 rows.
+macro_rules! with_rows12 {
+    ($mr:expr, $kernel:ident($($arg:expr),*)) => {
+        match $mr {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            8 => $kernel::<8>($($arg),*),
+            9 => $kernel::<9>($($arg),*),
+            10 => $kernel::<10>($($arg),*),
+            11 => $kernel::<11>($($arg),*),
+            _ => $kernel::<12>($($arg),*),
+        }
+    };
+}
+// Only the x86_64 AVX-512 kernels (here and in bf16) use it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use with_rows12;
+
 /// Columns of C per micro-tile (output channels or features): two AVX registers.
 pub const NR: usize = 16;
 
@@ -360,26 +383,6 @@ mod avx512 {
     /// timed the same on Winograd products with 16 to 64 input channels.
     const MR512: usize = 12;
 
-    /// `$kernel::<M>(args)` with the const `M` equal to the run-time row count (1 to 12).
-    macro_rules! with_rows12 {
-        ($mr:expr, $kernel:ident($($arg:expr),*)) => {
-            match $mr {
-                1 => $kernel::<1>($($arg),*),
-                2 => $kernel::<2>($($arg),*),
-                3 => $kernel::<3>($($arg),*),
-                4 => $kernel::<4>($($arg),*),
-                5 => $kernel::<5>($($arg),*),
-                6 => $kernel::<6>($($arg),*),
-                7 => $kernel::<7>($($arg),*),
-                8 => $kernel::<8>($($arg),*),
-                9 => $kernel::<9>($($arg),*),
-                10 => $kernel::<10>($($arg),*),
-                11 => $kernel::<11>($($arg),*),
-                _ => $kernel::<12>($($arg),*),
-            }
-        };
-    }
-
     /// Every product of `bt`, [`MR512`] rows at a time, through [`batch_rows`].
     ///
     /// # Safety
@@ -391,7 +394,7 @@ mod avx512 {
         while r < bt.mr {
             let rows = (bt.mr - r).min(MR512);
             // SAFETY: rows `r..r + rows` of every product are within the caller's contract.
-            unsafe { with_rows12!(rows, batch_rows(bt, r, c)) };
+            unsafe { super::with_rows12!(rows, batch_rows(bt, r, c)) };
             r += rows;
         }
     }
@@ -439,7 +442,7 @@ mod avx512 {
             let a = t.a.as_ptr().wrapping_add(i * t.lda);
             let cp = c.as_mut_ptr().wrapping_add(i * t.ldc);
             // SAFETY: rows `i..i + rows` are within the caller's contract.
-            unsafe { with_rows12!(rows, tile(t, a, cp)) };
+            unsafe { super::with_rows12!(rows, tile(t, a, cp)) };
             i += rows;
         }
     }

@@ -73,6 +73,15 @@ impl WinogradWeights {
         self.variant.fits(dims)
     }
 
+    /// Panics unless these weights run on `x` into channels `off..` of `out` (callers size
+    /// every volume, so a mismatch is a bug).
+    fn check_shapes(&self, x: &Vol, out: &Vol, off: usize) {
+        assert_eq!(x.c, self.in_ch, "conv input channels");
+        assert_eq!(x.dims, out.dims, "conv keeps the size");
+        assert!(self.fits(x.dims), "{:?} Winograd tiles do not divide {:?}", self.variant, x.dims);
+        assert!(off + self.out_ch <= out.c, "conv output channels");
+    }
+
     /// Output channels.
     pub fn out_ch(&self) -> usize {
         self.out_ch
@@ -97,10 +106,7 @@ pub fn conv_winograd(
     out: &mut Vol,
     off: usize,
 ) -> NormStats {
-    assert_eq!(x.c, w.in_ch, "conv input channels");
-    assert_eq!(x.dims, out.dims, "conv keeps the size");
-    assert!(w.fits(x.dims), "{:?} Winograd tiles do not divide {:?}", w.variant, x.dims);
-    assert!(off + w.out_ch <= out.c, "conv output channels");
+    w.check_shapes(x, out, off);
     match w.variant {
         Variant::F2 => run::<F2, 2, 4>(kernels, x, w, out, off),
         Variant::F4 => run::<F4, 4, 6>(kernels, x, w, out, off),
@@ -139,24 +145,8 @@ pub fn conv_winograd_bf16(
     out: &mut Vol,
     off: usize,
 ) -> NormStats {
-    assert_eq!(x.c, w.in_ch, "conv input channels");
-    assert_eq!(x.dims, out.dims, "conv keeps the size");
-    assert!(w.fits(x.dims), "{:?} Winograd tiles do not divide {:?}", w.variant, x.dims);
-    assert!(off + w.out_ch <= out.c, "conv output channels");
-    match w.variant {
-        Variant::F2 => run_bf16::<F2, 2, 4>(kernels, x, w, out, off),
-        Variant::F4 => unreachable!("bf16 packings exist for F(2, 3) only"),
-    }
-}
-
-/// [`conv_winograd_bf16`] for one variant's transforms.
-fn run_bf16<W: Points<M, A>, const M: usize, const A: usize>(
-    kernels: Bf16Kernels,
-    x: &Vol,
-    w: &WinogradWeights,
-    out: &mut Vol,
-    off: usize,
-) -> NormStats {
+    w.check_shapes(x, out, off);
+    // Only F(2, 3) weights have the packing (`pack_bf16` asserts it).
     let Some(ub) = &w.ub else { panic!("conv_winograd_bf16 on weights without their bf16 packing") };
     let (ci, co, n) = (w.in_ch, w.out_ch, w.variant.positions());
     let g = out_geometry(x.dims, out.c, off);
@@ -165,7 +155,7 @@ fn run_bf16<W: Points<M, A>, const M: usize, const A: usize>(
         let nt = b.tiles();
         v.resize(n * nt * ci, Bf16::default());
         m.resize(n * nt * co, 0.0);
-        input_transform::<W, M, A, _>(f32k, x, b, 1.0, v, cols);
+        input_transform::<F2, 2, 4, _>(f32k, x, b, 1.0, v, cols);
         for (p, u) in ub.iter().enumerate() {
             for pn in 0..u.panels() {
                 let tile = Bf16Tile {
@@ -180,7 +170,7 @@ fn run_bf16<W: Points<M, A>, const M: usize, const A: usize>(
                 tile.run(kernels, &mut m[p * co + pn * NR..]);
             }
         }
-        output_transform::<W, M, A>(f32k, m, co, &w.bias, b, slab, g, moments);
+        output_transform::<F2, 2, 4>(f32k, m, co, &w.bias, b, slab, g, moments);
     })
     .norm_stats()
 }
@@ -253,19 +243,14 @@ mod tests {
     /// keeps 8 significant bits, so each product errs by up to 2^-9 of its inputs' size and an
     /// output by a few thousandths of the typical output (measured 0.53-0.55% rms, 2.1-2.7% at
     /// worst, against 2% and 8 x 2%); a wrong pair order or packing is off by the order of the
-    /// outputs (a bad transform by tens of percent: F(4, 3) in bf16 measured 45%). Also: every kernel set gives the
-    /// portable one's values to within f32 rounding (the same products, the same order).
+    /// outputs (a bad transform by tens of percents: F(4, 3) in bf16 measured 45%). Also: every
+    /// kernel set gives the portable one's values to within f32 rounding (the same products, the
+    /// same order).
     fn bf16_matches_direct_convolution(kernels: Bf16Kernels, variant: Variant, tol: f32) {
         use super::super::super::kernels::Bf16Kernels;
         for (ci, co, dims) in [(8, 16, [4, 8, 8]), (11, 5, [4, 4, 4]), (19, 21, [8, 4, 100])] {
-            let weights = lcg(co * ci * 27, 1);
-            let bias = lcg(co, 2);
-            let direct = ConvWeights::from_fn(co, ci, 3, |i| weights[i], Some(&bias));
-            let mut wino = WinogradWeights::from_fn(variant, co, ci, |i| weights[i], Some(&bias));
+            let (x, want, mut wino) = direct_case(variant, ci, co, dims);
             wino.pack_bf16();
-            let x = random_volume(dims, ci, 3);
-            let mut want = Vol::zeros(dims, co + 3);
-            conv(F32Kernels::PORTABLE, &x, &direct, &mut want, 2);
             let mut got = Vol::zeros(dims, co + 3);
             got.data.fill(7.0);
             conv_winograd_bf16(kernels, &x, &wino, &mut got, 2);
@@ -274,40 +259,18 @@ mod tests {
             let voxels = dims.iter().product::<usize>();
             let rms = (want.data.iter().map(|v| v * v).sum::<f32>() / (voxels * co) as f32).sqrt();
             let (mut worst, mut sq) = (0.0f32, 0.0f32);
-            for z in 1..=dims[0] {
-                for y in 1..=dims[1] {
-                    for xx in 1..=dims[2] {
-                        let i = got.at(z, y, xx);
-                        for c in 0..co + 3 {
-                            let (g, e) = (got.data[i + c], want.data[i + c]);
-                            if c < 2 || c >= co + 2 {
-                                assert_eq!(
-                                    g, 7.0,
-                                    "{variant:?} {kernels:?} wrote channel {c} outside its range"
-                                );
-                                continue;
-                            }
-                            let err = (g - e).abs() / rms;
-                            worst = worst.max(err);
-                            sq += err * err;
-                            assert!(
-                                err < 8.0 * tol,
-                                "{variant:?} {kernels:?} ci={ci} co={co} voxel ({z},{y},{xx}) ch {c}: {g} vs {e}"
-                            );
-                            let p = portable.data[i + c];
-                            assert!((g - p).abs() <= 1e-5 * rms, "{kernels:?} vs portable: {g} vs {p}");
-                        }
-                    }
-                }
-            }
+            let label = format!("bf16 {variant:?} {kernels:?} ci={ci} co={co}");
+            for_each_output(&got, &want, co, &label, |i, g, e| {
+                let err = (g - e).abs() / rms;
+                worst = worst.max(err);
+                sq += err * err;
+                assert!(err < 8.0 * tol, "{label} value {i}: {g} vs {e}");
+                let p = portable.data[i];
+                assert!((g - p).abs() <= 1e-5 * rms, "{label} vs portable: {g} vs {p}");
+            });
             let rms_err = (sq / (voxels * co) as f32).sqrt();
-            println!(
-                "bf16 {variant:?} {kernels:?} ci={ci} co={co} {dims:?}: error / rms {rms_err:.1e}, worst {worst:.1e}"
-            );
-            assert!(
-                rms_err < tol,
-                "{variant:?} {kernels:?} ci={ci} co={co}: error {rms_err} of the outputs' rms"
-            );
+            println!("{label} {dims:?}: error / rms {rms_err:.1e}, worst {worst:.1e}");
+            assert!(rms_err < tol, "{label}: error {rms_err} of the outputs' rms");
         }
     }
 
@@ -322,13 +285,7 @@ mod tests {
         for (ci, co, dims) in
             [(8, 16, [4, 8, 8]), (11, 5, [4, 4, 4]), (19, 21, [8, 4, 100]), (16, 16, [8, 8, 8])]
         {
-            let weights = lcg(co * ci * 27, 1);
-            let bias = lcg(co, 2);
-            let direct = ConvWeights::from_fn(co, ci, 3, |i| weights[i], Some(&bias));
-            let wino = WinogradWeights::from_fn(variant, co, ci, |i| weights[i], Some(&bias));
-            let x = random_volume(dims, ci, 3);
-            let mut want = Vol::zeros(dims, co + 3);
-            conv(F32Kernels::PORTABLE, &x, &direct, &mut want, 2);
+            let (x, want, wino) = direct_case(variant, ci, co, dims);
             let mut got = Vol::zeros(dims, co + 3);
             got.data.fill(7.0);
             let stats = conv_winograd(kernels, &x, &wino, &mut got, 2);
@@ -338,30 +295,47 @@ mod tests {
                 assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{variant:?} {kernels:?}: {a} vs {b}");
             }
             let mut worst = 0.0f32;
-            for z in 1..=dims[0] {
-                for y in 1..=dims[1] {
-                    for xx in 1..=dims[2] {
-                        let i = got.at(z, y, xx);
-                        for c in 0..co + 3 {
-                            let (g, e) = (got.data[i + c], want.data[i + c]);
-                            if c < 2 || c >= co + 2 {
-                                assert_eq!(
-                                    g, 7.0,
-                                    "{variant:?} {kernels:?} wrote channel {c} outside its range"
-                                );
-                                continue;
-                            }
-                            let err = (g - e).abs() / ((1.0 + e.abs()) * (ci as f32).sqrt());
-                            worst = worst.max(err);
-                            assert!(
-                                err < tol,
-                                "{variant:?} {kernels:?} ci={ci} co={co} {dims:?} voxel ({z},{y},{xx}) ch {c}: {g} vs {e}"
-                            );
+            let label = format!("{variant:?} {kernels:?} ci={ci} co={co} {dims:?}");
+            for_each_output(&got, &want, co, &label, |i, g, e| {
+                let err = (g - e).abs() / ((1.0 + e.abs()) * (ci as f32).sqrt());
+                worst = worst.max(err);
+                assert!(err < tol, "{label} value {i}: {g} vs {e}");
+            });
+            println!("{label}: relative error {worst:.1e}");
+        }
+    }
+
+    /// Random input and weights for `ci -> co` channels on `dims`: the input, the direct
+    /// (portable) convolution's output in channels `2..2 + co` of `co + 3`, and the weights
+    /// transformed for `variant`.
+    fn direct_case(variant: Variant, ci: usize, co: usize, dims: [usize; 3]) -> (Vol, Vol, WinogradWeights) {
+        let weights = lcg(co * ci * 27, 1);
+        let bias = lcg(co, 2);
+        let direct = ConvWeights::from_fn(co, ci, 3, |i| weights[i], Some(&bias));
+        let wino = WinogradWeights::from_fn(variant, co, ci, |i| weights[i], Some(&bias));
+        let x = random_volume(dims, ci, 3);
+        let mut want = Vol::zeros(dims, co + 3);
+        conv(F32Kernels::PORTABLE, &x, &direct, &mut want, 2);
+        (x, want, wino)
+    }
+
+    /// Calls `f(index, got, want)` for every interior value of channels `2..2 + co`, after
+    /// checking that `got`'s other channels kept their fill value 7.
+    fn for_each_output(got: &Vol, want: &Vol, co: usize, label: &str, mut f: impl FnMut(usize, f32, f32)) {
+        let dims = got.dims;
+        for z in 1..=dims[0] {
+            for y in 1..=dims[1] {
+                for xx in 1..=dims[2] {
+                    let i = got.at(z, y, xx);
+                    for c in 0..co + 3 {
+                        if c < 2 || c >= co + 2 {
+                            assert_eq!(got.data[i + c], 7.0, "{label} wrote channel {c} outside its range");
+                        } else {
+                            f(i + c, got.data[i + c], want.data[i + c]);
                         }
                     }
                 }
             }
-            println!("{variant:?} {kernels:?} ci={ci} co={co} {dims:?}: relative error {worst:.1e}");
         }
     }
 }
