@@ -90,6 +90,7 @@ pub fn describe(file: &ModelFile<'_>) -> Result<String> {
     let f32_set = match k.f32.isa() {
         fast::Isa::Avx512 => "AVX-512 (GEMM micro-kernel) and AVX2 + FMA",
         fast::Isa::Avx2Fma => "AVX2 + FMA",
+        fast::Isa::Neon => "NEON",
         fast::Isa::Scalar => "portable",
     };
 

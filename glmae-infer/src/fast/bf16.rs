@@ -15,7 +15,7 @@
 //! the instruction flushes to zero.
 
 use super::gemm::NR;
-use super::kernels::{BIsa, Bf16Kernels};
+use super::kernels::Bf16Kernels;
 
 /// A bfloat16 value (its bits).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -120,7 +120,7 @@ impl Bf16Tile<'_> {
         assert!((self.mr - 1) * self.ldc + self.nc <= c.len(), "C too short");
         match kernels.bisa() {
             #[cfg(target_arch = "x86_64")]
-            BIsa::Avx512Bf16 => {
+            super::kernels::BIsa::Avx512Bf16 => {
                 // SAFETY: a `Bf16Kernels` holding AVX-512 BF16 exists only where the CPU has it
                 // (checked when the token was made), and the asserts above bound every A, B and
                 // C access the kernel makes.

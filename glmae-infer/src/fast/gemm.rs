@@ -30,10 +30,11 @@ macro_rules! with_rows {
         }
     };
 }
-// Only the x86_64 SIMD kernels (here and in qconv) use it.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+// Only the SIMD kernels (x86_64 here and in qconv, aarch64 here) use it.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(unused_imports))]
 pub(crate) use with_rows;
 /// [`with_rows`] for the 512-bit kernels' 1 to 12 rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! with_rows12 {
     ($mr:expr, $kernel:ident($($arg:expr),*)) => {
         match $mr {
@@ -187,6 +188,13 @@ impl<'a> Tile<'a> {
                 // (checked when the token was made), and the asserts above bound every A, B, bias
                 // and C access the kernel makes.
                 unsafe { avx512::tiles(self, c) }
+            }
+            #[cfg(target_arch = "aarch64")]
+            super::kernels::Isa::Neon => {
+                // SAFETY: an `F32Kernels` holding NEON exists only where the CPU has it (checked
+                // when the token was made), and the asserts above bound every A, B, bias and C
+                // access the kernel makes.
+                unsafe { neon::tiles(self, c) }
             }
             #[cfg(target_arch = "x86_64")]
             super::kernels::Isa::Avx2Fma => {
@@ -368,6 +376,78 @@ mod avx2 {
                     _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
                     c[i * t.ldc..][..t.nc].copy_from_slice(&tmp[..t.nc]);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{NR, Tile};
+    use core::arch::aarch64::*;
+
+    /// All of `t`'s rows, `MR` at a time.
+    ///
+    /// # Safety
+    /// As for [`tile`], for all `t.mr` rows.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn tiles(t: &Tile<'_>, c: &mut [f32]) {
+        for (i, t) in t.tiles() {
+            // SAFETY: the caller's contract covers every row.
+            unsafe { super::with_rows!(t.mr, tile(&t, &mut c[i * t.ldc..])) }
+        }
+    }
+
+    /// `M` rows of 16 columns: four 128-bit accumulators per row (24 of the 32 registers), the
+    /// four of B's row and a broadcast of A.
+    ///
+    /// # Safety
+    /// The CPU supports NEON, `M == t.mr`, and every access described by `t` is inside `t.a`,
+    /// `t.b`, `t.bias` and `c` ([`Tile::run`] asserts all of it).
+    #[target_feature(enable = "neon")]
+    unsafe fn tile<const M: usize>(t: &Tile<'_>, c: &mut [f32]) {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; M];
+        // SAFETY: (for the whole body) see the function's contract; pointer offsets below stay
+        // within the slices' asserted extents.
+        unsafe {
+            if t.accumulate {
+                let mut tmp = [0.0f32; NR];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    tmp[..t.nc].copy_from_slice(&c[i * t.ldc..][..t.nc]);
+                    for (q, aq) in a.iter_mut().enumerate() {
+                        *aq = vld1q_f32(tmp.as_ptr().add(4 * q));
+                    }
+                }
+            }
+            if let Some(bias) = t.bias {
+                for a in acc.iter_mut() {
+                    for (q, aq) in a.iter_mut().enumerate() {
+                        *aq = vaddq_f32(*aq, vld1q_f32(bias.as_ptr().add(4 * q)));
+                    }
+                }
+            }
+            let ap = t.a.as_ptr();
+            let mut bp = t.b.as_ptr();
+            for &off in t.a_offs {
+                let at = ap.add(off);
+                for k in 0..t.kc {
+                    let b =
+                        [vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)), vld1q_f32(bp.add(12))];
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let av = vld1q_dup_f32(at.add(i * t.lda + k));
+                        for (aq, bq) in a.iter_mut().zip(b) {
+                            *aq = vfmaq_f32(*aq, av, bq);
+                        }
+                    }
+                    bp = bp.add(NR);
+                }
+            }
+            let mut tmp = [0.0f32; NR];
+            for (i, a) in acc.iter().enumerate() {
+                for (q, aq) in a.iter().enumerate() {
+                    vst1q_f32(tmp.as_mut_ptr().add(4 * q), *aq);
+                }
+                c[i * t.ldc..][..t.nc].copy_from_slice(&tmp[..t.nc]);
             }
         }
     }

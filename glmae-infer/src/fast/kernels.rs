@@ -20,6 +20,9 @@ pub enum Isa {
     /// x86_64 AVX-512 F for the GEMM micro-kernel (12 rows of one 512-bit register each), the
     /// AVX2 + FMA code for the rest.
     Avx512,
+    /// aarch64 NEON (Advanced SIMD) intrinsics: the GEMM micro-kernel and the Winograd
+    /// transforms (the elementwise code is the portable loop, which NEON vectorises).
+    Neon,
 }
 
 impl Isa {
@@ -89,6 +92,8 @@ struct Features {
     vnni: bool,
     /// AVX-512 F and BF16, and AVX2 + FMA (for [`Bf16Kernels::f32_transforms`]).
     avx512_bf16: bool,
+    /// aarch64 Advanced SIMD with FMA.
+    neon: bool,
 }
 
 impl Features {
@@ -107,12 +112,19 @@ impl Features {
             avx512f: avx2_fma && has!("avx512f"),
             vnni: avx2_fma && has!("avx512vnni") && has!("avx512vl"),
             avx512_bf16: avx2_fma && has!("avx512f") && has!("avx512bf16"),
+            neon: false,
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
     fn detect() -> Features {
-        Features { avx2_fma: false, avx512f: false, vnni: false, avx512_bf16: false }
+        let neon = std::arch::is_aarch64_feature_detected!("neon");
+        Features { avx2_fma: false, avx512f: false, vnni: false, avx512_bf16: false, neon }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    fn detect() -> Features {
+        Features { avx2_fma: false, avx512f: false, vnni: false, avx512_bf16: false, neon: false }
     }
 }
 
@@ -131,17 +143,18 @@ impl F32Kernels {
             Isa::Scalar => Some(Self::PORTABLE),
             Isa::Avx2Fma => Features::get().avx2_fma.then_some(Self(isa)),
             Isa::Avx512 => Features::get().avx512f.then_some(Self(isa)),
+            Isa::Neon => Features::get().neon.then_some(Self(isa)),
         }
     }
 
     /// The fastest set this CPU runs.
     pub fn best() -> Self {
-        Self::new(Isa::Avx512).or(Self::new(Isa::Avx2Fma)).unwrap_or(Self::PORTABLE)
+        [Isa::Avx512, Isa::Avx2Fma, Isa::Neon].into_iter().find_map(Self::new).unwrap_or(Self::PORTABLE)
     }
 
     /// Every set this CPU runs, the portable one first (for tests that compare them).
     pub fn all() -> Vec<Self> {
-        [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512].into_iter().filter_map(Self::new).collect()
+        [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512, Isa::Neon].into_iter().filter_map(Self::new).collect()
     }
 
     /// Which implementation.
@@ -274,6 +287,7 @@ macro_rules! for_each_f32_kernels {
         $m!(portable, Some($crate::fast::kernels::F32Kernels::PORTABLE));
         $m!(avx2_fma, $crate::fast::kernels::F32Kernels::new($crate::fast::kernels::Isa::Avx2Fma));
         $m!(avx512, $crate::fast::kernels::F32Kernels::new($crate::fast::kernels::Isa::Avx512));
+        $m!(neon, $crate::fast::kernels::F32Kernels::new($crate::fast::kernels::Isa::Neon));
     };
 }
 #[cfg(test)]
@@ -315,8 +329,10 @@ mod tests {
         assert_eq!(Int8Kernels::all()[0], Int8Kernels::PORTABLE);
         assert_eq!(
             F32Kernels::all().len(),
-            1 + usize::from(Isa::Avx2Fma.supported()) + usize::from(Isa::Avx512.supported())
+            1 + [Isa::Avx2Fma, Isa::Avx512, Isa::Neon].iter().filter(|i| i.supported()).count()
         );
+        // NEON is part of every aarch64 Linux target.
+        assert_eq!(Isa::Neon.supported(), cfg!(target_arch = "aarch64"));
         // AVX-512 runs the AVX2 + FMA code besides its own, so it may only exist where they do.
         assert!(!Isa::Avx512.supported() || Isa::Avx2Fma.supported());
         assert_eq!(Int8Kernels::all().len(), 1 + usize::from(QIsa::Vnni.supported()));

@@ -54,6 +54,8 @@ pub fn gelu_in_place(kernels: F32Kernels, x: &mut [f32]) {
         unsafe { avx2::gelu_in_place(x) };
         return;
     }
+    // Elsewhere the portable loop, which the target's own vectors run (NEON on aarch64).
+    let _ = kernels;
     gelu_loop(x)
 }
 
@@ -65,6 +67,7 @@ pub fn softmax_in_place(kernels: F32Kernels, x: &mut [f32]) {
         unsafe { avx2::softmax_in_place(x) };
         return;
     }
+    let _ = kernels;
     softmax_loop(x)
 }
 

@@ -7,7 +7,7 @@
 //!
 //! - every Linear, the patch embedding, both attention products and every convolution run on one
 //!   register-tiled GEMM micro-kernel ([`gemm`]): 12 rows of 512-bit accumulators with AVX-512,
-//!   6 x 16 with AVX2 + FMA, portable code elsewhere (chosen once, [`kernels`]);
+//!   6 x 16 with AVX2 + FMA or aarch64 NEON, portable code elsewhere (chosen once, [`kernels`]);
 //! - decoder activations are channel-last with a zero border ([`conv::Vol`]), so a 3x3x3
 //!   convolution is an implicit GEMM over 27 shifted views of its input, or (by default, for
 //!   layers with 8+ input channels) Winograd's F(4x4x4, 3x3x3) (up to 128 input channels on

@@ -8,8 +8,9 @@ use super::super::conv::{RowMoments, Vol};
 use super::super::kernels::F32Kernels;
 use super::blocks::{Block, OutGeometry};
 
-/// Arithmetic of the transforms, on one f32 (the portable path) or eight (an AVX2 register,
-/// [`avx2::F32x8`]). Safe: an `F32x8` only exists where the CPU has AVX2 and FMA.
+/// Arithmetic of the transforms, on one f32 (the portable path) or a SIMD register ([`Vector`]:
+/// eight lanes of AVX2, four of NEON). Safe: a register value only exists where the CPU has its
+/// features.
 pub(super) trait Lanes: Copy {
     /// `self + o`.
     fn add(self, o: Self) -> Self;
@@ -103,18 +104,17 @@ impl Points<4, 6> for F4 {
     }
 }
 
-/// A transformed input value as stored: f32 as computed, or i16 quantised (`v * inv`, rounded
-/// to nearest even).
+/// A transformed input value as stored: f32 as computed, i16 quantised (`v * inv`, rounded
+/// to nearest even), or bf16 (rounded to nearest even).
 pub(super) trait Transformed: Copy + Default + Send {
     /// The stored form of `v`.
     fn from_f32(v: f32, inv: f32) -> Self;
 
-    /// Stores eight values as [`Self::from_f32`] would.
+    /// Stores a register's `V::LANES` values as [`Self::from_f32`] would.
     ///
     /// # Safety
-    /// `dst` is writable for 8 values.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn put8(dst: *mut Self, v: avx2::F32x8, inv: f32);
+    /// `dst` is writable for `V::LANES` values.
+    unsafe fn put<V: Vector>(dst: *mut Self, v: V, inv: f32);
 }
 
 impl Transformed for f32 {
@@ -122,10 +122,9 @@ impl Transformed for f32 {
         v
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn put8(dst: *mut Self, v: avx2::F32x8, _: f32) {
-        // SAFETY: `dst` is writable for 8 values (the contract).
+    unsafe fn put<V: Vector>(dst: *mut Self, v: V, _: f32) {
+        // SAFETY: `dst` is writable for `V::LANES` values (the contract).
         unsafe { v.store(dst) }
     }
 }
@@ -135,10 +134,9 @@ impl Transformed for i16 {
         (v * inv).round_ties_even().clamp(-32767.0, 32767.0) as i16
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn put8(dst: *mut Self, v: avx2::F32x8, inv: f32) {
-        // SAFETY: `dst` is writable for 8 values (the contract).
+    unsafe fn put<V: Vector>(dst: *mut Self, v: V, inv: f32) {
+        // SAFETY: `dst` is writable for `V::LANES` values (the contract).
         unsafe { v.store_i16(dst, inv) }
     }
 }
@@ -148,18 +146,48 @@ impl Transformed for Bf16 {
         Bf16::from_f32(v)
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn put8(dst: *mut Self, v: avx2::F32x8, _: f32) {
-        // SAFETY: `dst` is writable for 8 values (the contract); `Bf16` is a transparent u16.
+    unsafe fn put<V: Vector>(dst: *mut Self, v: V, _: f32) {
+        // SAFETY: `dst` is writable for `V::LANES` values (the contract); `Bf16` is a transparent u16.
         unsafe { v.store_bf16(dst.cast()) }
     }
 }
 
+/// A SIMD register of f32 lanes the transforms run on ([`avx2::F32x8`], [`neon::F32x4`]). A value
+/// can only be made by [`Vector::load`] or [`Vector::zero`], whose contracts require the CPU
+/// features, so holding one proves them: that is what makes its [`Lanes`] arithmetic safe.
+pub(super) trait Vector: Lanes {
+    /// f32 values per register.
+    const LANES: usize;
+
+    /// # Safety
+    /// The CPU has the register's features; `p` is readable for `LANES` values.
+    unsafe fn load(p: *const f32) -> Self;
+
+    /// # Safety
+    /// The CPU has the register's features.
+    unsafe fn zero() -> Self;
+
+    /// # Safety
+    /// `p` is writable for `LANES` values.
+    unsafe fn store(self, p: *mut f32);
+
+    /// Stores `self * inv` rounded to nearest even, saturated to i16.
+    ///
+    /// # Safety
+    /// `p` is writable for `LANES` values.
+    unsafe fn store_i16(self, p: *mut i16, inv: f32);
+
+    /// Stores the values rounded to bf16 as [`Bf16::from_f32`] rounds them (nearest, ties to even,
+    /// on the bits), as u16.
+    ///
+    /// # Safety
+    /// `p` is writable for `LANES` values.
+    unsafe fn store_bf16(self, p: *mut u16);
+}
+
 /// Transforms every tile of block `b` of `x` into `v` (`[tile][position][in_ch]`), scaled by
 /// `inv` when `T` is i16. `cols` is scratch for the AVX2 path.
-// Without x86_64 only the portable path exists (and `cols`, the AVX2 path's scratch, is not resized).
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut, clippy::ptr_arg))]
 pub(super) fn input_transform<W: Points<M, A>, const M: usize, const A: usize, T: Transformed>(
     kernels: F32Kernels,
     x: &Vol,
@@ -172,33 +200,21 @@ pub(super) fn input_transform<W: Points<M, A>, const M: usize, const A: usize, T
     let s = [x.plane(), (x.dims[2] + 2) * ci, ci];
     // Channels from `vector_ch` on take the per-tile path.
     let mut vector_ch = 0;
-    #[cfg(target_arch = "x86_64")]
-    if kernels.avx2() {
+    if let Some((lanes, row)) = simd_input_row::<W, M, A, T>(kernels) {
         // Neighbouring tiles share A - M of their A x-columns, so each row's columns are
         // transformed along y and z once, then combined along x per tile.
         let ncols = M * b.per_row + A - M;
-        let groups = ci / 8;
-        cols.resize(avx2::RING * groups * A * A * 8, 0.0);
-        vector_ch = 8 * groups;
+        let groups = ci / lanes;
+        cols.resize(RING * groups * A * A * lanes, 0.0);
+        vector_ch = lanes * groups;
         for r in 0..b.rows {
             let base = x.at(M * b.tz, M * (b.ty0 + r), M * b.tx0);
             let src = &x.data[base..base + (A - 1) * (s[0] + s[1]) + (ncols - 1) * s[2] + ci];
             let dst = &mut v[r * b.per_row * n * ci..][..b.per_row * n * ci];
-            // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both;
-            // `src` holds the row's A x A x ncols voxels up to channel `ci`, `cols` the ring of
-            // columns, `dst` the row's tiles.
-            unsafe {
-                avx2::input_row::<W, M, A, T>(
-                    src.as_ptr(),
-                    s,
-                    b.per_row,
-                    groups,
-                    cols.as_mut_ptr(),
-                    dst.as_mut_ptr(),
-                    ci,
-                    inv,
-                )
-            };
+            // SAFETY: `simd_input_row` returns a kernel only where its kernel set (and so the
+            // CPU) has the features; `src` holds the row's A x A x ncols voxels up to channel
+            // `ci`, `cols` the ring of columns, `dst` the row's tiles.
+            unsafe { row(src.as_ptr(), s, b.per_row, groups, cols.as_mut_ptr(), dst.as_mut_ptr(), ci, inv) };
         }
     }
     if vector_ch == ci {
@@ -219,8 +235,6 @@ pub(super) fn input_transform<W: Points<M, A>, const M: usize, const A: usize, T
 
 /// Output-transforms every tile of block `b` from `m` (`[tile][position][out_ch]`) into `slab`,
 /// then adds the block's outputs to `moments`.
-// Without x86_64 only the portable path exists.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn output_transform<W: Points<M, A>, const M: usize, const A: usize>(
     kernels: F32Kernels,
@@ -242,22 +256,13 @@ pub(super) fn output_transform<W: Points<M, A>, const M: usize, const A: usize>(
         let src = &m[t * n * co..][..n * co];
         let dst = &mut slab[base..base + reach];
         let mut c = 0;
-        #[cfg(target_arch = "x86_64")]
-        if kernels.avx2() {
-            while c + 8 <= co {
-                // SAFETY: an `F32Kernels` holding AVX2 + FMA exists only where the CPU has both;
-                // `src` holds all positions of channels `c..c + 8`, `dst` the tile's outputs
-                // (`reach`), `bias` is padded.
-                unsafe {
-                    avx2::output_tile8::<W, M, A>(
-                        src[c..].as_ptr(),
-                        co,
-                        bias[c..c + 8].as_ptr(),
-                        dst[c..].as_mut_ptr(),
-                        g,
-                    )
-                };
-                c += 8;
+        if let Some((lanes, tile)) = simd_output_tile::<W, M, A>(kernels) {
+            while c + lanes <= co {
+                // SAFETY: `simd_output_tile` returns a kernel only where its kernel set (and so
+                // the CPU) has the features; `src` holds all positions of channels
+                // `c..c + lanes`, `dst` the tile's outputs (`reach`), `bias` is padded.
+                unsafe { tile(src[c..].as_ptr(), co, bias[c..c + lanes].as_ptr(), dst[c..].as_mut_ptr(), g) };
+                c += lanes;
             }
         }
         for (c, &bc) in bias.iter().enumerate().take(co).skip(c) {
@@ -338,58 +343,250 @@ fn output_tile<W: Points<M, A>, const M: usize, const A: usize>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+/// Columns kept by [`input_row`]: at least A, a power of two.
+pub(super) const RING: usize = 8;
+
+/// The SIMD input transform of one row of tiles ([`input_row`] on this kernel set's register),
+/// with the register's lane count, where the kernel set has one.
+type InputRow<T> = unsafe fn(*const f32, [usize; 3], usize, usize, *mut f32, *mut T, usize, f32);
+
+/// The SIMD output transform of one tile's `lanes` channels ([`output_lanes`]), likewise.
+type OutputTile = unsafe fn(*const f32, usize, *const f32, *mut f32, OutGeometry);
+
+/// [`input_row`] compiled for `kernels`' registers, and their lanes; `None` for the portable set.
+#[allow(unused_variables)]
+fn simd_input_row<W: Points<M, A>, const M: usize, const A: usize, T: Transformed>(
+    kernels: F32Kernels,
+) -> Option<(usize, InputRow<T>)> {
+    #[cfg(target_arch = "x86_64")]
+    if kernels.avx2() {
+        return Some((8, avx2::input_row::<W, M, A, T>));
+    }
+    #[cfg(target_arch = "aarch64")]
+    if kernels.isa() == super::super::kernels::Isa::Neon {
+        return Some((4, neon::input_row::<W, M, A, T>));
+    }
+    None
+}
+
+/// [`output_lanes`] compiled for `kernels`' registers, and their lanes; `None` for the portable set.
+#[allow(unused_variables)]
+fn simd_output_tile<W: Points<M, A>, const M: usize, const A: usize>(
+    kernels: F32Kernels,
+) -> Option<(usize, OutputTile)> {
+    #[cfg(target_arch = "x86_64")]
+    if kernels.avx2() {
+        return Some((8, avx2::output_lanes::<W, M, A>));
+    }
+    #[cfg(target_arch = "aarch64")]
+    if kernels.isa() == super::super::kernels::Isa::Neon {
+        return Some((4, neon::output_lanes::<W, M, A>));
+    }
+    None
+}
+
+/// The input transform of one row of `tiles` tiles, channels `0..V::LANES * groups`: `src` is the
+/// row's first padded voxel (strides `s` along z, y, x); tile `t` (x columns `M t..M t + A`)
+/// goes to `v[(t * A^3 + p) * ci + 0..V::LANES * groups]`. Each x-column is transformed along y
+/// and z once, into a ring of the last [`RING`] columns (`ring`, all channel groups: a few
+/// KB, in L1), and a tile is combined along x as soon as its last column is in, writing
+/// each position's channels in one contiguous run. Inlined into each kernel set's copy
+/// (`avx2::input_row`, `neon::input_row`), which is compiled for its features.
+///
+/// # Safety
+/// The CPU has `V`'s features; `src` is readable `V::LANES * groups` values past
+/// `(A - 1) * (s[0] + s[1]) + (M * tiles + A - M - 1) * s[2]`, `ring` writable for
+/// `RING * groups * A^2 * V::LANES` values, and `v` for `tiles * A^3 * ci`,
+/// `ci >= V::LANES * groups`.
+// The loops index several arrays by transform position (rows of one, columns of another).
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn input_row<V: Vector, W: Points<M, A>, const M: usize, const A: usize, T: Transformed>(
+    src: *const f32,
+    s: [usize; 3],
+    tiles: usize,
+    groups: usize,
+    ring: *mut f32,
+    v: *mut T,
+    ci: usize,
+    inv: f32,
+) {
+    let l = V::LANES;
+    let col_len = A * A * l;
+    let slot_len = groups * col_len;
+    let n = A * A * A;
+    // SAFETY: (for the whole body) offsets within the contract's extents; the CPU has V's features.
+    unsafe {
+        for xc in 0..M * tiles + A - M {
+            // Column xc along y, then z: position (a, b) of group g at
+            // slot[g * col_len + (a * A + b) * l].
+            let col = src.add(xc * s[2]);
+            let slot = ring.add(xc % RING * slot_len);
+            for g in 0..groups {
+                let mut t = [[V::zero(); A]; A];
+                for (i, ti) in t.iter_mut().enumerate() {
+                    let mut d = [V::zero(); A];
+                    for (j, dj) in d.iter_mut().enumerate() {
+                        *dj = V::load(col.add(i * s[0] + j * s[1] + l * g));
+                    }
+                    *ti = W::bt(d);
+                }
+                let out = slot.add(g * col_len);
+                for bb in 0..A {
+                    let r = W::bt(std::array::from_fn(|i| t[i][bb]));
+                    for (a, ra) in r.into_iter().enumerate() {
+                        ra.store(out.add((a * A + bb) * l));
+                    }
+                }
+            }
+            // The tile whose last column this was, along x.
+            if xc + 1 < A || !(xc + 1 - A).is_multiple_of(M) {
+                continue;
+            }
+            let tile = (xc + 1 - A) / M;
+            let first = M * tile;
+            let vt = v.add(tile * n * ci);
+            for ab in 0..A * A {
+                for g in 0..groups {
+                    let mut d = [V::zero(); A];
+                    for (k, dk) in d.iter_mut().enumerate() {
+                        *dk = V::load(ring.add((first + k) % RING * slot_len + g * col_len + ab * l));
+                    }
+                    for (k, rk) in W::bt(d).into_iter().enumerate() {
+                        T::put(vt.add((ab * A + k) * ci + l * g), rk, inv);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `V::LANES` channels of the output transform: `m[p * co + 0..LANES]` for the A^3 positions
+/// into the M^3 outputs at `dst` (strides from `g`), plus `bias[0..LANES]`. Inlined into each
+/// kernel set's copy, as [`input_row`].
+///
+/// # Safety
+/// The CPU has `V`'s features; `m` is readable `V::LANES` values past `(A^3 - 1) * co`, `bias`
+/// `V::LANES` values, and `dst` writable `V::LANES` values past `(M - 1) * (g.plane + g.row + g.c)`.
+#[inline(always)]
 // The loops index several arrays by transform position (rows of one, columns of another).
 #[allow(clippy::needless_range_loop)]
+unsafe fn output_lanes<V: Vector, W: Points<M, A>, const M: usize, const A: usize>(
+    m: *const f32,
+    co: usize,
+    bias: *const f32,
+    dst: *mut f32,
+    g: OutGeometry,
+) {
+    // SAFETY: (for the whole body) offsets within the contract's extents; the CPU has V's features.
+    unsafe {
+        // Along x, then y, one z-plane of positions at a time: ey[z][q][r].
+        let mut ey = [[[V::zero(); M]; M]; A];
+        for (z, eyz) in ey.iter_mut().enumerate() {
+            let mut ex = [[V::zero(); M]; A];
+            for (y, exy) in ex.iter_mut().enumerate() {
+                let mut d = [V::zero(); A];
+                for (k, dk) in d.iter_mut().enumerate() {
+                    *dk = V::load(m.add(((z * A + y) * A + k) * co));
+                }
+                *exy = W::at(d);
+            }
+            for r in 0..M {
+                for (q, v) in W::at(std::array::from_fn(|y| ex[y][r])).into_iter().enumerate() {
+                    eyz[q][r] = v;
+                }
+            }
+        }
+        let bias = V::load(bias);
+        for q in 0..M {
+            for r in 0..M {
+                let y = W::at(std::array::from_fn(|z| ey[z][q][r]));
+                for (p, yp) in y.into_iter().enumerate() {
+                    yp.add(bias).store(dst.add(p * g.plane + q * g.row + r * g.c));
+                }
+            }
+        }
+    }
+}
+
+/// Declares `input_row` and `output_lanes` of a kernel-set module: [`input_row`] and
+/// [`output_lanes`] on `$v`, compiled with `$features`.
+macro_rules! simd_transforms {
+    ($v:ty, $features:literal) => {
+        /// [`super::input_row`] on this module's register.
+        ///
+        /// # Safety
+        /// As for [`super::input_row`].
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn input_row<W: Points<M, A>, const M: usize, const A: usize, T: Transformed>(
+            src: *const f32,
+            s: [usize; 3],
+            tiles: usize,
+            groups: usize,
+            ring: *mut f32,
+            v: *mut T,
+            ci: usize,
+            inv: f32,
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe { super::input_row::<$v, W, M, A, T>(src, s, tiles, groups, ring, v, ci, inv) }
+        }
+
+        /// [`super::output_lanes`] on this module's register.
+        ///
+        /// # Safety
+        /// As for [`super::output_lanes`].
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn output_lanes<W: Points<M, A>, const M: usize, const A: usize>(
+            m: *const f32,
+            co: usize,
+            bias: *const f32,
+            dst: *mut f32,
+            g: OutGeometry,
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe { super::output_lanes::<$v, W, M, A>(m, co, bias, dst, g) }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use core::arch::x86_64::*;
-    use std::array::from_fn;
 
-    use super::{Lanes, OutGeometry, Points, Transformed};
+    use super::{Lanes, OutGeometry, Points, Transformed, Vector};
 
-    /// Columns kept by [`input_row`]: at least A, a power of two.
-    pub(in super::super) const RING: usize = 8;
-
-    /// Eight f32 lanes of an AVX register. Made only by [`F32x8::load`] and [`F32x8::zero`],
+    /// Eight f32 lanes of an AVX register. Made only by [`Vector::load`] and [`Vector::zero`],
     /// whose contracts require AVX2 and FMA, so a value proves that the CPU has both: that is
     /// what makes its [`Lanes`] arithmetic safe.
     #[derive(Clone, Copy)]
     #[repr(transparent)]
     pub(in super::super) struct F32x8(__m256);
 
-    impl F32x8 {
-        /// # Safety
-        /// The CPU supports AVX2 and FMA; `p` is readable for 8 values.
+    impl Vector for F32x8 {
+        const LANES: usize = 8;
+
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             // SAFETY: the contract.
             Self(unsafe { _mm256_loadu_ps(p) })
         }
 
-        /// # Safety
-        /// The CPU supports AVX2 and FMA.
         #[inline(always)]
         unsafe fn zero() -> Self {
             // SAFETY: the contract.
             Self(unsafe { _mm256_setzero_ps() })
         }
 
-        /// Stores the eight values at `p`.
-        ///
-        /// # Safety
-        /// `p` is writable for 8 values.
         #[inline(always)]
-        pub(super) unsafe fn store(self, p: *mut f32) {
+        unsafe fn store(self, p: *mut f32) {
             // SAFETY: `self` exists, so the CPU has AVX2 (see the type); `p` is the caller's.
             unsafe { _mm256_storeu_ps(p, self.0) }
         }
 
-        /// Stores `self * inv` rounded to nearest even, saturated to i16, as eight i16 at `p`.
-        ///
-        /// # Safety
-        /// `p` is writable for 8 values.
         #[inline(always)]
-        pub(super) unsafe fn store_i16(self, p: *mut i16, inv: f32) {
+        unsafe fn store_i16(self, p: *mut i16, inv: f32) {
             // SAFETY: `self` exists, so the CPU has AVX2 (see the type); `p` is the caller's.
             // cvtps rounds to nearest even (the MXCSR default) like `Transformed::from_f32`,
             // and packs saturates.
@@ -400,16 +597,9 @@ pub(super) mod avx2 {
                 _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(q));
             }
         }
-    }
 
-    impl F32x8 {
-        /// Stores the eight values rounded to bf16 as [`super::Bf16::from_f32`] rounds them
-        /// (nearest, ties to even, on the bits), as eight u16 at `p`.
-        ///
-        /// # Safety
-        /// `p` is writable for 8 values.
         #[inline(always)]
-        pub(super) unsafe fn store_bf16(self, p: *mut u16) {
+        unsafe fn store_bf16(self, p: *mut u16) {
             // SAFETY: `self` exists, so the CPU has AVX2 (see the type); `p` is the caller's.
             unsafe {
                 let u = _mm256_castps_si256(self.0);
@@ -441,125 +631,78 @@ pub(super) mod avx2 {
         }
     }
 
-    /// The input transform of one row of `tiles` tiles, channels `0..8 * groups`: `src` is the
-    /// row's first padded voxel (strides `s` along z, y, x); tile `t` (x columns `M t..M t + A`)
-    /// goes to `v[(t * A^3 + p) * ci + 0..8 * groups]`. Each x-column is transformed along y
-    /// and z once, into a ring of the last [`RING`] columns (`ring`, all channel groups: a few
-    /// KB, in L1), and a tile is combined along x as soon as its last column is in, writing
-    /// each position's channels in one contiguous run.
-    ///
-    /// # Safety
-    /// The CPU supports AVX2 and FMA; `src` is readable `8 * groups` values past
-    /// `(A - 1) * (s[0] + s[1]) + (M * tiles + A - M - 1) * s[2]`, `ring` writable for
-    /// `RING * groups * A^2 * 8` values, and `v` for `tiles * A^3 * ci`, `ci >= 8 * groups`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(in super::super) unsafe fn input_row<
-        W: Points<M, A>,
-        const M: usize,
-        const A: usize,
-        T: Transformed,
-    >(
-        src: *const f32,
-        s: [usize; 3],
-        tiles: usize,
-        groups: usize,
-        ring: *mut f32,
-        v: *mut T,
-        ci: usize,
-        inv: f32,
-    ) {
-        let col_len = A * A * 8;
-        let slot_len = groups * col_len;
-        let n = A * A * A;
-        // SAFETY: (for the whole body) offsets within the contract's extents; AVX2 and FMA present.
-        unsafe {
-            for xc in 0..M * tiles + A - M {
-                // Column xc along y, then z: position (a, b) of group g at
-                // slot[g * col_len + (a * A + b) * 8].
-                let col = src.add(xc * s[2]);
-                let slot = ring.add(xc % RING * slot_len);
-                for g in 0..groups {
-                    let mut t = [[F32x8::zero(); A]; A];
-                    for (i, ti) in t.iter_mut().enumerate() {
-                        let mut d = [F32x8::zero(); A];
-                        for (j, dj) in d.iter_mut().enumerate() {
-                            *dj = F32x8::load(col.add(i * s[0] + j * s[1] + 8 * g));
-                        }
-                        *ti = W::bt(d);
-                    }
-                    let out = slot.add(g * col_len);
-                    for bb in 0..A {
-                        let r = W::bt(from_fn(|i| t[i][bb]));
-                        for (a, ra) in r.into_iter().enumerate() {
-                            ra.store(out.add((a * A + bb) * 8));
-                        }
-                    }
-                }
-                // The tile whose last column this was, along x.
-                if xc + 1 < A || !(xc + 1 - A).is_multiple_of(M) {
-                    continue;
-                }
-                let tile = (xc + 1 - A) / M;
-                let first = M * tile;
-                let vt = v.add(tile * n * ci);
-                for ab in 0..A * A {
-                    for g in 0..groups {
-                        let mut d = [F32x8::zero(); A];
-                        for (k, dk) in d.iter_mut().enumerate() {
-                            *dk = F32x8::load(ring.add((first + k) % RING * slot_len + g * col_len + ab * 8));
-                        }
-                        for (k, rk) in W::bt(d).into_iter().enumerate() {
-                            T::put8(vt.add((ab * A + k) * ci + 8 * g), rk, inv);
-                        }
-                    }
-                }
+    simd_transforms!(F32x8, "avx2,fma");
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(super) mod neon {
+    use core::arch::aarch64::*;
+
+    use super::{Lanes, OutGeometry, Points, Transformed, Vector};
+
+    /// Four f32 lanes of a NEON register. Made only by [`Vector::load`] and [`Vector::zero`],
+    /// whose contracts require NEON, so a value proves that the CPU has it.
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    pub(in super::super) struct F32x4(float32x4_t);
+
+    impl Vector for F32x4 {
+        const LANES: usize = 4;
+
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: the contract.
+            Self(unsafe { vld1q_f32(p) })
+        }
+
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            // SAFETY: the contract.
+            Self(unsafe { vdupq_n_f32(0.0) })
+        }
+
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            // SAFETY: `self` exists, so the CPU has NEON (see the type); `p` is the caller's.
+            unsafe { vst1q_f32(p, self.0) }
+        }
+
+        #[inline(always)]
+        unsafe fn store_i16(self, p: *mut i16, inv: f32) {
+            // SAFETY: as for `store`. fcvtns rounds to nearest even like `Transformed::from_f32`,
+            // and sqxtn saturates.
+            unsafe { vst1_s16(p, vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(self.0, inv)))) }
+        }
+
+        #[inline(always)]
+        unsafe fn store_bf16(self, p: *mut u16) {
+            // SAFETY: as for `store`.
+            unsafe {
+                let u = vreinterpretq_u32_f32(self.0);
+                let odd = vandq_u32(vshrq_n_u32::<16>(u), vdupq_n_u32(1));
+                let r = vaddq_u32(u, vaddq_u32(odd, vdupq_n_u32(0x7fff)));
+                vst1_u16(p, vshrn_n_u32::<16>(r));
             }
         }
     }
 
-    /// Eight channels of the output transform: `m[p * co + 0..8]` for the A^3 positions into
-    /// the M^3 outputs at `dst` (strides from `g`), plus `bias[0..8]`.
-    ///
-    /// # Safety
-    /// The CPU supports AVX2 and FMA; `m` is readable 8 values past `(A^3 - 1) * co`, `bias` 8
-    /// values, and `dst` writable 8 values past `(M - 1) * (g.plane + g.row + g.c)`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(in super::super) unsafe fn output_tile8<W: Points<M, A>, const M: usize, const A: usize>(
-        m: *const f32,
-        co: usize,
-        bias: *const f32,
-        dst: *mut f32,
-        g: OutGeometry,
-    ) {
-        // SAFETY: (for the whole body) offsets within the contract's extents; AVX2 and FMA present.
-        unsafe {
-            // Along x, then y, one z-plane of positions at a time: ey[z][q][r].
-            let mut ey = [[[F32x8::zero(); M]; M]; A];
-            for (z, eyz) in ey.iter_mut().enumerate() {
-                let mut ex = [[F32x8::zero(); M]; A];
-                for (y, exy) in ex.iter_mut().enumerate() {
-                    let mut d = [F32x8::zero(); A];
-                    for (k, dk) in d.iter_mut().enumerate() {
-                        *dk = F32x8::load(m.add(((z * A + y) * A + k) * co));
-                    }
-                    *exy = W::at(d);
-                }
-                for r in 0..M {
-                    for (q, v) in W::at(from_fn(|y| ex[y][r])).into_iter().enumerate() {
-                        eyz[q][r] = v;
-                    }
-                }
-            }
-            let bias = F32x8::load(bias);
-            for q in 0..M {
-                for r in 0..M {
-                    let y = W::at(from_fn(|z| ey[z][q][r]));
-                    for (p, yp) in y.into_iter().enumerate() {
-                        yp.add(bias).store(dst.add(p * g.plane + q * g.row + r * g.c));
-                    }
-                }
-            }
+    impl Lanes for F32x4 {
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            // SAFETY: `self` exists, so the CPU has NEON (see the type).
+            Self(unsafe { vaddq_f32(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            // SAFETY: as for `add`.
+            Self(unsafe { vsubq_f32(self.0, o.0) })
+        }
+        #[inline(always)]
+        fn mul_add(self, k: f32, o: Self) -> Self {
+            // SAFETY: as for `add`. `o + self * k`, fused.
+            Self(unsafe { vfmaq_n_f32(o.0, self.0, k) })
         }
     }
+
+    simd_transforms!(F32x4, "neon");
 }
