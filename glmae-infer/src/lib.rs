@@ -96,6 +96,7 @@ pub fn describe(file: &ModelFile<'_>) -> Result<String> {
 
     let int8_set = match k.int8.qisa() {
         fast::QIsa::Vnni => "AVX-512 VNNI",
+        fast::QIsa::Neon => "NEON",
         fast::QIsa::Scalar => "portable",
     };
     writeln!(s, "  kernels on this CPU: f32 {f32_set}; int8 (with --int8-kernels) {int8_set}")?;

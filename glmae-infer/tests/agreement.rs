@@ -144,7 +144,7 @@ fn int8_kernels_stay_close_to_reference_int8() {
     let mut cfg = glmae_core::testing_config();
     cfg.feature_size = 8;
     cfg.out_channels = 14;
-    for qisa in [QIsa::Scalar, QIsa::Vnni] {
+    for qisa in [QIsa::Scalar, QIsa::Vnni, QIsa::Neon] {
         if !qisa.supported() {
             continue;
         }
@@ -219,7 +219,7 @@ fn reduced_precision_keeps_dice_on_a_phantom_window() {
     }
     let int8_bytes = random_model(&cfg, 21, Precision::Int8).unwrap();
     let int8_file = ModelFile::parse(&int8_bytes).unwrap();
-    for qisa in [QIsa::Scalar, QIsa::Vnni] {
+    for qisa in [QIsa::Scalar, QIsa::Vnni, QIsa::Neon] {
         if !qisa.supported() {
             continue;
         }

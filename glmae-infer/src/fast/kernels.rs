@@ -45,12 +45,15 @@ pub enum QIsa {
     /// x86_64 AVX-512 VNNI on 256-bit registers (`avx512vnni` + `avx512vl`, with AVX2 and FMA
     /// for the integer Winograd kernel's f32 transforms).
     Vnni,
+    /// aarch64 NEON widening multiplies of the i16 levels (`smull`, no extension needed; the
+    /// integer Winograd kernel transforms with the NEON f32 kernels).
+    Neon,
 }
 
 impl QIsa {
-    /// VNNI when the CPU has it (detected once per process).
+    /// The SIMD integer kernels when the CPU has them (VNNI, NEON; detected once per process).
     pub fn detect() -> Option<Self> {
-        Some(KernelTable::detect().int8.qisa()).filter(|&q| q == QIsa::Vnni)
+        Some(KernelTable::detect().int8.qisa()).filter(|&q| q != QIsa::Scalar)
     }
 
     /// Whether this CPU can run it.
@@ -181,17 +184,18 @@ impl Int8Kernels {
         match qisa {
             QIsa::Scalar => Some(Self::PORTABLE),
             QIsa::Vnni => Features::get().vnni.then_some(Self(qisa)),
+            QIsa::Neon => Features::get().neon.then_some(Self(qisa)),
         }
     }
 
     /// The fastest set this CPU runs.
     pub fn best() -> Self {
-        Self::new(QIsa::Vnni).unwrap_or(Self::PORTABLE)
+        [QIsa::Vnni, QIsa::Neon].into_iter().find_map(Self::new).unwrap_or(Self::PORTABLE)
     }
 
     /// Every set this CPU runs, the portable one first.
     pub fn all() -> Vec<Self> {
-        [QIsa::Scalar, QIsa::Vnni].into_iter().filter_map(Self::new).collect()
+        [QIsa::Scalar, QIsa::Vnni, QIsa::Neon].into_iter().filter_map(Self::new).collect()
     }
 
     /// Which implementation.
@@ -207,6 +211,8 @@ impl Int8Kernels {
             QIsa::Scalar => F32Kernels::PORTABLE,
             // Not `F32Kernels::new`: a VNNI token exists only where AVX2 and FMA were found.
             QIsa::Vnni => F32Kernels(Isa::Avx2Fma),
+            // A NEON token exists only where NEON was found.
+            QIsa::Neon => F32Kernels(Isa::Neon),
         }
     }
 }
@@ -299,6 +305,7 @@ macro_rules! for_each_int8_kernels {
     ($m:ident) => {
         $m!(portable, Some($crate::fast::kernels::Int8Kernels::PORTABLE));
         $m!(vnni, $crate::fast::kernels::Int8Kernels::new($crate::fast::kernels::QIsa::Vnni));
+        $m!(neon, $crate::fast::kernels::Int8Kernels::new($crate::fast::kernels::QIsa::Neon));
     };
 }
 #[cfg(test)]
@@ -335,7 +342,10 @@ mod tests {
         assert_eq!(Isa::Neon.supported(), cfg!(target_arch = "aarch64"));
         // AVX-512 runs the AVX2 + FMA code besides its own, so it may only exist where they do.
         assert!(!Isa::Avx512.supported() || Isa::Avx2Fma.supported());
-        assert_eq!(Int8Kernels::all().len(), 1 + usize::from(QIsa::Vnni.supported()));
+        assert_eq!(
+            Int8Kernels::all().len(),
+            1 + usize::from(QIsa::Vnni.supported()) + usize::from(QIsa::Neon.supported())
+        );
         // VNNI transforms with AVX2 + FMA, so it may only exist where they do.
         if let Some(v) = Int8Kernels::new(QIsa::Vnni) {
             assert_eq!(F32Kernels::new(Isa::Avx2Fma), Some(v.f32_transforms()));

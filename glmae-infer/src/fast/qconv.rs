@@ -219,6 +219,12 @@ impl<'a> QTile<'a> {
                 // bound every access the kernel makes.
                 unsafe { vnni::tiles(self, c) }
             }
+            #[cfg(target_arch = "aarch64")]
+            super::kernels::QIsa::Neon => {
+                // SAFETY: an `Int8Kernels` holding NEON exists only where the CPU has it (checked
+                // when the token was made), and the asserts above bound every access.
+                unsafe { neon::tiles(self, c) }
+            }
             _ => {
                 for (i, t) in self.tiles() {
                     t.scalar(&mut c[i * t.ldc..]);
@@ -310,6 +316,71 @@ mod vnni {
                 if t.nc < NR {
                     c[i * t.ldc..][..t.nc].copy_from_slice(&tmp[..t.nc]);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{NR, QTile};
+    use core::arch::aarch64::*;
+
+    /// All of `t`'s rows, `MR` at a time.
+    ///
+    /// # Safety
+    /// As for [`tile`], for all `t.mr` rows.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn tiles(t: &QTile<'_>, c: &mut [f32]) {
+        for (i, t) in t.tiles() {
+            // SAFETY: the caller's contract covers every row.
+            unsafe { crate::fast::gemm::with_rows!(t.mr, tile(&t, &mut c[i * t.ldc..])) }
+        }
+    }
+
+    /// `M` rows of 16 columns: per pair of reduction rows, the broadcast pair of A times each
+    /// 8-value chunk of B (four columns' pairs) by two widening multiplies (`smull`, `smull2`),
+    /// whose products `vpaddq_s32` sums pairwise into the columns' i32 accumulators (wrapping,
+    /// like the scalar kernel and `vpdpwssd`; the levels guarantee no wrap happens).
+    ///
+    /// # Safety
+    /// The CPU supports NEON, `M == t.mr`, and every access described by `t` is inside its slices
+    /// and `c` ([`QTile::run`] asserts it).
+    #[target_feature(enable = "neon")]
+    unsafe fn tile<const M: usize>(t: &QTile<'_>, c: &mut [f32]) {
+        let mut acc = [[vdupq_n_s32(0); 4]; M];
+        // SAFETY: (for the whole body) see the function's contract.
+        unsafe {
+            let ap = t.a.as_ptr();
+            let mut bp = t.b.as_ptr();
+            for &off in t.a_offs {
+                let at = ap.add(off);
+                for g in 0..t.pairs {
+                    let b: [int16x8_t; 4] = core::array::from_fn(|q| vld1q_s16(bp.add(8 * q)));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let pair = (at.add(i * t.lda + 2 * g) as *const i32).read_unaligned();
+                        let av = vreinterpretq_s16_s32(vdupq_n_s32(pair));
+                        for (aq, bq) in a.iter_mut().zip(b) {
+                            let lo = vmull_s16(vget_low_s16(av), vget_low_s16(bq));
+                            let hi = vmull_high_s16(av, bq);
+                            *aq = vaddq_s32(*aq, vpaddq_s32(lo, hi));
+                        }
+                    }
+                    bp = bp.add(NR * 2);
+                }
+            }
+            // Epilogue in the scalar kernel's order (convert, scale, add bias: no FMA), so the
+            // two kernels agree exactly.
+            let mut tmp = [0.0f32; NR];
+            for (i, a) in acc.iter().enumerate() {
+                for (q, &aq) in a.iter().enumerate() {
+                    let mut y = vmulq_f32(vcvtq_f32_s32(aq), vld1q_f32(t.scale.as_ptr().add(4 * q)));
+                    if let Some(b) = t.bias {
+                        y = vaddq_f32(y, vld1q_f32(b.as_ptr().add(4 * q)));
+                    }
+                    vst1q_f32(tmp.as_mut_ptr().add(4 * q), y);
+                }
+                c[i * t.ldc..][..t.nc].copy_from_slice(&tmp[..t.nc]);
             }
         }
     }
