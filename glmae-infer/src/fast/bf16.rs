@@ -1,5 +1,6 @@
 //! bfloat16 products: the number format, weight panels packed in pairs, and the GEMM micro-kernel
-//! of the `--bf16` mode (Winograd products on `vdpbf16ps`, AVX-512 BF16).
+//! of the bf16 mode (`FastUnetr::with_bf16`: Winograd F(2, 3) products on `vdpbf16ps`, AVX-512
+//! BF16).
 //!
 //! A bf16 value is the upper half of an f32 (8 exponent bits, 8 significant bits): rounding an
 //! f32 to it keeps the range and 3 significant decimal digits. A product of two bf16 values is

@@ -1,14 +1,16 @@
 //! Packed weight panels and the register-tiled GEMM micro-kernel every fast layer runs on.
 //!
-//! The micro-kernel computes an `MR x NR` (6 x 16) block of `C = A * B`, with A read in place
+//! The micro-kernel computes an `MR x NR` (6 x 16; 12 x 16 on AVX-512) block of `C = A * B`, with
+//! A read in place
 //! (row stride `lda`, optionally as the sum over several "taps" that each shift A and use their
 //! own slice of B: that is how a 3x3x3 convolution on a channel-last, zero-padded volume becomes
 //! an implicit GEMM without an im2col copy) and B packed into 64-byte-aligned panels of `NR`
 //! columns. The accumulators stay in registers for the whole K loop, so C is written once.
 //!
-//! Two implementations: AVX2 + FMA (`std::arch`, chosen once in the [`KernelTable`]) and portable
-//! Rust that the compiler vectorises for whatever target it builds for. Conformance tests check
-//! that they agree.
+//! Four implementations, chosen once in the [`KernelTable`]: AVX-512 F, AVX2 + FMA and aarch64
+//! NEON (`std::arch`), and portable Rust that the compiler vectorises for whatever target it builds
+//! for. Conformance tests check that they agree. [`Batch`] runs many products of one shape (the
+//! Winograd positions) in one call.
 //!
 //! [`KernelTable`]: super::kernels::KernelTable
 
@@ -138,7 +140,7 @@ pub fn pad_bias(values: impl Iterator<Item = f32>, n: usize) -> Vec<f32> {
 
 /// Micro-tiles: `C[i][j] (+)= bias[j] + sum_t sum_k A[offs[t] + i * lda + k] * B_t[k][j]` for
 /// `i < mr`, `j < nc <= NR`, where `B_t` is rows `t * kc .. (t + 1) * kc` of the panel `b`; the
-/// rows run as consecutive `MR`-row tiles.
+/// rows run as consecutive micro-tiles of the kernel set's height (`MR`, or 12 on AVX-512).
 #[derive(Clone, Copy)]
 pub struct Tile<'a> {
     /// A, read from offsets `a_offs[t] + i * lda + k`.

@@ -62,7 +62,7 @@ impl QIsa {
     }
 }
 
-/// The bf16 kernel implementations (the `--bf16` mode's Winograd products).
+/// The bf16 kernel implementations (the bf16 mode's Winograd products).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BIsa {
     /// Portable Rust computing what `vdpbf16ps` specifies.
@@ -268,7 +268,7 @@ pub struct KernelTable {
     pub f32: F32Kernels,
     /// The integer convolutions (used only where the policy picks them).
     pub int8: Int8Kernels,
-    /// The bf16 Winograd products (used only in the `--bf16` mode).
+    /// The bf16 Winograd products (used only in the bf16 mode).
     pub bf16: Bf16Kernels,
 }
 

@@ -87,7 +87,7 @@ pub(super) struct Policy {
     /// Whether int8 layers may run on the integer kernels (else on their dequantised f32
     /// weights).
     pub int8: bool,
-    /// Whether the layers that run F(2, 3) run it with bf16 products (the `--bf16` mode).
+    /// Whether the layers that run F(2, 3) run it with bf16 products (the bf16 mode).
     pub bf16: bool,
 }
 
