@@ -589,8 +589,10 @@ pub fn gemm(
     if m == 0 {
         return;
     }
-    // Blocks of 4 micro-tiles: enough tasks for two cores without splitting the B panels' reuse.
-    let rows = 4 * MR;
+    // Blocks of 12 rows (one AVX-512 micro-tile, two of the others): the encoder's 216 tokens
+    // make 18 tasks, which two threads share evenly (24-row blocks made 9: encoder 24-29 ms at
+    // 2 threads against 22-28, 4 interleaved rounds).
+    let rows = 2 * MR;
     let k = b.k();
     let offs = [0usize];
     c.par_chunks_mut(rows * ldc).enumerate().for_each(|(blk, cblk)| {
