@@ -129,10 +129,11 @@ fn child_window(p: Precision, threads: usize, int8_kernels: bool, bf16: bool) ->
     let conv_s = median(stats.iter().map(|s| s.conv_seconds).collect());
     let norm_s = median(stats.iter().map(|s| s.norm_seconds).collect());
     println!(
-        "RESULT window precision={p:?} threads={threads} isa={:?} algorithms={:?} int8_kernels={:?} bf16={bf16} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1} load_ms={load_ms:.0}",
+        "RESULT window precision={p:?} threads={threads} isa={:?} algorithms={:?} int8_kernels={:?} bf16={} cpu_ms={:.0} ms={:.0} min_ms={:.0} encoder_ms={:.0} conv_ms={:.0} norm_ms={:.0} conv_gflop={:.1} conv_gflops={:.1} peak_mib={:.0} packed_mib={:.1} load_ms={load_ms:.0}",
         fast.isa(),
         fast.conv_algorithms(),
         fast.int8_kernels(),
+        fast.bf16(),
         1e3 * cpu / REPS as f64,
         1e3 * median(times.clone()),
         1e3 * times.iter().cloned().fold(f64::MAX, f64::min),

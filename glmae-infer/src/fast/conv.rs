@@ -458,14 +458,13 @@ impl RowMoments {
         if starts.is_empty() || voxels == 0 {
             return;
         }
-        let rows: Vec<&[f32]> = starts.iter().map(|&s| &data[s..s + (voxels - 1) * c + n]).collect();
         let mut g = 0;
         while g + 8 <= n {
-            self.add_channels::<8>(&rows, c, voxels, g);
+            self.add_channels::<8>(data, starts, c, voxels, g);
             g += 8;
         }
         for g in g..n {
-            self.add_channels::<1>(&rows, c, voxels, g);
+            self.add_channels::<1>(data, starts, c, voxels, g);
         }
     }
 
@@ -475,7 +474,17 @@ impl RowMoments {
     /// merge into the f64 totals per call. Per row and with the slots indexed by `voxel % 4` (so
     /// in memory) this took 6% of a window.
     #[inline(always)]
-    fn add_channels<const W: usize>(&mut self, rows: &[&[f32]], c: usize, voxels: usize, g: usize) {
+    fn add_channels<const W: usize>(
+        &mut self,
+        data: &[f32],
+        starts: &[usize],
+        c: usize,
+        voxels: usize,
+        g: usize,
+    ) {
+        let n = self.acc.len();
+        // Row `s` of the set: its voxels' channels `0..n`.
+        let rows = || starts.iter().map(|&s| &data[s..s + (voxels - 1) * c + n]);
         let lane = |row: &[f32], i: usize| -> [f32; W] {
             let mut x = [0.0; W];
             x.copy_from_slice(&row[i * c + g..][..W]);
@@ -483,7 +492,7 @@ impl RowMoments {
         };
         let quads = voxels / 4 * 4;
         let mut s = [[0.0f32; W]; 4];
-        for row in rows {
+        for row in rows() {
             for i in (0..quads).step_by(4) {
                 let x = [lane(row, i), lane(row, i + 1), lane(row, i + 2), lane(row, i + 3)];
                 for (si, xi) in s.iter_mut().zip(&x) {
@@ -499,11 +508,11 @@ impl RowMoments {
                 }
             }
         }
-        let count = rows.len() * voxels;
+        let count = starts.len() * voxels;
         let inv = 1.0 / count as f32;
         let mean: [f32; W] = std::array::from_fn(|k| (s[0][k] + s[1][k] + s[2][k] + s[3][k]) * inv);
         let mut d = [[0.0f32; W]; 4];
-        for row in rows {
+        for row in rows() {
             for i in (0..quads).step_by(4) {
                 let x = [lane(row, i), lane(row, i + 1), lane(row, i + 2), lane(row, i + 3)];
                 for (di, xi) in d.iter_mut().zip(&x) {

@@ -73,11 +73,6 @@ pub enum BIsa {
 }
 
 impl BIsa {
-    /// AVX-512 BF16 when the CPU has it (detected once per process).
-    pub fn detect() -> Option<Self> {
-        Some(KernelTable::detect().bf16.bisa()).filter(|&b| b == BIsa::Avx512Bf16)
-    }
-
     /// Whether this CPU can run it.
     pub fn supported(self) -> bool {
         Bf16Kernels::new(self).is_some()

@@ -346,7 +346,7 @@ impl FastUnetr {
     /// not take: volumes under 24^3, layers over 128 input channels) run it with their
     /// transformed inputs and weights rounded to bf16 (8 significant bits) and the
     /// products summed in f32, on AVX-512 BF16 where the CPU has it and on portable code that
-    /// computes the same values elsewhere (slower, never less accurate: the flag decides the
+    /// computes the same values elsewhere (slower, never less accurate: the caller decides the
     /// arithmetic, the CPU only the speed). `false` returns to f32.
     pub fn with_bf16(mut self, on: bool) -> Self {
         if on {
