@@ -9,7 +9,10 @@
 //! - [`format`]: the `.glmae` file (f32 or per-channel int8), parsed zero-copy with full checks.
 //! - [`kernels`]: reference kernels writing into caller buffers.
 //! - [`model`]: [`Unetr`], the whole forward pass from an input window to logits and labels, with
-//!   [`Unetr::scratch_len`] telling the caller how much memory to provide.
+//!   [`Unetr::scratch_len`] telling the caller how much memory to provide; and the integer pass
+//!   ([`Unetr::segment_int8`]: int8 activations with scales calibrated at export, int32 sums,
+//!   SMLAD on Cortex-M4/M33, Helium on Cortex-M55), with its activation points in
+//!   [`model::points`].
 //!
 //! ```
 //! # #[cfg(feature = "alloc")] {
@@ -27,7 +30,8 @@
 //! # Ok::<(), Box<dyn core::error::Error>>(())
 //! ```
 #![cfg_attr(not(test), no_std)]
-#![forbid(unsafe_code)]
+// Denied everywhere but `kernels::int8::dsp` (three DSP-extension instructions in `asm!`).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 // Errors carry the offending tensor's name inline because there is no allocator to box it; they
 // are returned once per load, never on a hot path.

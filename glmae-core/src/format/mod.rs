@@ -83,6 +83,8 @@ pub enum TensorProblem {
     Scales,
     /// A value or scale is NaN or infinite.
     NonFinite { index: usize },
+    /// A value that must be positive (an activation scale) is not.
+    NotPositive { index: usize },
 }
 
 /// Why a byte string is not a usable weight file.
@@ -148,6 +150,9 @@ impl fmt::Display for FormatError {
                     }
                     TensorProblem::Scales => write!(f, "int8 scales do not match the shape"),
                     TensorProblem::NonFinite { index } => write!(f, "non-finite value at index {index}"),
+                    TensorProblem::NotPositive { index } => {
+                        write!(f, "value at index {index} is not positive")
+                    }
                 }
             }
         }

@@ -145,6 +145,38 @@ impl ModelBuilder {
         }
     }
 
+    /// A builder holding everything `file` holds, tensors stored as they are (int8 stays int8).
+    pub fn from_file(file: &ModelFile<'_>) -> Self {
+        let p = &file.preprocessing;
+        let preprocessing = OwnedPreprocessing {
+            orientation: p.orientation.to_string(),
+            target_spacing: p.target_spacing,
+            intensity: p.intensity,
+            foreground_crop: p.foreground_crop,
+            class_names: p.class_names.iter().map(ToString::to_string).collect(),
+        };
+        let mut b = Self::new(file.config, preprocessing);
+        for (name, t) in file.tensors() {
+            let data = match t.data() {
+                TensorData::F32(v) => OwnedData::F32(v.to_vec()),
+                TensorData::Int8 { axis, scales, values } => {
+                    // The parser accepted the axis as an index into a shape of rank <= 5.
+                    OwnedData::Int8 { axis: axis as u8, scales: scales.to_vec(), values: values.to_vec() }
+                }
+            };
+            b.tensors.push(OwnedTensor { name: name.to_string(), shape: t.shape().dims().to_vec(), data });
+        }
+        b
+    }
+
+    /// Stores the integer forward pass's activation scales ([`crate::model::ACTIVATION_SCALES`],
+    /// one per point: [`crate::model::scales_from_ranges`] of a calibration), replacing any.
+    pub fn set_activation_scales(&mut self, scales: &[f32]) {
+        let name = crate::model::ACTIVATION_SCALES;
+        self.tensors.retain(|t| t.name != name);
+        self.push(name, &[scales.len() as u32], scales, None);
+    }
+
     /// Adds a tensor, quantised to int8 along `int8_axis` when given.
     pub fn push(&mut self, name: &str, shape: &[u32], values: &[f32], int8_axis: Option<usize>) {
         let data = match int8_axis {

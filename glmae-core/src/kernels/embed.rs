@@ -55,7 +55,7 @@ pub fn patch_embed(
 /// dims)`) into `out` (`in_ch * p^3` values) in the patch kernel's `(in_ch, z, y, x)` order: the
 /// one gather the reference and the fast encoders share.
 #[inline]
-pub fn gather_patch(input: &[f32], dims: Dims3, in_ch: usize, p: usize, token: usize, out: &mut [f32]) {
+pub fn gather_patch<T: Copy>(input: &[T], dims: Dims3, in_ch: usize, p: usize, token: usize, out: &mut [T]) {
     let grid = dims.map(|d| d / p);
     let (gz, gy, gx) = (token / (grid[1] * grid[2]), token / grid[2] % grid[1], token % grid[2]);
     let vox = dims[0] * dims[1] * dims[2];

@@ -8,6 +8,7 @@ mod activation;
 mod attention;
 mod conv;
 mod embed;
+pub mod int8;
 mod linear;
 mod norm;
 
@@ -18,7 +19,7 @@ pub use attention::self_attention;
 pub use conv::{ConvGeometry, conv_output_dims, conv_transpose_output_dims, conv_transpose3d, conv3d};
 pub use embed::{add_sincos_position_embedding, gather_patch, patch_embed, sincos_position_embedding};
 pub use linear::linear;
-pub use norm::{INSTANCE_NORM_EPS, instance_norm_in_place, layer_norm};
+pub use norm::{INSTANCE_NORM_EPS, instance_norm_in_place, layer_norm, moments_by};
 
 /// Voxels per axis.
 pub type Dims3 = [usize; 3];

@@ -5,25 +5,33 @@ use crate::tensor::Tensor;
 /// InstanceNorm3d's epsilon (PyTorch's default, which MONAI keeps).
 pub const INSTANCE_NORM_EPS: f32 = 1e-5;
 
-/// Sum in blocks so that long f32 sums keep their precision without f64 (slow on Cortex-M).
-fn blocked_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+/// Sum of `f(i)` for `i` in `0..n`, in blocks of 256 so that long f32 sums keep their precision
+/// without f64 (slow on Cortex-M).
+fn blocked_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     let mut total = 0.0f32;
-    for chunk in x.chunks(256) {
+    let mut start = 0;
+    while start < n {
         let mut s = 0.0f32;
-        for &v in chunk {
-            s += f(v);
+        for i in start..(start + 256).min(n) {
+            s += f(i);
         }
         total += s;
+        start += 256;
     }
     total
 }
 
+/// Mean and biased variance of the `n` values `x(i)`, two-pass.
+pub fn moments_by(n: usize, x: impl Fn(usize) -> f32) -> (f32, f32) {
+    let count = n as f32;
+    let mean = blocked_sum(n, &x) / count;
+    let var = blocked_sum(n, |i| (x(i) - mean) * (x(i) - mean)) / count;
+    (mean, var)
+}
+
 /// Mean and biased variance, two-pass.
 fn moments(x: &[f32]) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = blocked_sum(x, |v| v) / n;
-    let var = blocked_sum(x, |v| (v - mean) * (v - mean)) / n;
-    (mean, var)
+    moments_by(x.len(), |i| x[i])
 }
 
 /// LayerNorm of each of `tokens` rows of width `weight.len()` into `out`.

@@ -1,6 +1,7 @@
 //! The ViT encoder: patch embedding, position embedding, pre-norm blocks, final norm.
 
 use super::arena::{Arena, ForwardError, sat_sum};
+use super::points::{BlockPoint, Probe};
 use super::weights::{BlockWeights, VitWeights};
 use crate::config::{PosEmbed, UNETR_TAPS, VitConfig};
 use crate::kernels::{
@@ -41,7 +42,7 @@ impl VitDims {
 }
 
 /// Copies tokens `(tokens, hidden)` to a channel-first volume `(hidden, grid)` (MONAI's `proj_feat`).
-fn tokens_to_volume(x: &[f32], tokens: usize, hidden: usize, out: &mut [f32]) {
+pub(crate) fn tokens_to_volume(x: &[f32], tokens: usize, hidden: usize, out: &mut [f32]) {
     for t in 0..tokens {
         for e in 0..hidden {
             out[e * tokens + t] = x[t * hidden + e];
@@ -49,6 +50,7 @@ fn tokens_to_volume(x: &[f32], tokens: usize, hidden: usize, out: &mut [f32]) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the block's buffers, carved once by `encode`
 fn block(
     b: &BlockWeights<'_>,
     cfg: &VitConfig,
@@ -57,13 +59,19 @@ fn block(
     ln: &mut [f32],
     qkv: &mut [f32],
     tmp: &mut Temps<'_>,
+    probe: &mut Probe<'_>,
+    index: usize,
 ) {
+    let points = probe.points();
+    let point = |p| points.block(index, p);
     let (n, e) = (d.tokens, d.hidden);
     let eps = cfg.layer_norm_eps;
     layer_norm(x, n, &b.norm1.weight, &b.norm1.bias, eps, ln);
+    probe.see(point(BlockPoint::Norm1), ln);
     linear(ln, n, &b.attn.qkv, b.attn.qkv_bias.as_ref(), qkv);
     let attn = &mut *ln; // the normed tokens are spent; reuse their buffer
     self_attention(qkv, n, e, cfg.num_heads as usize, attn, tmp.scores);
+    probe.see(point(BlockPoint::Attention), attn);
     for t in 0..n {
         linear(&attn[t * e..(t + 1) * e], 1, &b.attn.out_proj.weight, Some(&b.attn.out_proj.bias), tmp.vec);
         for (xv, &y) in x[t * e..(t + 1) * e].iter_mut().zip(tmp.vec.iter()) {
@@ -71,9 +79,11 @@ fn block(
         }
     }
     layer_norm(x, n, &b.norm2.weight, &b.norm2.bias, eps, ln);
+    probe.see(point(BlockPoint::Norm2), ln);
     for t in 0..n {
         linear(&ln[t * e..(t + 1) * e], 1, &b.mlp.linear1.weight, Some(&b.mlp.linear1.bias), tmp.hidden);
         gelu_in_place(tmp.hidden);
+        probe.see(point(BlockPoint::Gelu), tmp.hidden);
         linear(tmp.hidden, 1, &b.mlp.linear2.weight, Some(&b.mlp.linear2.bias), tmp.vec);
         for (xv, &y) in x[t * e..(t + 1) * e].iter_mut().zip(tmp.vec.iter()) {
             *xv += y;
@@ -89,7 +99,7 @@ struct Temps<'s> {
 
 /// Runs the encoder on `input` (`(in_ch, window)`) and writes the four hidden states UNETR uses,
 /// each as a channel-first volume `(hidden, grid)`, into `taps`: after blocks 3, 6 and 9, then the
-/// final LayerNorm of the last block.
+/// final LayerNorm of the last block. `probe` sees the tensors the integer pass quantises.
 pub(crate) fn encode(
     w: &VitWeights<'_>,
     cfg: &VitConfig,
@@ -97,6 +107,7 @@ pub(crate) fn encode(
     window: Dims3,
     taps: &mut [f32],
     scratch: &mut [f32],
+    probe: &mut Probe<'_>,
 ) -> Result<(), ForwardError> {
     let d = VitDims::new(cfg, window);
     let ne = d.ne();
@@ -119,12 +130,14 @@ pub(crate) fn encode(
         _ => add_sincos_position_embedding(x, d.grid, d.hidden),
     }
     for (i, b) in w.blocks.iter().enumerate() {
-        block(b, cfg, &d, x, ln, qkv, &mut tmp);
+        block(b, cfg, &d, x, ln, qkv, &mut tmp, probe, i);
         if let Some(k) = UNETR_TAPS.iter().position(|&t| t == i) {
             tokens_to_volume(x, d.tokens, d.hidden, &mut taps[k * ne..(k + 1) * ne]);
+            probe.see(probe.points().tap(k), &taps[k * ne..(k + 1) * ne]);
         }
     }
     layer_norm(x, d.tokens, &w.norm.weight, &w.norm.bias, cfg.layer_norm_eps, ln);
     tokens_to_volume(ln, d.tokens, d.hidden, &mut taps[3 * ne..4 * ne]);
+    probe.see(probe.points().tap(3), &taps[3 * ne..4 * ne]);
     Ok(())
 }

@@ -1,8 +1,12 @@
 //! A weight file's tensors bound to the UNETR parameter tree, checked against the config.
 
-use crate::format::{FormatError, ModelFile, check_no_extra};
-use crate::params::{Block, Linear, Norm, ParamBuilder, PrUp, PrUpStage, ResBlock, UnetrParams, Up, Vit};
-use crate::tensor::Tensor;
+use crate::format::{FormatError, ModelFile, TensorProblem, check_no_extra};
+use crate::params::{
+    Block, Linear, Norm, ParamBuilder, PrUp, PrUpStage, ResBlock, UnetrParams, Up, Vit, truncated_name,
+};
+use crate::tensor::{Tensor, TensorData};
+
+use super::points::ACTIVATION_SCALES;
 
 /// Every UNETR weight of a file, in the parameter tree (fields named as MONAI's state dict).
 pub type UnetrWeights<'a> = UnetrParams<Tensor<'a>>;
@@ -31,11 +35,23 @@ impl<'a> UnetrParams<Tensor<'a>> {
         let mut bound = 0usize;
         let mut get = |spec: crate::params::ParamSpec| {
             let t = file.tensor(&spec.name, spec.shape)?;
+            // The kernels read an int8 weight's scales along its output channels (axis 0, or 1
+            // for a transposed conv): another axis is a malformed file, not a layout to support.
+            if let TensorData::Int8 { axis, .. } = t.data()
+                && Some(axis) != spec.kind.channel_axis()
+            {
+                return Err(FormatError::Tensor {
+                    name: truncated_name(&spec.name),
+                    problem: TensorProblem::Scales,
+                });
+            }
             bound += 1;
             Ok(t)
         };
         let weights = Self::build(&file.config, ParamBuilder::new(&mut get))?;
-        check_no_extra(file, bound, |n| is_param(&file.config, n))?;
+        // The integer pass's activation scales are the one tensor besides the parameters.
+        let scales = usize::from(super::points::activation_scales(file)?.is_some());
+        check_no_extra(file, bound + scales, |n| n == ACTIVATION_SCALES || is_param(&file.config, n))?;
         Ok(weights)
     }
 }

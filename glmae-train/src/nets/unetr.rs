@@ -225,9 +225,11 @@ impl Unetr {
     }
 
     /// A UNETR with every weight of a `.glmae` model (int8 weights dequantised), ready to
-    /// fine-tune: the architecture, learned position table included, is the file's.
+    /// fine-tune: the architecture, learned position table included, is the file's. The integer
+    /// pass's activation scales, when present, are not weights and are left out.
     pub fn from_model_file(file: &glmae_core::ModelFile<'_>, device: &Device) -> Result<Self> {
-        let tensors = file.tensors().map(|(name, t)| {
+        let weights = file.tensors().filter(|(name, _)| *name != glmae_core::model::ACTIVATION_SCALES);
+        let tensors = weights.map(|(name, t)| {
             let mut values = vec![0f32; t.len()];
             t.copy_to(&mut values);
             let shape = t.shape().dims().iter().map(|&d| d as usize).collect();
