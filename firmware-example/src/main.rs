@@ -1,8 +1,11 @@
 //! Runs the trained int8 UNETR stored in flash (`data/model.glmae`, exported by `glmae-train
-//! export`) on one 32^3 phantom window, with every buffer static and no allocator, checks the label
-//! map against the host's result (`data/expected_labels.u8`, written by the glmae-tests fixture
-//! test), and prints per-class voxel counts and the time the window took. Exit code 0 over
-//! semihosting means identical labels.
+//! export --int8 --calibrate`) on one 32^3 phantom window twice, with every buffer static and no
+//! allocator: the f32 path (int8 weights dequantised, f32 arithmetic) and the integer path (int8
+//! activations, int32 sums, SMLAD on the DSP extension, Helium on the Cortex-M55). It checks both
+//! label maps against the host's (`data/expected_labels.u8`, `data/expected_labels_int8.u8`,
+//! written by the glmae-tests fixture test), and prints per-class voxel counts, Dice against the
+//! phantom, and the instructions each window took. Exit code 0 over semihosting means identical
+//! labels on both paths.
 //!
 //! Logging goes through semihosting as text, or as defmt frames with the `defmt` feature.
 #![no_std]
@@ -17,6 +20,7 @@ use cortex_m_rt::{entry, exception};
 use cortex_m_semihosting::debug;
 #[cfg(feature = "defmt")]
 use defmt_semihosting as _;
+use glmae_core::model::Int8Scratch;
 use glmae_core::{ModelFile, Unetr};
 use panic_semihosting as _;
 
@@ -30,7 +34,8 @@ macro_rules! say {
     }};
 }
 
-// The arena size, computed by build.rs from data/model.glmae: `SCRATCH_LEN`, `WINDOW`.
+// The arena sizes, computed by build.rs from data/model.glmae: `WINDOW`, `SCRATCH_LEN` (f32
+// path), `INT8_F32S`, `INT8_I32S`, `INT8_I8S` (integer path) and `ARENA_WORDS`, the larger.
 include!(concat!(env!("OUT_DIR"), "/arena.rs"));
 
 const VOXELS: usize = WINDOW[0] * WINDOW[1] * WINDOW[2];
@@ -39,14 +44,26 @@ const VOXELS: usize = WINDOW[0] * WINDOW[1] * WINDOW[2];
 #[repr(C, align(4))]
 struct Aligned<B: ?Sized>(B);
 
-static MODEL: &[u8] = include_bytes!("../data/model.glmae");
-static INPUT: &Aligned<[u8]> = &Aligned(*include_bytes!("../data/input.f32"));
+const MODEL_LEN: usize = include_bytes!("../data/model.glmae").len();
+const INPUT_LEN: usize = include_bytes!("../data/input.f32").len();
+// On the an547 the 512 KiB ITCM that boots holds code and labels; the model and the input go to
+// the DTCM (memory-an547.x, section `.bigdata`), which QEMU loads from the ELF like flash. The
+// section is initialised data like .rodata (SAFETY of the attribute: no other symbol is placed
+// there, and the linker script keeps it); on silicon a loader must copy it in first.
+#[cfg_attr(board_an547, unsafe(link_section = ".bigdata"))]
+static MODEL: Aligned<[u8; MODEL_LEN]> = Aligned(*include_bytes!("../data/model.glmae"));
+#[cfg_attr(board_an547, unsafe(link_section = ".bigdata"))]
+static INPUT: Aligned<[u8; INPUT_LEN]> = Aligned(*include_bytes!("../data/input.f32"));
 static EXPECTED: &[u8] = include_bytes!("../data/expected_labels.u8");
+static EXPECTED_INT8: &[u8] = include_bytes!("../data/expected_labels_int8.u8");
 /// The phantom's own labels for the window (its ground truth), to show what the model gets right.
 static PHANTOM: &[u8] = include_bytes!("../data/phantom_labels.u8");
 
-static mut SCRATCH: [f32; SCRATCH_LEN] = [0.0; SCRATCH_LEN];
+/// One arena for both paths, which run one after the other: the f32 path's scratch, or the
+/// integer path's f32, int32 and int8 buffers laid end to end.
+static mut ARENA: [u32; ARENA_WORDS] = [0; ARENA_WORDS];
 static mut LABELS: [u8; VOXELS] = [0; VOXELS];
+static mut LABELS_INT8: [u8; VOXELS] = [0; VOXELS];
 
 /// SysTick's reload value: it counts down from 2^24 - 1, then its exception counts the wrap.
 const RELOAD: u32 = 0x00ff_ffff;
@@ -128,17 +145,32 @@ fn exit(ok: bool) -> ! {
     loop {}
 }
 
+/// Per-class voxel counts and Dice against the phantom's labels.
+fn dice(labels: &[u8], c: usize) -> (u32, u32) {
+    let (mut predicted, mut truth, mut both) = (0u32, 0u32, 0u32);
+    for (&p, &t) in labels.iter().zip(PHANTOM) {
+        let (p, t) = (usize::from(p) == c, usize::from(t) == c);
+        predicted += u32::from(p);
+        truth += u32::from(t);
+        both += u32::from(p && t);
+    }
+    let dice = (200 * both + (predicted + truth) / 2).checked_div(predicted + truth).unwrap_or(100);
+    (predicted, dice)
+}
+
 #[entry]
 fn main() -> ! {
     const { assert!(cfg!(target_endian = "little"), "input.f32 is little-endian") };
     let Some(mut core) = cortex_m::Peripherals::take() else { exit(false) };
     // SAFETY: `main` runs once and nothing else touches these statics.
-    let (scratch, labels) = unsafe { (&mut *addr_of_mut!(SCRATCH), &mut *addr_of_mut!(LABELS)) };
+    let (arena, labels, labels_int8) =
+        unsafe { (&mut *addr_of_mut!(ARENA), &mut *addr_of_mut!(LABELS), &mut *addr_of_mut!(LABELS_INT8)) };
     // SAFETY: INPUT is 4-byte aligned, its length a multiple of 4 (checked below), every bit
     // pattern is an f32, and the target is little-endian like the file.
     let input: &[f32] = unsafe { core::slice::from_raw_parts(INPUT.0.as_ptr().cast(), INPUT.0.len() / 4) };
+    let model_bytes: &[u8] = &MODEL.0;
 
-    let file = match ModelFile::parse(MODEL) {
+    let file = match ModelFile::parse(model_bytes) {
         Ok(f) => f,
         Err(e) => {
             say!("model rejected: {}", e);
@@ -155,31 +187,41 @@ fn main() -> ! {
     let (int8, f32_bytes) = file.storage();
     let classes = file.config.out_channels as usize;
     say!(
-        "model: {} bytes in flash ({} int8 weights, {} bytes of f32), {} classes, arena {} f32",
+        "model: {} bytes in flash ({} int8 weights, {} bytes of f32), {} classes; arena {} words \
+         (f32 path {} f32; integer path {} f32 + {} int32 + {} int8)",
         file.len(),
         int8,
         f32_bytes,
         classes,
-        SCRATCH_LEN
+        ARENA_WORDS,
+        SCRATCH_LEN,
+        INT8_F32S,
+        INT8_I32S,
+        INT8_I8S
     );
 
     // A damaged copy must be rejected, not run: the first 64 bytes with one of them flipped.
     let mut corrupt = [0u8; 64];
-    corrupt.copy_from_slice(&MODEL[..64]);
+    corrupt.copy_from_slice(&model_bytes[..64]);
     corrupt[40] ^= 1;
     let rejected = ModelFile::parse(&corrupt).is_err();
     say!("truncated copy with a flipped byte rejected: {}", rejected);
-    if INPUT.0.len() != 4 * VOXELS || EXPECTED.len() != VOXELS || PHANTOM.len() != VOXELS {
+    if INPUT.0.len() != 4 * VOXELS
+        || EXPECTED.len() != VOXELS
+        || EXPECTED_INT8.len() != VOXELS
+        || PHANTOM.len() != VOXELS
+    {
         say!(
-            "data files have the wrong size: input {} bytes, labels {} and {}",
+            "data files have the wrong size: input {} bytes, labels {}, {} and {}",
             INPUT.0.len(),
             EXPECTED.len(),
+            EXPECTED_INT8.len(),
             PHANTOM.len()
         );
         exit(false)
     }
 
-    // Two clocks around the forward pass: the DWT cycle counter (what to read on silicon; QEMU
+    // Two clocks around each forward pass: the DWT cycle counter (what to read on silicon; QEMU
     // implements no DWT and it reads 0) and SysTick on the core clock, which QEMU runs on its
     // virtual clock: under `-icount shift=0` (see .cargo/config.toml) that advances 1 ns per
     // instruction. A calibration loop of known length measures instructions per tick on every run.
@@ -190,39 +232,89 @@ fn main() -> ! {
     }
     start_clock(&mut core.SYST);
     let ((), calibration) = measure(|| spin(CALIBRATION_INSTRUCTIONS / 2));
+    let instructions = |ticks: u64| ticks * u64::from(CALIBRATION_INSTRUCTIONS) / calibration.max(1);
+
+    // The f32 path.
     core.DWT.set_cycle_count(0);
-    let (result, ticks) = measure(|| model.segment(input, WINDOW, labels, scratch));
-    let cycles = DWT::cycle_count();
+    let (result, f32_ticks) = measure(|| {
+        // SAFETY: the arena is ARENA_WORDS >= SCRATCH_LEN words, u32 and f32 have one size and
+        // alignment, every bit pattern is an f32, and this borrow ends with the closure.
+        let scratch: &mut [f32] =
+            unsafe { core::slice::from_raw_parts_mut(arena.as_mut_ptr().cast(), SCRATCH_LEN) };
+        model.segment(input, WINDOW, labels, scratch)
+    });
+    let f32_cycles = DWT::cycle_count();
+    if let Err(e) = result {
+        say!("f32 forward failed: {}", e);
+        exit(false)
+    }
+
+    // The integer path.
+    core.DWT.set_cycle_count(0);
+    let (result, int8_ticks) = measure(|| {
+        let (f, rest) = arena.split_at_mut(INT8_F32S);
+        let (i, b) = rest.split_at_mut(INT8_I32S);
+        // SAFETY: three disjoint parts of the arena (build.rs made it large enough), u32 has the
+        // size and alignment of f32 and i32 and at least that of i8, every bit pattern is valid
+        // for all three, and the borrows end with the closure.
+        let scratch = unsafe {
+            Int8Scratch {
+                f32s: core::slice::from_raw_parts_mut(f.as_mut_ptr().cast(), INT8_F32S),
+                i32s: core::slice::from_raw_parts_mut(i.as_mut_ptr().cast(), INT8_I32S),
+                i8s: core::slice::from_raw_parts_mut(b.as_mut_ptr().cast(), INT8_I8S),
+            }
+        };
+        model.segment_int8(input, WINDOW, labels_int8, scratch)
+    });
+    let int8_cycles = DWT::cycle_count();
     core.SYST.disable_counter();
     if let Err(e) = result {
-        say!("forward failed: {}", e);
+        say!("integer forward failed: {}", e);
         exit(false)
     }
 
     for (c, name) in file.preprocessing.class_names.iter().enumerate().take(classes) {
-        let (mut predicted, mut truth, mut both) = (0u32, 0u32, 0u32);
-        for (&p, &t) in labels.iter().zip(PHANTOM) {
-            let (p, t) = (usize::from(p) == c, usize::from(t) == c);
-            predicted += u32::from(p);
-            truth += u32::from(t);
-            both += u32::from(p && t);
-        }
-        let dice = (200 * both + (predicted + truth) / 2).checked_div(predicted + truth).unwrap_or(100);
-        say!("class {} ({}): {} voxels (phantom {}, Dice {}%)", c, name, predicted, truth, dice);
+        let (f, fd) = dice(labels, c);
+        let (q, qd) = dice(labels_int8, c);
+        let (truth, _) = dice(PHANTOM, c);
+        say!(
+            "class {} ({}): phantom {} voxels; f32 {} (Dice {}%); int8 {} (Dice {}%)",
+            c,
+            name,
+            truth,
+            f,
+            fd,
+            q,
+            qd
+        );
     }
     say!(
-        "time: {} SysTick ticks (core clock) for the window, {} for a calibration loop of {} instructions",
-        ticks,
+        "time: f32 {} and int8 {} SysTick ticks (core clock) per window, {} for a calibration loop of {} instructions",
+        f32_ticks,
+        int8_ticks,
         calibration,
         CALIBRATION_INSTRUCTIONS
     );
     say!(
-        "instructions per window (QEMU -icount): {}",
-        ticks * u64::from(CALIBRATION_INSTRUCTIONS) / calibration.max(1)
+        "instructions per window (QEMU -icount): f32 {}, int8 {}",
+        instructions(f32_ticks),
+        instructions(int8_ticks)
     );
-    say!("DWT CYCCNT: present {}, counted {} cycles", has_cyccnt, cycles);
+    say!(
+        "DWT CYCCNT: present {}, counted {} (f32) and {} (int8) cycles",
+        has_cyccnt,
+        f32_cycles,
+        int8_cycles
+    );
     say!("stack used: {} bytes", stack_used());
-    let mismatches = labels.iter().zip(EXPECTED).filter(|(a, b)| a != b).count();
-    say!("labels differing from the host: {} of {}", mismatches, VOXELS);
-    exit(mismatches == 0 && rejected)
+    let differ = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(a, b)| a != b).count();
+    let (f32_mismatches, int8_mismatches) = (differ(labels, EXPECTED), differ(labels_int8, EXPECTED_INT8));
+    say!(
+        "labels differing from the host: f32 {} of {}, int8 {} of {}",
+        f32_mismatches,
+        VOXELS,
+        int8_mismatches,
+        VOXELS
+    );
+    exit(f32_mismatches == 0 && int8_mismatches == 0 && rejected)
 }
