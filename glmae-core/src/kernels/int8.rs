@@ -193,22 +193,27 @@ mod dsp {
     }
 }
 
-/// Copies `input` (`(in_ch, dims)`) into `padded` (`(in_ch, dims + 2)`) with a border of zeros
-/// one voxel wide: a 3x3x3 convolution then reads every tap without bounds logic.
-fn pad_volume(input: &[i8], dims: Dims3, in_ch: usize, padded: &mut [i8]) {
+/// Copies the input planes `z - 1`, `z`, `z + 1` of `input` (`(in_ch, dims)`) into `slab`
+/// (`(in_ch, 3, dims[1] + 2, dims[2] + 2)`) with a border of zeros one voxel wide, and planes
+/// outside the volume all zero: a 3x3x3 convolution's output plane `z` then reads every tap
+/// without bounds logic, from scratch three planes deep rather than a padded copy of the volume.
+fn pad_slab(input: &[i8], dims: Dims3, in_ch: usize, z: usize, slab: &mut [i8]) {
     let (p1, p2) = (dims[1] + 2, dims[2] + 2);
-    let pv = (dims[0] + 2) * p1 * p2;
-    padded[..in_ch * pv].fill(0);
+    let plane = dims[1] * dims[2];
+    slab[..in_ch * 3 * p1 * p2].fill(0);
     for (c, src) in input.chunks_exact(voxels(dims)).take(in_ch).enumerate() {
-        for (r, row) in src.chunks_exact(dims[2]).enumerate() {
-            let (z, y) = (r / dims[1], r % dims[1]);
-            let start = c * pv + ((z + 1) * p1 + y + 1) * p2 + 1;
-            padded[start..start + dims[2]].copy_from_slice(row);
+        for dz in 0..3 {
+            let Some(iz) = (z + dz).checked_sub(1).filter(|&iz| iz < dims[0]) else { continue };
+            let src = &src[iz * plane..(iz + 1) * plane];
+            for (y, row) in src.chunks_exact(dims[2]).enumerate() {
+                let start = ((c * 3 + dz) * p1 + y + 1) * p2 + 1;
+                slab[start..start + dims[2]].copy_from_slice(row);
+            }
         }
     }
 }
 
-/// Copies the `in_ch * 27` inputs of the output voxel whose padded-volume offset is `at` into
+/// Copies the `in_ch * 27` inputs of the output voxel whose offset in the padded slab is `at` into
 /// `col`, in the weight's `(in, dz, dy, dx)` order: three values per `(in, dz, dy)` row at
 /// `at + c * pv + rows[dz * 3 + dy]`, each copied as one 4-byte word (an unaligned load and
 /// store on Cortex-M4/M33/M55) whose fourth byte the next row's copy overwrites, the last as
@@ -242,7 +247,8 @@ fn copy_n<const N: usize>(dst: &mut [i8], src: &[i8]) {
 pub fn qconv3d_scratch(in_ch: usize, k: usize, dims: Dims3) -> usize {
     // Saturating: a hostile window must give a huge length (and a scratch error), not overflow.
     let col = in_ch.saturating_mul(k * k * k);
-    let padded = dims.iter().fold(in_ch, |n, &d| n.saturating_mul(d.saturating_add(2)));
+    let padded =
+        dims[1..].iter().fold(in_ch.saturating_mul(3), |n, &d| n.saturating_mul(d.saturating_add(2)));
     if k == 3 { col.saturating_add(padded) } else { col }
 }
 
@@ -251,7 +257,7 @@ pub fn qconv3d_scratch(in_ch: usize, k: usize, dims: Dims3) -> usize {
 /// at `weight[co * row_stride + row_offset..]` (the whole `(out_ch, in_ch, k, k, k)` tensor with
 /// `row_stride = in_ch * k^3` and offset 0, or the part of a wider one that reads these input
 /// channels); `acc` receives `(out_ch, dims)` int32 sums. `col` holds [`qconv3d_scratch`]
-/// values: the column of one output voxel, then (3x3x3) the zero-padded input.
+/// values: the column of one output voxel, then (3x3x3) three zero-padded input planes.
 #[allow(clippy::too_many_arguments)] // a convolution's geometry, weights and buffers
 pub fn qconv3d(
     input: &[i8],
@@ -268,17 +274,17 @@ pub fn qconv3d(
     let (col, padded) = col.split_at_mut(row);
     let w = |co: usize| &weight[co * row_stride + row_offset..][..row];
     let (p1, p2) = (dims[1] + 2, dims[2] + 2);
-    let pv = (dims[0] + 2) * p1 * p2;
+    let pv = 3 * p1 * p2;
     let rows: [usize; 9] = core::array::from_fn(|r| ((r / 3) * p1 + r % 3) * p2);
-    if k == 3 {
-        pad_volume(input, dims, in_ch, padded);
-    }
     let mut voxel = 0;
     for z in 0..dims[0] {
+        if k == 3 {
+            pad_slab(input, dims, in_ch, z, padded);
+        }
         for y in 0..dims[1] {
             for x in 0..dims[2] {
                 if k == 3 {
-                    gather3(padded, pv, &rows, in_ch, (z * p1 + y) * p2 + x, col);
+                    gather3(padded, pv, &rows, in_ch, y * p2 + x, col);
                 } else {
                     for (c, value) in col.iter_mut().enumerate() {
                         *value = input[c * v + voxel];
