@@ -59,6 +59,17 @@ pub fn describe(file: &ModelFile<'_>) -> Result<String> {
         file.len()
     )?;
     writeln!(s, "  weights: {int8} int8 values, {f32_bytes} bytes of f32")?;
+    if model.has_int8() {
+        // The file also carries glmae-core's integer pass (the firmware's), which this crate's
+        // kernels do not use: their int8 mode keeps 16-bit activations.
+        let q = model.int8_scratch_len(window)?;
+        writeln!(
+            s,
+            "  int8 activation scales for glmae-core's integer pass ({} points, {} bytes of scratch per window)",
+            glmae_core::model::point_count(c),
+            q.bytes()
+        )?;
+    }
     writeln!(
         s,
         "  encoder: ViT hidden {} depth {} heads {} mlp {} patch {}, qkv bias {}, LayerNorm eps {:e}, position {}",

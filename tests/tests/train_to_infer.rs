@@ -32,7 +32,23 @@ fn trainer_output_is_described_by_infer() {
         assert!(text.contains("classes (3):"), "{text}");
         let int8_line = text.lines().find(|l| l.contains("weights:")).unwrap();
         assert_eq!(int8_line.contains(" 0 int8"), precision == Precision::F32, "{int8_line}");
+        assert!(!text.contains("activation scales"), "uncalibrated, yet: {text}");
     }
+    // A calibrated int8 model (as `glmae-train export --int8 --calibrate` writes) says so, and the
+    // f32 paths still read it.
+    let dataset = glmae_data::phantom_dataset::write_phantom_dataset(
+        &dir.join("phantoms"),
+        1,
+        5,
+        &glmae_data::phantom::PhantomConfig { shape: [36, 36, 34], spacing: [4.5, 4.5, 6.0] },
+        1,
+    )
+    .unwrap();
+    let bytes = write_model(&dir.join("int8.glmae"), Precision::Int8);
+    let (calibrated, _) = glmae_train::io::calibrate::calibrate(&bytes, &dataset, 2).unwrap();
+    let file = glmae_infer::parse_model(&dir.join("calibrated.glmae"), &calibrated).unwrap();
+    let text = glmae_infer::describe(&file).unwrap();
+    assert!(text.contains("int8 activation scales for glmae-core's integer pass (91 points"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
