@@ -16,12 +16,16 @@ pub fn gelu_in_place(x: &mut [f32]) {
     }
 }
 
-/// LeakyReLU with slope [`LEAKY_RELU_SLOPE`] over a slice.
+/// LeakyReLU with slope [`LEAKY_RELU_SLOPE`].
+#[inline]
+pub fn leaky_relu(v: f32) -> f32 {
+    if v < 0.0 { v * LEAKY_RELU_SLOPE } else { v }
+}
+
+/// [`leaky_relu`] over a slice.
 pub fn leaky_relu_in_place(x: &mut [f32]) {
     for v in x {
-        if *v < 0.0 {
-            *v *= LEAKY_RELU_SLOPE;
-        }
+        *v = leaky_relu(*v);
     }
 }
 

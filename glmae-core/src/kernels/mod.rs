@@ -13,7 +13,7 @@ mod linear;
 mod norm;
 
 pub use activation::{
-    LEAKY_RELU_SLOPE, argmax_channels, gelu, gelu_in_place, leaky_relu_in_place, softmax_in_place,
+    LEAKY_RELU_SLOPE, argmax_channels, gelu, gelu_in_place, leaky_relu, leaky_relu_in_place, softmax_in_place,
 };
 pub use attention::self_attention;
 pub use conv::{ConvGeometry, conv_output_dims, conv_transpose_output_dims, conv_transpose3d, conv3d};

@@ -23,7 +23,7 @@
 use super::arena::{Arena, ForwardError, IntBuffer, sat_sum};
 use super::points::{BlockPoint, Points, ResPoints, SkipPoints, UpPoints};
 use super::unetr::{double, output_labels, vox};
-use super::vit::VitDims;
+use super::vit::{VitDims, tokens_to_volume};
 use super::weights::{PrUpWeights, ResBlockWeights, UpWeights, VitWeights};
 use super::{Unetr, UnetrWeights};
 use crate::config::{PosEmbed, UNETR_TAPS};
@@ -31,8 +31,8 @@ use crate::kernels::int8::{
     Requant, dot, qconv_transpose_up2, qconv3d, qconv3d_scratch, quantize, quantize_slice,
 };
 use crate::kernels::{
-    Dims3, INSTANCE_NORM_EPS, LEAKY_RELU_SLOPE, add_sincos_position_embedding, gather_patch, gelu_in_place,
-    layer_norm, moments_by, self_attention, voxels,
+    Dims3, INSTANCE_NORM_EPS, add_sincos_position_embedding, gather_patch, gelu_in_place, layer_norm,
+    leaky_relu, moments_by, self_attention, voxels,
 };
 use crate::tensor::{Tensor, TensorData, f32_at};
 
@@ -151,19 +151,23 @@ impl Scales<'_> {
     }
 }
 
-/// Per-channel mean and `1 / sqrt(var + eps)` of `sum_k (acc_k as f32) * c_k` over the parts'
-/// sums: the InstanceNorm of a convolution's dequantised output.
-fn norm_of(acc: [&[i32]; 2], c: [f32; 2], parts: usize) -> (f32, f32) {
-    let value = |i: usize| {
-        if parts == 1 { acc[0][i] as f32 * c[0] } else { acc[0][i] as f32 * c[0] + acc[1][i] as f32 * c[1] }
-    };
-    let (mean, var) = moments_by(acc[0].len(), value);
-    (mean, 1.0 / libm::sqrtf(var + INSTANCE_NORM_EPS))
+/// A convolution's dequantised output at voxel `j`: the parts' int32 sums times their scales
+/// (`sums[1]` empty for one part). The norms' moments and the values they normalise both come
+/// from here, so both see the same f32 numbers.
+#[inline]
+fn dequant(sums: [&[i32]; 2], c: [f32; 2], j: usize) -> f32 {
+    if sums[1].is_empty() {
+        sums[0][j] as f32 * c[0]
+    } else {
+        sums[0][j] as f32 * c[0] + sums[1][j] as f32 * c[1]
+    }
 }
 
-#[inline]
-fn leaky(v: f32) -> f32 {
-    if v >= 0.0 { v } else { v * LEAKY_RELU_SLOPE }
+/// Per-channel mean and `1 / sqrt(var + eps)` of [`dequant`] over the channel: the InstanceNorm
+/// of a convolution's dequantised output.
+fn norm_of(sums: [&[i32]; 2], c: [f32; 2]) -> (f32, f32) {
+    let (mean, var) = moments_by(sums[0].len(), |j| dequant(sums, c, j));
+    (mean, 1.0 / libm::sqrtf(var + INSTANCE_NORM_EPS))
 }
 
 /// Where a residual block's output goes: int8 with its scale, or f32 (decoder2's output, which
@@ -235,10 +239,9 @@ fn res_block(
         let c = [w1.scale(co) * scale(0), w1.scale(co) * scale(1)];
         let r = co * v..(co + 1) * v;
         let (s0, s1) = (&acc[r.clone()], second.get(r.clone()).unwrap_or_default());
-        let (mean, inv) = norm_of([s0, s1], c, n);
+        let (mean, inv) = norm_of([s0, s1], c);
         for (j, q) in a[r].iter_mut().enumerate() {
-            let y = if n == 1 { s0[j] as f32 * c[0] } else { s0[j] as f32 * c[0] + s1[j] as f32 * c[1] };
-            *q = quantize(leaky((y - mean) * inv), inv_a);
+            *q = quantize(leaky_relu((dequant([s0, s1], c, j) - mean) * inv), inv_a);
         }
     }
     let sa = sc.get(points.a);
@@ -263,20 +266,16 @@ fn res_block(
     for co in 0..o {
         let c = w2.scale(co) * sa;
         let r = co * v..(co + 1) * v;
-        let (mean, inv) = norm_of([&acc[r.clone()], &[]], [c, 0.0], 1);
+        let (mean, inv) = norm_of([&acc[r.clone()], &[]], [c, 0.0]);
         match &proj {
             Some((w3, acc3)) => {
                 let c3 = [w3.scale(co) * scale(0), w3.scale(co) * scale(1)];
                 let (p0, p1) = (&acc3[r.clone()], second.get(r.clone()).unwrap_or_default());
-                let (mean3, inv3) = norm_of([p0, p1], c3, n);
+                let (mean3, inv3) = norm_of([p0, p1], c3);
                 for j in 0..v {
-                    let p = if n == 1 {
-                        p0[j] as f32 * c3[0]
-                    } else {
-                        p0[j] as f32 * c3[0] + p1[j] as f32 * c3[1]
-                    };
+                    let p = dequant([p0, p1], c3, j);
                     let y = (acc[co * v + j] as f32 * c - mean) * inv + (p - mean3) * inv3;
-                    put(co * v + j, leaky(y));
+                    put(co * v + j, leaky_relu(y));
                 }
             }
             None => {
@@ -284,7 +283,7 @@ fn res_block(
                 let (x0, sx) = x[0];
                 for j in r.clone() {
                     let y = (acc[j] as f32 * c - mean) * inv + f32::from(x0[j]) * sx;
-                    put(j, leaky(y));
+                    put(j, leaky_relu(y));
                 }
             }
         }
@@ -426,15 +425,6 @@ fn qlinear(
     Ok(())
 }
 
-/// Quantises tokens `(tokens, hidden)` into a channel-first volume `(hidden, grid)`.
-fn tokens_to_volume_q(x: &[f32], tokens: usize, hidden: usize, inv: f32, out: &mut [i8]) {
-    for t in 0..tokens {
-        for e in 0..hidden {
-            out[e * tokens + t] = quantize(x[t * hidden + e], inv);
-        }
-    }
-}
-
 /// The ViT encoder on the quantised input `xq` (scale `sx`): the four hidden states UNETR uses,
 /// as int8 volumes with their tap scales, into `taps`.
 fn encode(
@@ -515,11 +505,13 @@ fn encode(
             }
         }
         if let Some(k) = UNETR_TAPS.iter().position(|&t| t == i) {
-            tokens_to_volume_q(x, n, e, 1.0 / sc.get(pts.tap(k)), &mut taps[k * ne..(k + 1) * ne]);
+            let inv = 1.0 / sc.get(pts.tap(k));
+            tokens_to_volume(x, n, e, &mut taps[k * ne..(k + 1) * ne], |v| quantize(v, inv));
         }
     }
     layer_norm(x, n, &w.norm.weight, &w.norm.bias, eps, ln);
-    tokens_to_volume_q(ln, n, e, 1.0 / sc.get(pts.tap(3)), &mut taps[3 * ne..4 * ne]);
+    let inv = 1.0 / sc.get(pts.tap(3));
+    tokens_to_volume(ln, n, e, &mut taps[3 * ne..4 * ne], |v| quantize(v, inv));
     Ok(())
 }
 

@@ -41,11 +41,18 @@ impl VitDims {
     }
 }
 
-/// Copies tokens `(tokens, hidden)` to a channel-first volume `(hidden, grid)` (MONAI's `proj_feat`).
-pub(crate) fn tokens_to_volume(x: &[f32], tokens: usize, hidden: usize, out: &mut [f32]) {
+/// Copies tokens `(tokens, hidden)` to a channel-first volume `(hidden, grid)` (MONAI's
+/// `proj_feat`), each value through `f` (the identity, or the integer pass's quantisation).
+pub(crate) fn tokens_to_volume<T>(
+    x: &[f32],
+    tokens: usize,
+    hidden: usize,
+    out: &mut [T],
+    f: impl Fn(f32) -> T,
+) {
     for t in 0..tokens {
         for e in 0..hidden {
-            out[e * tokens + t] = x[t * hidden + e];
+            out[e * tokens + t] = f(x[t * hidden + e]);
         }
     }
 }
@@ -132,12 +139,12 @@ pub(crate) fn encode(
     for (i, b) in w.blocks.iter().enumerate() {
         block(b, cfg, &d, x, ln, qkv, &mut tmp, probe, i);
         if let Some(k) = UNETR_TAPS.iter().position(|&t| t == i) {
-            tokens_to_volume(x, d.tokens, d.hidden, &mut taps[k * ne..(k + 1) * ne]);
+            tokens_to_volume(x, d.tokens, d.hidden, &mut taps[k * ne..(k + 1) * ne], |v| v);
             probe.see(probe.points().tap(k), &taps[k * ne..(k + 1) * ne]);
         }
     }
     layer_norm(x, d.tokens, &w.norm.weight, &w.norm.bias, cfg.layer_norm_eps, ln);
-    tokens_to_volume(ln, d.tokens, d.hidden, &mut taps[3 * ne..4 * ne]);
+    tokens_to_volume(ln, d.tokens, d.hidden, &mut taps[3 * ne..4 * ne], |v| v);
     probe.see(probe.points().tap(3), &taps[3 * ne..4 * ne]);
     Ok(())
 }
