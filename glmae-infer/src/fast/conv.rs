@@ -224,7 +224,10 @@ impl ConvWeights {
 }
 
 /// Runs `w` on `x` into channels `off..off + w.out_ch()` of `out` (same interior size).
-pub fn conv(kernels: F32Kernels, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) {
+/// Returns the InstanceNorm statistics of those channels ([`instance_stats`]'s), gathered plane
+/// by plane right after the plane is written, while it is in cache: the model normalises every
+/// convolution's output, and a separate pass read the whole volume again (13 ms of a window).
+pub fn conv(kernels: F32Kernels, x: &Vol, w: &ConvWeights, out: &mut Vol, off: usize) -> NormStats {
     assert_eq!(x.c, w.in_ch, "conv input channels");
     assert_eq!(x.dims, out.dims, "conv keeps the size");
     assert!(off + w.out_ch <= out.c, "conv output channels");
@@ -239,29 +242,37 @@ pub fn conv(kernels: F32Kernels, x: &Vol, w: &ConvWeights, out: &mut Vol, off: u
     let oc = out.c;
     let xw = &x.data;
     let plane_in = x.plane();
-    out.interior_planes_mut().for_each(|(z, oplane)| {
-        for p in 0..w.packed.panels() {
-            let panel = w.packed.panel(p);
-            let nc = w.packed.panel_cols(p);
-            let bias = w.bias.as_ref().map(|b| &b[p * NR..][..NR]);
-            // One call per row (the micro-kernel walks it MR voxels at a time).
-            for y in 0..h {
-                let tile = Tile {
-                    a: &xw[z * plane_in + y * (wd + 2) * ci..],
-                    a_offs: &taps,
-                    lda: ci,
-                    kc: ci,
-                    b: panel,
-                    bias,
-                    accumulate: false,
-                    ldc: oc,
-                    mr: wd,
-                    nc,
-                };
-                tile.run(kernels, &mut oplane[((y + 1) * (wd + 2) + 1) * oc + off + p * NR..]);
+    let n = w.out_ch;
+    let starts: Vec<usize> = (0..h).map(|y| ((y + 1) * (wd + 2) + 1) * oc + off).collect();
+    out.interior_planes_mut()
+        .map(|(z, oplane)| {
+            for p in 0..w.packed.panels() {
+                let panel = w.packed.panel(p);
+                let nc = w.packed.panel_cols(p);
+                let bias = w.bias.as_ref().map(|b| &b[p * NR..][..NR]);
+                // One call per row (the micro-kernel walks it MR voxels at a time).
+                for y in 0..h {
+                    let tile = Tile {
+                        a: &xw[z * plane_in + y * (wd + 2) * ci..],
+                        a_offs: &taps,
+                        lda: ci,
+                        kc: ci,
+                        b: panel,
+                        bias,
+                        accumulate: false,
+                        ldc: oc,
+                        mr: wd,
+                        nc,
+                    };
+                    tile.run(kernels, &mut oplane[((y + 1) * (wd + 2) + 1) * oc + off + p * NR..]);
+                }
             }
-        }
-    });
+            let mut m = RowMoments::new(n);
+            m.add_rows(kernels, oplane, &starts, oc, wd);
+            m
+        })
+        .reduce(|| RowMoments::new(n), |a, b| a.merge(&b))
+        .norm_stats()
 }
 
 /// A channel-first array's planes (`plane` values each, `d0` per channel) grouped by z: plane z
@@ -449,89 +460,50 @@ impl RowMoments {
     /// Adds the rows of `voxels` voxels (stride `c` values) starting at `data[start]` for each
     /// of `starts`, channels `0..n`, on `kernels` (the same values on each).
     pub fn add_rows(&mut self, kernels: F32Kernels, data: &[f32], starts: &[usize], c: usize, voxels: usize) {
-        on_kernels!(kernels, add_rows_avx2, add_rows_portable(self, data, starts, c, voxels))
-    }
-
-    #[inline(always)]
-    fn add_rows_portable(&mut self, data: &[f32], starts: &[usize], c: usize, voxels: usize) {
         let n = self.acc.len();
         if starts.is_empty() || voxels == 0 {
             return;
         }
+        // Every value read, checked once here: the AVX2 sums index without checks.
+        let last = starts.iter().max().map_or(0, |&s| s + (voxels - 1) * c + n);
+        assert!(last <= data.len() && n <= c, "moment rows out of bounds");
         let mut g = 0;
         while g + 8 <= n {
-            self.add_channels::<8>(data, starts, c, voxels, g);
+            let sums = |mean: Option<[f32; 8]>| {
+                #[cfg(target_arch = "x86_64")]
+                if kernels.avx2() {
+                    // SAFETY: an `F32Kernels` that runs the AVX2 code exists only where the CPU
+                    // has AVX2 and FMA; the assert above bounds every row's 8 channels from `g`.
+                    return unsafe { lane_sums8_avx2(data, starts, g, c, voxels, mean) };
+                }
+                lane_sums::<8>(data, starts, g, c, voxels, mean)
+            };
+            self.add_channels::<8>(starts.len() * voxels, g, sums);
             g += 8;
         }
         for g in g..n {
-            self.add_channels::<1>(data, starts, c, voxels, g);
+            self.add_channels::<1>(starts.len() * voxels, g, |mean| {
+                lane_sums(data, starts, g, c, voxels, mean)
+            });
         }
     }
 
-    /// [`Self::add_rows`] for channels `g..g + W`: the rows' mean, then their squared deviations
-    /// from it (two passes while the rows sit in cache, so no cancellation), summed in f32 in
-    /// four register slots (consecutive voxels do not wait on one another's additions), then one
-    /// merge into the f64 totals per call. Per row and with the slots indexed by `voxel % 4` (so
-    /// in memory) this took 6% of a window.
+    /// Merges the moments of `count` values of channels `g..g + W` into the totals: their mean,
+    /// then their squared deviations from it (two passes of `sums` while the values sit in
+    /// cache, so no cancellation), summed in f32, merged in f64.
     #[inline(always)]
     fn add_channels<const W: usize>(
         &mut self,
-        data: &[f32],
-        starts: &[usize],
-        c: usize,
-        voxels: usize,
+        count: usize,
         g: usize,
+        sums: impl Fn(Option<[f32; W]>) -> [f32; W],
     ) {
-        let n = self.acc.len();
-        // Row `s` of the set: its voxels' channels `0..n`.
-        let rows = || starts.iter().map(|&s| &data[s..s + (voxels - 1) * c + n]);
-        let lane = |row: &[f32], i: usize| -> [f32; W] {
-            let mut x = [0.0; W];
-            x.copy_from_slice(&row[i * c + g..][..W]);
-            x
-        };
-        let quads = voxels / 4 * 4;
-        let mut s = [[0.0f32; W]; 4];
-        for row in rows() {
-            for i in (0..quads).step_by(4) {
-                let x = [lane(row, i), lane(row, i + 1), lane(row, i + 2), lane(row, i + 3)];
-                for (si, xi) in s.iter_mut().zip(&x) {
-                    for k in 0..W {
-                        si[k] += xi[k];
-                    }
-                }
-            }
-            for i in quads..voxels {
-                let x = lane(row, i);
-                for k in 0..W {
-                    s[0][k] += x[k];
-                }
-            }
-        }
-        let count = starts.len() * voxels;
         let inv = 1.0 / count as f32;
-        let mean: [f32; W] = std::array::from_fn(|k| (s[0][k] + s[1][k] + s[2][k] + s[3][k]) * inv);
-        let mut d = [[0.0f32; W]; 4];
-        for row in rows() {
-            for i in (0..quads).step_by(4) {
-                let x = [lane(row, i), lane(row, i + 1), lane(row, i + 2), lane(row, i + 3)];
-                for (di, xi) in d.iter_mut().zip(&x) {
-                    for k in 0..W {
-                        di[k] += (xi[k] - mean[k]) * (xi[k] - mean[k]);
-                    }
-                }
-            }
-            for i in quads..voxels {
-                let x = lane(row, i);
-                for k in 0..W {
-                    d[0][k] += (x[k] - mean[k]) * (x[k] - mean[k]);
-                }
-            }
-        }
+        let mean = sums(None).map(|s| s * inv);
+        let m2 = sums(Some(mean));
         for k in 0..W {
-            let m2 = (d[0][k] + d[1][k] + d[2][k] + d[3][k]) as f64;
             let a = &mut self.acc[g + k];
-            *a = a.merge(Moments { n: count as f64, mean: mean[k] as f64, m2 });
+            *a = a.merge(Moments { n: count as f64, mean: mean[k] as f64, m2: m2[k] as f64 });
         }
     }
 
@@ -555,11 +527,113 @@ impl RowMoments {
     }
 }
 
-#[inline(always)]
-fn add_rows_portable(m: &mut RowMoments, data: &[f32], starts: &[usize], c: usize, voxels: usize) {
-    m.add_rows_portable(data, starts, c, voxels)
+/// `sum x` (`mean` `None`) or `sum (x - mean)^2` over channels `g..g + W` of voxels
+/// `0..voxels` (stride `c`) of each row starting at `data[start]`, in f32, in four slots
+/// (consecutive voxels do not wait on one another's additions; voxel `i` of a quad in slot `i`,
+/// the rest in slot 0), the slots summed at the end: the portable form of [`lane_sums8_avx2`],
+/// with the same values.
+fn lane_sums<const W: usize>(
+    data: &[f32],
+    starts: &[usize],
+    g: usize,
+    c: usize,
+    voxels: usize,
+    mean: Option<[f32; W]>,
+) -> [f32; W] {
+    let f = |i: usize| -> [f32; W] {
+        let mut x = [0.0; W];
+        x.copy_from_slice(&data[i..][..W]);
+        if let Some(m) = mean {
+            for k in 0..W {
+                x[k] = (x[k] - m[k]) * (x[k] - m[k]);
+            }
+        }
+        x
+    };
+    let quads = voxels / 4 * 4;
+    let mut s = [[0.0f32; W]; 4];
+    for &start in starts {
+        let at = |i: usize| start + g + i * c;
+        for i in (0..quads).step_by(4) {
+            for (j, sj) in s.iter_mut().enumerate() {
+                let x = f(at(i + j));
+                for k in 0..W {
+                    sj[k] += x[k];
+                }
+            }
+        }
+        for i in quads..voxels {
+            let x = f(at(i));
+            for k in 0..W {
+                s[0][k] += x[k];
+            }
+        }
+    }
+    std::array::from_fn(|k| s[0][k] + s[1][k] + s[2][k] + s[3][k])
 }
-avx2_copy!(add_rows_avx2 = add_rows_portable(m: &mut RowMoments, data: &[f32], starts: &[usize], c: usize, voxels: usize));
+
+/// [`lane_sums`] for eight channels in AVX2 registers (same operations, same order, no fused
+/// multiply-add, so the same values). Written out because LLVM vectorised the portable form's
+/// second pass badly: it kept one slot in scalars and rebuilt it lane by lane (the moments
+/// took 6% of a window).
+///
+/// # Safety
+/// The CPU has AVX2; `data` holds `start + g + (voxels - 1) * c + 8` values for every start.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lane_sums8_avx2(
+    data: &[f32],
+    starts: &[usize],
+    g: usize,
+    c: usize,
+    voxels: usize,
+    mean: Option<[f32; 8]>,
+) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    let quads = voxels / 4 * 4;
+    let mut s = [_mm256_setzero_ps(); 4];
+    let mut out = [0.0f32; 8];
+    // SAFETY: (the whole body) the contract bounds every load; the CPU has AVX2.
+    unsafe {
+        let p = data.as_ptr().add(g);
+        match mean {
+            None => {
+                for &start in starts {
+                    let row = p.add(start);
+                    for i in (0..quads).step_by(4) {
+                        for (j, sj) in s.iter_mut().enumerate() {
+                            *sj = _mm256_add_ps(*sj, _mm256_loadu_ps(row.add((i + j) * c)));
+                        }
+                    }
+                    for i in quads..voxels {
+                        s[0] = _mm256_add_ps(s[0], _mm256_loadu_ps(row.add(i * c)));
+                    }
+                }
+            }
+            Some(m) => {
+                let m = _mm256_loadu_ps(m.as_ptr());
+                let sq = |x: __m256| {
+                    let d = _mm256_sub_ps(x, m);
+                    _mm256_mul_ps(d, d)
+                };
+                for &start in starts {
+                    let row = p.add(start);
+                    for i in (0..quads).step_by(4) {
+                        for (j, sj) in s.iter_mut().enumerate() {
+                            *sj = _mm256_add_ps(*sj, sq(_mm256_loadu_ps(row.add((i + j) * c))));
+                        }
+                    }
+                    for i in quads..voxels {
+                        s[0] = _mm256_add_ps(s[0], sq(_mm256_loadu_ps(row.add(i * c))));
+                    }
+                }
+            }
+        }
+        let t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]), s[3]);
+        _mm256_storeu_ps(out.as_mut_ptr(), t);
+    }
+    out
+}
 
 /// InstanceNorm statistics of channels `off..off + n` of `x`, in one pass over memory
 /// ([`RowMoments`]).
@@ -700,33 +774,45 @@ mod tests {
     use super::super::kernels::for_each_f32_kernels;
     use super::*;
 
-    /// Large offsets and one outlier must not cost the one-pass statistics their precision.
+    /// Large offsets and one outlier must not cost the one-pass statistics their precision, on
+    /// every kernel set (ten channels: one eight-channel group, which the AVX2 set sums in
+    /// registers, and two single channels), and every set computes the portable set's values.
     #[test]
     fn instance_stats_match_two_pass_f64() {
-        let d = [5, 7, 33];
-        let mut x = Vol::zeros(d, 3);
-        let mut vals = vec![Vec::new(); 2];
+        let (d, n) = ([5, 7, 33], 10);
+        let mut x = Vol::zeros(d, n + 2);
+        let mut vals = vec![Vec::new(); n];
         for z in 0..d[0] {
             for y in 0..d[1] {
                 for xx in 0..d[2] {
                     let i = x.at(z + 1, y + 1, xx + 1);
                     let t = (z * 31 + y * 7 + xx) as f32;
-                    let v =
-                        [1000.0 + (t * 0.37).sin(), if t == 0.0 { 500.0 } else { (t * 0.11).cos() * 1e-3 }];
-                    x.data[i + 1] = v[0];
-                    x.data[i + 2] = v[1];
                     x.data[i] = f32::NAN; // outside the range: must not be read
-                    vals[0].push(v[0] as f64);
-                    vals[1].push(v[1] as f64);
+                    x.data[i + n + 1] = f32::NAN;
+                    for (c, vc) in vals.iter_mut().enumerate() {
+                        let v = match c % 3 {
+                            0 => 1000.0 * (c + 1) as f32 + (t * 0.37 + c as f32).sin(),
+                            1 if t == 0.0 => 500.0,
+                            1 => (t * 0.11).cos() * 1e-3,
+                            _ => -3.0 + (t * 0.05 * c as f32).cos(),
+                        };
+                        x.data[i + 1 + c] = v;
+                        vc.push(v as f64);
+                    }
                 }
             }
         }
-        let s = instance_stats(F32Kernels::PORTABLE, &x, 1, 2);
+        let portable = instance_stats(F32Kernels::PORTABLE, &x, 1, n);
+        for kernels in F32Kernels::all() {
+            let s = instance_stats(kernels, &x, 1, n);
+            assert_eq!(s, portable, "{kernels:?} against the portable kernels");
+        }
         for (c, v) in vals.iter().enumerate() {
-            let n = v.len() as f64;
-            let mean = v.iter().sum::<f64>() / n;
-            let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / n;
+            let len = v.len() as f64;
+            let mean = v.iter().sum::<f64>() / len;
+            let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / len;
             let scale = 1.0 / (var + INSTANCE_NORM_EPS as f64).sqrt();
+            let s = &portable;
             assert!((s.scale[c] as f64 / scale - 1.0).abs() < 1e-5, "channel {c}: {} vs {scale}", s.scale[c]);
             assert!(
                 (s.shift[c] as f64 + mean * scale).abs() < 1e-4 * (1.0 + (mean * scale).abs()),
@@ -787,7 +873,8 @@ mod tests {
     }
 
     /// Odd sizes and channel counts (tails of the 6-row tiles and 16-column panels), an output
-    /// channel offset; channels outside the written range stay untouched.
+    /// channel offset; channels outside the written range stay untouched; the returned
+    /// statistics are the output's.
     fn conv3_matches_f64_on(kernels: F32Kernels) {
         let (ci, co, d) = (5, 19, [3, 4, 7]);
         let w = super::super::lcg(co * ci * 27, 4);
@@ -796,7 +883,13 @@ mod tests {
         let x = Vol::from_channel_first(&super::super::lcg(ci * 84, 6), d, ci);
         let mut got = Vol::zeros(d, co + 2);
         got.data.fill(7.0);
-        conv(kernels, &x, &cw, &mut got, 1);
+        let stats = conv(kernels, &x, &cw, &mut got, 1);
+        // The statistics gathered as the planes are written are those of the written channels
+        // (up to the order the planes' f64 totals are merged in).
+        let want = instance_stats(kernels, &got, 1, co);
+        for (g, w) in stats.scale.iter().chain(&stats.shift).zip(want.scale.iter().chain(&want.shift)) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{kernels:?} conv statistics: {g} vs {w}");
+        }
         for z in 1..=d[0] {
             for y in 1..=d[1] {
                 for xx in 1..=d[2] {

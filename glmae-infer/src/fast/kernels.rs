@@ -83,7 +83,7 @@ impl BIsa {
 #[derive(Clone, Copy, Debug)]
 struct Features {
     avx2_fma: bool,
-    /// AVX-512 F, and AVX2 + FMA.
+    /// AVX-512 F and VL, and AVX2 + FMA (VL lets the AVX2 code use all 32 vector registers).
     avx512f: bool,
     /// AVX-512 VNNI and VL, and AVX2 + FMA (which every such CPU has; checked so that
     /// [`Int8Kernels::f32_transforms`] may rely on it).
@@ -107,7 +107,7 @@ impl Features {
         let avx2_fma = has!("avx2") && has!("fma");
         Features {
             avx2_fma,
-            avx512f: avx2_fma && has!("avx512f"),
+            avx512f: avx2_fma && has!("avx512f") && has!("avx512vl"),
             vnni: avx2_fma && has!("avx512vnni") && has!("avx512vl"),
             avx512_bf16: avx2_fma && has!("avx512f") && has!("avx512bf16"),
             neon: false,

@@ -225,7 +225,7 @@ impl Ctx {
     }
 
     /// `layer` on `x` by the policy's choice; returns the InstanceNorm statistics of what it
-    /// wrote (gathered by the Winograd kernels, measured here after the others). The integer
+    /// wrote (gathered by the f32 kernels as they write, measured here after the integer ones). The integer
     /// kernels measure `x`'s largest `|value|` for their quantisation; for the direct one `x` is
     /// quantised into `qx` unless a layer reading the same input already did: callers run the
     /// 3x3x3 layer before the 1x1x1 one, so a shared level is the lower, safe for both.
@@ -260,10 +260,7 @@ impl Ctx {
                 qconv(self.kernels.int8, qv, q, out, off);
                 None
             }
-            ConvKernel::Direct => {
-                conv(self.kernels.f32, x, &layer.f, out, off);
-                None
-            }
+            ConvKernel::Direct => Some(conv(self.kernels.f32, x, &layer.f, out, off)),
         };
         self.stats.conv_seconds += t.elapsed().as_secs_f64();
         self.stats.conv_macs += (layer.f.macs_per_voxel() * x.dims.iter().product::<usize>()) as u64;
