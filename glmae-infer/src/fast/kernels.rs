@@ -18,7 +18,8 @@ pub enum Isa {
     /// x86_64 AVX2 + FMA intrinsics.
     Avx2Fma,
     /// x86_64 AVX-512 F for the GEMM micro-kernel (12 rows of one 512-bit register each), the
-    /// AVX2 + FMA code for the rest.
+    /// AVX2 + FMA code for the rest (the Winograd transforms compiled with AVX-512 VL too, for
+    /// its 32 registers). Requires AVX-512 F and VL.
     Avx512,
     /// aarch64 NEON (Advanced SIMD) intrinsics: the GEMM micro-kernel and the Winograd
     /// transforms (the elementwise code is the portable loop, which NEON vectorises).

@@ -225,10 +225,10 @@ impl Ctx {
     }
 
     /// `layer` on `x` by the policy's choice; returns the InstanceNorm statistics of what it
-    /// wrote (gathered by the f32 kernels as they write, measured here after the integer ones). The integer
-    /// kernels measure `x`'s largest `|value|` for their quantisation; for the direct one `x` is
-    /// quantised into `qx` unless a layer reading the same input already did: callers run the
-    /// 3x3x3 layer before the 1x1x1 one, so a shared level is the lower, safe for both.
+    /// wrote (gathered by the f32 kernels as they write, measured here after the integer ones).
+    /// The integer kernels measure `x`'s largest `|value|` for their quantisation; for the direct
+    /// one `x` is quantised into `qx` unless a layer reading the same input already did: callers
+    /// run the 3x3x3 layer before the 1x1x1 one, so a shared level is the lower, safe for both.
     fn conv(
         &mut self,
         x: &Vol,
