@@ -243,7 +243,7 @@ pub fn conv(kernels: F32Kernels, x: &Vol, w: &ConvWeights, out: &mut Vol, off: u
     let xw = &x.data;
     let plane_in = x.plane();
     let n = w.out_ch;
-    let starts: Vec<usize> = (0..h).map(|y| ((y + 1) * (wd + 2) + 1) * oc + off).collect();
+    let starts = row_starts(out.dims, oc, off);
     out.interior_planes_mut()
         .map(|(z, oplane)| {
             for p in 0..w.packed.panels() {
@@ -267,9 +267,7 @@ pub fn conv(kernels: F32Kernels, x: &Vol, w: &ConvWeights, out: &mut Vol, off: u
                     tile.run(kernels, &mut oplane[((y + 1) * (wd + 2) + 1) * oc + off + p * NR..]);
                 }
             }
-            let mut m = RowMoments::new(n);
-            m.add_rows(kernels, oplane, &starts, oc, wd);
-            m
+            RowMoments::of_rows(kernels, oplane, &starts, oc, wd, n)
         })
         .reduce(|| RowMoments::new(n), |a, b| a.merge(&b))
         .norm_stats()
@@ -507,6 +505,20 @@ impl RowMoments {
         }
     }
 
+    /// The moments of `n` channels of the rows [`Self::add_rows`] describes.
+    fn of_rows(
+        kernels: F32Kernels,
+        data: &[f32],
+        starts: &[usize],
+        c: usize,
+        voxels: usize,
+        n: usize,
+    ) -> Self {
+        let mut m = Self::new(n);
+        m.add_rows(kernels, data, starts, c, voxels);
+        m
+    }
+
     /// Both sets of rows.
     pub fn merge(mut self, o: &Self) -> Self {
         for (a, b) in self.acc.iter_mut().zip(&o.acc) {
@@ -590,66 +602,77 @@ unsafe fn lane_sums8_avx2(
     mean: Option<[f32; 8]>,
 ) -> [f32; 8] {
     use std::arch::x86_64::*;
-    let quads = voxels / 4 * 4;
-    let mut s = [_mm256_setzero_ps(); 4];
     let mut out = [0.0f32; 8];
     // SAFETY: (the whole body) the contract bounds every load; the CPU has AVX2.
     unsafe {
         let p = data.as_ptr().add(g);
-        match mean {
-            None => {
-                for &start in starts {
-                    let row = p.add(start);
-                    for i in (0..quads).step_by(4) {
-                        for (j, sj) in s.iter_mut().enumerate() {
-                            *sj = _mm256_add_ps(*sj, _mm256_loadu_ps(row.add((i + j) * c)));
-                        }
-                    }
-                    for i in quads..voxels {
-                        s[0] = _mm256_add_ps(s[0], _mm256_loadu_ps(row.add(i * c)));
-                    }
-                }
-            }
+        let s = match mean {
+            None => slots8(p, starts, c, voxels, |x| x),
             Some(m) => {
                 let m = _mm256_loadu_ps(m.as_ptr());
-                let sq = |x: __m256| {
+                slots8(p, starts, c, voxels, |x| {
                     let d = _mm256_sub_ps(x, m);
                     _mm256_mul_ps(d, d)
-                };
-                for &start in starts {
-                    let row = p.add(start);
-                    for i in (0..quads).step_by(4) {
-                        for (j, sj) in s.iter_mut().enumerate() {
-                            *sj = _mm256_add_ps(*sj, sq(_mm256_loadu_ps(row.add((i + j) * c))));
-                        }
-                    }
-                    for i in quads..voxels {
-                        s[0] = _mm256_add_ps(s[0], sq(_mm256_loadu_ps(row.add(i * c))));
-                    }
-                }
+                })
             }
-        }
+        };
         let t = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]), s[3]);
         _mm256_storeu_ps(out.as_mut_ptr(), t);
     }
     out
 }
 
+/// [`lane_sums8_avx2`]'s four slots of `sum f(x)`, inlined into it (so compiled with AVX2).
+///
+/// # Safety
+/// As for [`lane_sums8_avx2`], with `p` its `data` from channel `g`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn slots8(
+    p: *const f32,
+    starts: &[usize],
+    c: usize,
+    voxels: usize,
+    f: impl Fn(std::arch::x86_64::__m256) -> std::arch::x86_64::__m256,
+) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    let quads = voxels / 4 * 4;
+    // SAFETY: (the whole body) the caller's contract.
+    unsafe {
+        let mut s = [_mm256_setzero_ps(); 4];
+        for &start in starts {
+            let row = p.add(start);
+            for i in (0..quads).step_by(4) {
+                for (j, sj) in s.iter_mut().enumerate() {
+                    *sj = _mm256_add_ps(*sj, f(_mm256_loadu_ps(row.add((i + j) * c))));
+                }
+            }
+            for i in quads..voxels {
+                s[0] = _mm256_add_ps(s[0], f(_mm256_loadu_ps(row.add(i * c))));
+            }
+        }
+        s
+    }
+}
+
 /// InstanceNorm statistics of channels `off..off + n` of `x`, in one pass over memory
 /// ([`RowMoments`]).
 pub fn instance_stats(kernels: F32Kernels, x: &Vol, off: usize, n: usize) -> NormStats {
-    let [d0, h, wd] = x.dims;
+    let [d0, _, wd] = x.dims;
     let (plane, c) = (x.plane(), x.c);
+    let starts = row_starts(x.dims, c, off);
     x.data[plane..(d0 + 1) * plane]
         .par_chunks(plane)
-        .map(|pl| {
-            let mut m = RowMoments::new(n);
-            let starts: Vec<usize> = (0..h).map(|y| ((y + 1) * (wd + 2) + 1) * c + off).collect();
-            m.add_rows(kernels, pl, &starts, c, wd);
-            m
-        })
+        .map(|pl| RowMoments::of_rows(kernels, pl, &starts, c, wd, n))
         .reduce(|| RowMoments::new(n), |a, b| a.merge(&b))
         .norm_stats()
+}
+
+/// Where each interior x-row of a padded plane of a volume of interior size `dims` with `c`
+/// channels starts, at channel `off`: the rows [`RowMoments::add_rows`] reads for one plane.
+fn row_starts(dims: Dims3, c: usize, off: usize) -> Vec<usize> {
+    let [_, h, wd] = dims;
+    (0..h).map(|y| ((y + 1) * (wd + 2) + 1) * c + off).collect()
 }
 
 #[inline]
